@@ -1,0 +1,60 @@
+"""band_l1: banded sums of |cur - prev| and |prev| over the channel dim (the relative-L1 change of a probe)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _backend
+from ._common import backend_name, bounds_tensor, check_bounds, check_float, check_same, three_d
+
+
+@torch.library.custom_op("fastcache_rt::band_l1", mutates_args=())
+def _band_l1_op(cur: torch.Tensor, prev: torch.Tensor, bounds: list[int], per_sample: bool, backend: str) -> torch.Tensor:
+    c3, p3 = three_d(cur), three_d(prev)
+    nb = len(bounds) - 1
+    out = torch.empty((c3.shape[0] if per_sample else 1, nb, 2), dtype=torch.float32, device=cur.device)
+    _backend.get(backend).band_l1(c3, p3, bounds_tensor(bounds, cur.device), per_sample, out)
+    return out if per_sample else out[0]
+
+
+@_band_l1_op.register_fake
+def _(cur, prev, bounds, per_sample, backend):
+    nb = len(bounds) - 1
+    shape = (cur.shape[0], nb, 2) if per_sample else (nb, 2)
+    return cur.new_empty(shape, dtype=torch.float32)
+
+
+def band_l1(
+    cur: torch.Tensor,
+    prev: torch.Tensor,
+    bounds: Sequence[int] | torch.Tensor | None = None,
+    *,
+    per_sample: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Banded L1 sums of a change: for each band k of the last dim (channels ``bounds[k]:bounds[k+1]``),
+    ``out[k] = (sum |cur - prev|, sum |prev|)`` over every other element.
+
+    Args:
+        cur, prev: same shape ``(..., D)``, float32/float16/bfloat16, any strides.
+        bounds: increasing channel boundaries ``[0, b1, ..., D]`` (None: one band).
+        per_sample: keep dim 0 separate: result ``(B, num_bands, 2)`` with ``B = cur.shape[0]``.
+        backend: "reference", "cpu", "triton", "cuda" or None (automatic; ``FASTCACHE_RT_BACKEND`` overrides).
+
+    Returns:
+        float32 ``(num_bands, 2)`` (or ``(B, num_bands, 2)``). Sums, not ratios, so results of several ranks add up;
+        the relative L1 change of band k is ``out[k, 0] / out[k, 1]``. NaN/Inf in the inputs propagate.
+    """
+    check_float("cur", cur)
+    check_float("prev", prev)
+    check_same("cur", cur, "prev", prev)
+    if cur.dim() == 0:
+        raise ValueError("cur: must have at least one dimension (..., D)")
+    if cur.shape[-1] == 0:
+        raise ValueError("cur: the channel dim D is empty")
+    if per_sample and cur.dim() < 2:
+        raise ValueError("per_sample: needs cur of shape (B, ..., D) with at least 2 dims")
+    b = check_bounds(bounds, cur.shape[-1])
+    return _band_l1_op(cur, prev, b, bool(per_sample), backend_name(cur.device, backend))

@@ -1,0 +1,168 @@
+"""Chebyshev ridge-regression forecast (Spectrum): basis, Gram, Cholesky solve and weighted sum in one launch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from . import _backend
+from ._common import backend_name, check_float, rows_view, scalar_tensor
+
+
+def _out_like(history: torch.Tensor) -> torch.Tensor:
+    return torch.empty(history.shape[1:], dtype=history.dtype, device=history.device)
+
+
+@torch.library.custom_op("fastcache_rt::chebyshev_forecast", mutates_args=())
+def _chebyshev_forecast_op(
+    history: torch.Tensor,
+    taus: torch.Tensor,
+    tau_query: torch.Tensor,
+    count: torch.Tensor | None,
+    degree: int,
+    lam: float,
+    blend: float,
+    backend: str,
+) -> torch.Tensor:
+    n = history.shape[0]
+    out = _out_like(history)
+    _backend.get(backend).chebyshev_forecast(
+        rows_view(history, n), taus, tau_query, count, degree, lam, blend, out.view(-1)
+    )
+    return out
+
+
+@_chebyshev_forecast_op.register_fake
+def _(history, taus, tau_query, count, degree, lam, blend, backend):
+    return history.new_empty(history.shape[1:])
+
+
+@torch.library.custom_op("fastcache_rt::chebyshev_weights", mutates_args=())
+def _chebyshev_weights_op(
+    taus: torch.Tensor,
+    tau_query: torch.Tensor,
+    count: torch.Tensor | None,
+    degree: int,
+    lam: float,
+    blend: float,
+    backend: str,
+) -> torch.Tensor:
+    out = torch.empty(taus.shape[0], dtype=torch.float32, device=taus.device)
+    _backend.get(backend).chebyshev_weights(taus, tau_query, count, degree, lam, blend, out)
+    return out
+
+
+@_chebyshev_weights_op.register_fake
+def _(taus, tau_query, count, degree, lam, blend, backend):
+    return taus.new_empty((taus.shape[0],), dtype=torch.float32)
+
+
+def _check_common(taus, tau_query, count, degree, lam, blend, n, device, validate):
+    if isinstance(degree, bool) or not isinstance(degree, int):
+        raise TypeError(f"degree: expected an int, got {type(degree).__name__}")
+    if degree < 0:
+        raise ValueError(f"degree: must be >= 0, got {degree}")
+    for name, v in (("lam", lam), ("blend", blend)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
+        if not math.isfinite(v):
+            raise ValueError(f"{name}: must be finite, got {v}")
+    if lam < 0:
+        raise ValueError(f"lam: must be >= 0, got {lam}")
+    if isinstance(taus, torch.Tensor):
+        if not taus.dtype.is_floating_point:
+            raise TypeError(f"taus: expected a float tensor, got {taus.dtype}")
+        if taus.device != device:
+            raise ValueError(f"taus: on {taus.device}, but the data is on {device}")
+        taus_t = taus.to(torch.float32).contiguous()
+    else:
+        try:
+            taus_t = torch.tensor([float(t) for t in taus], dtype=torch.float32, device=device)
+        except (TypeError, ValueError):
+            raise TypeError("taus: expected a tensor or a sequence of numbers") from None
+    if taus_t.dim() != 1:
+        raise ValueError(f"taus: expected shape (n,), got {tuple(taus_t.shape)}")
+    if taus_t.shape[0] == 0:
+        raise ValueError("taus: n = 0, need at least one history row")
+    if n is not None and taus_t.shape[0] != n:
+        raise ValueError(f"taus: has {taus_t.shape[0]} entries, history has {n} rows")
+    q = scalar_tensor("tau_query", tau_query, device, torch.float32)
+    if count is not None:
+        if isinstance(count, int) and not isinstance(count, bool) and count < 1:
+            raise ValueError(f"count: must be >= 1 (valid history rows), got {count}")
+        count = scalar_tensor("count", count, device, torch.int64)
+    # Value checks read device data; run them where that costs no sync (CPU) or when asked (validate=True).
+    if validate and not torch.compiler.is_compiling():
+        n_valid = taus_t.shape[0] if count is None else min(int(count), taus_t.shape[0])
+        if count is not None and int(count) < 1:
+            raise ValueError(f"count: must be >= 1 (valid history rows), got {int(count)}")
+        if not bool(torch.isfinite(taus_t[:n_valid]).all()):
+            raise ValueError("taus: contains NaN or Inf among the valid rows")
+        if not bool(torch.isfinite(q)):
+            raise ValueError("tau_query: must be finite")
+    return taus_t, q, count
+
+
+def chebyshev_forecast(
+    history: torch.Tensor,
+    taus: torch.Tensor | Sequence[float],
+    tau_query: float | torch.Tensor,
+    degree: int = 4,
+    lam: float = 0.1,
+    *,
+    count: int | torch.Tensor | None = None,
+    blend: float = 1.0,
+    validate: bool | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Ridge-regression Chebyshev forecast of a feature trajectory (Spectrum).
+
+    With ``Phi[j, m] = T_m(taus[j])`` (m = 0..degree) over the valid rows, ``w = Phi (Phi^T Phi + lam I)^-1
+    phi(tau_query)`` and the result is ``sum_j w_j history[j]`` (fp32 accumulation, history's dtype).
+
+    Args:
+        history: ``(n, ...)`` features at times ``taus``; may be a preallocated ring buffer.
+        taus: ``(n,)`` times projected onto [-1, 1].
+        tau_query: the time to forecast (number or 0-dim tensor on the device).
+        degree: highest Chebyshev degree M (may exceed n - 1: the ridge keeps the system solvable).
+        lam: ridge strength >= 0 (0 falls back to a 1e-6 * mean(diag) jitter when the Gram matrix is singular).
+        count: valid rows = rows ``j < min(count, n)`` (int or device tensor; None = all n). Other rows are not read.
+        blend: 1.0 = pure Chebyshev; w < 1 mixes in ``(1 - w)`` of the linear extrapolation from the two valid rows
+            with the largest tau (Spectrum's blend).
+        validate: check NaN taus / count range on the data (one host read if on an accelerator). Default: only when
+            the data is on the CPU.
+    """
+    check_float("history", history)
+    if history.dim() < 1 or history.shape[0] == 0:
+        raise ValueError("history: expected shape (n, ...) with n >= 1")
+    dev = history.device
+    if validate is None:
+        validate = dev.type == "cpu"
+    taus_t, q, count_t = _check_common(taus, tau_query, count, degree, lam, blend, history.shape[0], dev, validate)
+    return _chebyshev_forecast_op(
+        history, taus_t, q, count_t, degree, float(lam), float(blend), backend_name(dev, backend)
+    )
+
+
+def chebyshev_weights(
+    taus: torch.Tensor | Sequence[float],
+    tau_query: float | torch.Tensor,
+    degree: int = 4,
+    lam: float = 0.1,
+    *,
+    count: int | torch.Tensor | None = None,
+    blend: float = 1.0,
+    validate: bool | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The weights ``w`` (float32, ``(n,)``) of ``chebyshev_forecast``: the forecast is ``sum_j w_j history[j]``.
+    Zero for rows beyond ``count``; NaN if no row is valid."""
+    dev = taus.device if isinstance(taus, torch.Tensor) else (
+        tau_query.device if isinstance(tau_query, torch.Tensor) else torch.device("cpu")
+    )
+    if validate is None:
+        validate = dev.type == "cpu"
+    taus_t, q, count_t = _check_common(taus, tau_query, count, degree, lam, blend, None, dev, validate)
+    return _chebyshev_weights_op(taus_t, q, count_t, degree, float(lam), float(blend), backend_name(dev, backend))

@@ -1,0 +1,112 @@
+"""Taylor (TaylorSeer) and Hermite (FreqCa high band) forecasts from finite differences, and their update."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _backend
+from ._common import backend_name, check_float, check_same, rows_view, scalar_tensor
+
+
+@torch.library.custom_op("fastcache_rt::taylor_forecast", mutates_args=())
+def _taylor_forecast_op(diffs: torch.Tensor, distance: torch.Tensor, backend: str) -> torch.Tensor:
+    out = torch.empty(diffs.shape[1:], dtype=diffs.dtype, device=diffs.device)
+    _backend.get(backend).taylor_forecast(rows_view(diffs, diffs.shape[0]), distance, out.view(-1))
+    return out
+
+
+@_taylor_forecast_op.register_fake
+def _(diffs, distance, backend):
+    return diffs.new_empty(diffs.shape[1:])
+
+
+@torch.library.custom_op("fastcache_rt::hermite_forecast", mutates_args=())
+def _hermite_forecast_op(diffs: torch.Tensor, distance: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
+    out = torch.empty(diffs.shape[1:], dtype=diffs.dtype, device=diffs.device)
+    _backend.get(backend).hermite_forecast(rows_view(diffs, diffs.shape[0]), distance, scale, out.view(-1))
+    return out
+
+
+@_hermite_forecast_op.register_fake
+def _(diffs, distance, scale, backend):
+    return diffs.new_empty(diffs.shape[1:])
+
+
+@torch.library.custom_op("fastcache_rt::taylor_update", mutates_args=("diffs",))
+def _taylor_update_op(
+    diffs: torch.Tensor, feature: torch.Tensor, gap: torch.Tensor, count: torch.Tensor | None, backend: str
+) -> None:
+    K = diffs.shape[0]
+    N = feature.numel()
+    try:
+        d2 = diffs.view(K, N)
+        direct = True
+    except RuntimeError:  # trailing dims do not collapse: work on a copy, write back
+        d2 = diffs.reshape(K, N).clone()
+        direct = False
+    f1 = feature.reshape(N)
+    _backend.get(backend).taylor_update(d2, f1, gap, count)
+    if not direct:
+        diffs.copy_(d2.view(diffs.shape))
+
+
+def _check_diffs(diffs):
+    check_float("diffs", diffs)
+    if diffs.dim() < 1 or diffs.shape[0] == 0:
+        raise ValueError("diffs: expected shape (order + 1, ...) with at least one row")
+
+
+def taylor_forecast(diffs: torch.Tensor, distance: float | torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """TaylorSeer's forecast ``sum_i diffs[i] * distance^i / i!`` from finite differences
+    ``diffs = (D^0, ..., D^O)`` of shape ``(O + 1, ...)``; ``distance`` in steps since the last full step.
+    fp32 accumulation, result in diffs' dtype, shape ``diffs.shape[1:]``."""
+    _check_diffs(diffs)
+    x = scalar_tensor("distance", distance, diffs.device, torch.float32)
+    return _taylor_forecast_op(diffs, x, backend_name(diffs.device, backend))
+
+
+def hermite_forecast(
+    diffs: torch.Tensor, distance: float | torch.Tensor, *, scale: float = 0.71, backend: str | None = None
+) -> torch.Tensor:
+    """FreqCa's high-band forecast ``D^0 + sum_{k>=1} D^k H_k(scale * x) scale^k / k!`` (physicists' Hermite H_k,
+    scale 0.71 as in the authors' code): about ``D^0 + x D^1 + (x^2 - 1)/2 D^2``."""
+    _check_diffs(diffs)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale: must be a finite number, got {scale!r}")
+    x = scalar_tensor("distance", distance, diffs.device, torch.float32)
+    return _hermite_forecast_op(diffs, x, float(scale), backend_name(diffs.device, backend))
+
+
+def taylor_update(
+    diffs: torch.Tensor,
+    feature: torch.Tensor,
+    gap: float | torch.Tensor,
+    *,
+    count: int | torch.Tensor | None = None,
+    backend: str | None = None,
+) -> None:
+    """In-place finite-difference update after a full step: ``new D^0 = feature``,
+    ``new D^{i+1} = (new D^i - old D^i) / gap`` for the orders that existed (i < count), 0 beyond.
+
+    Args:
+        diffs: ``(O + 1, ...)`` buffer, modified in place.
+        feature: the new feature, shape ``diffs.shape[1:]``, same dtype.
+        gap: steps between this full step and the previous one (> 0).
+        count: number of valid orders held before this call (0 for a fresh buffer; None = all O + 1). After the
+            call ``min(count + 1, O + 1)`` orders are valid.
+    """
+    _check_diffs(diffs)
+    check_float("feature", feature)
+    check_same("diffs", diffs, "feature", feature, shape=False)
+    if tuple(feature.shape) != tuple(diffs.shape[1:]):
+        raise ValueError(f"feature: shape {tuple(feature.shape)} does not match diffs' rows {tuple(diffs.shape[1:])}")
+    if not isinstance(gap, torch.Tensor) and not (isinstance(gap, (int, float)) and gap > 0):
+        raise ValueError(f"gap: must be > 0, got {gap!r}")
+    g = scalar_tensor("gap", gap, diffs.device, torch.float32)
+    if count is not None:
+        if isinstance(count, int) and not isinstance(count, bool) and count < 0:
+            raise ValueError(f"count: must be >= 0, got {count}")
+        count = scalar_tensor("count", count, diffs.device, torch.int64)
+    _taylor_update_op(diffs, feature, g, count, backend_name(diffs.device, backend))

@@ -1,0 +1,99 @@
+"""A policy = a gate (when to compute) x a forecaster (what a skipped step gets) x a cache site. Presets carry the
+published defaults (see README: Methods); any gate combines with any forecaster."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .forecasters import FORECASTERS, Chebyshev, FreqCa, Reuse, Taylor
+from .gates import (
+    GATES,
+    EveryStep,
+    FBCacheGate,
+    FixedInterval,
+    MagCacheGate,
+    SpectralCacheGate,
+    SpectrumSchedule,
+    TeaCacheGate,
+)
+
+SITES = ("residual", "hidden")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """gate x forecaster x site. ``site``: "residual" caches the whole-stack residual (output image tokens minus the
+    tokens entering the cached blocks; FreqCa's CRF idea), "hidden" the image tokens after the last block. Either way
+    one tensor per stream: the cache does not grow with depth."""
+
+    gate: object
+    forecaster: object = Reuse()
+    site: str = "residual"
+    name: str = "custom"
+
+    def __post_init__(self):
+        if type(self.gate) not in GATES.values():
+            raise ValueError(f"Policy.gate: must be one of {[c.__name__ for c in GATES.values()]}, got {self.gate!r}")
+        if type(self.forecaster) not in FORECASTERS.values():
+            raise ValueError(
+                f"Policy.forecaster: must be one of {[c.__name__ for c in FORECASTERS.values()]}, got {self.forecaster!r}"
+            )
+        if self.site not in SITES:
+            raise ValueError(f"Policy.site: must be one of {SITES}, got {self.site!r}")
+        if isinstance(self.gate, FBCacheGate) and self.site != "residual":
+            raise ValueError("Policy.site: the FBCache gate runs the first blocks every step; use site='residual'")
+
+    def with_overrides(self, **overrides) -> "Policy":
+        """Change fields by name: a gate field, a forecaster field, or gate=/forecaster=/site=."""
+        gate, fc, site = self.gate, self.forecaster, self.site
+        if "gate" in overrides:
+            gate = overrides.pop("gate")
+        if "forecaster" in overrides:
+            fc = overrides.pop("forecaster")
+        if "site" in overrides:
+            site = overrides.pop("site")
+        g_fields = {f.name for f in dataclasses.fields(gate)}
+        f_fields = {f.name for f in dataclasses.fields(fc)}
+        g_new, f_new = {}, {}
+        for k, v in overrides.items():
+            if k in g_fields:
+                g_new[k] = v
+            elif k in f_fields:
+                f_new[k] = v
+            else:
+                raise ValueError(
+                    f"{k}: not a field of {type(gate).__name__} ({', '.join(sorted(g_fields)) or 'none'}) nor of "
+                    f"{type(fc).__name__} ({', '.join(sorted(f_fields)) or 'none'})"
+                )
+        if g_new:
+            gate = dataclasses.replace(gate, **g_new)
+        if f_new:
+            fc = dataclasses.replace(fc, **f_new)
+        return Policy(gate=gate, forecaster=fc, site=site, name=self.name)
+
+
+PRESETS: dict[str, Policy] = {
+    "none": Policy(EveryStep(), Reuse(), "residual", "none"),
+    "fora": Policy(FixedInterval(interval=3, warmup=1), Reuse(), "residual", "fora"),
+    "teacache": Policy(TeaCacheGate(), Reuse(), "residual", "teacache"),
+    "spectralcache": Policy(SpectralCacheGate(), Reuse(), "residual", "spectralcache"),
+    "fbcache": Policy(FBCacheGate(), Reuse(), "residual", "fbcache"),
+    "magcache": Policy(MagCacheGate(), Reuse(), "residual", "magcache"),
+    "taylorseer": Policy(FixedInterval(interval=6, warmup=3), Taylor(order=1), "hidden", "taylorseer"),
+    "freqca": Policy(FixedInterval(interval=6, warmup=3), FreqCa(), "hidden", "freqca"),
+    "spectrum": Policy(SpectrumSchedule(), Chebyshev(), "hidden", "spectrum"),
+}
+
+
+def resolve_policy(policy: str | Policy, **overrides) -> Policy:
+    if isinstance(policy, Policy):
+        base = policy
+    elif isinstance(policy, str):
+        key = policy.strip().lower()
+        if key not in PRESETS:
+            raise ValueError(f"policy: unknown preset {policy!r}; choose one of {', '.join(PRESETS)} or pass a Policy")
+        base = PRESETS[key]
+    else:
+        raise TypeError(f"policy: expected a preset name or a Policy, got {type(policy).__name__}")
+    return base.with_overrides(**overrides) if overrides else base

@@ -1,0 +1,68 @@
+"""Shared fixtures. The Triton interpreter must be switched on before triton is imported, so it is done here,
+before any test module imports fastcache_rt's backends."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fastcache_rt.ops import _backend  # noqa: E402
+
+FAST_BACKENDS = ("cpu", "triton", "cuda")
+
+
+def _device_for(name: str) -> str:
+    if name == "cuda":
+        return "cuda"
+    if name == "triton":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
+def available_fast_backends() -> list[str]:
+    info = _backend.backends()
+    return [n for n in FAST_BACKENDS if info[n]["available"] and _device_for(n) in info[n]["devices"]]
+
+
+def pytest_report_header(config):
+    info = _backend.backends()
+    lines = []
+    for name, row in info.items():
+        state = "available" if row["available"] else f"unavailable ({row['reason']})"
+        lines.append(f"fastcache_rt backend {name}: {state}")
+    return lines
+
+
+def required_backends() -> set[str]:
+    """Backends whose absence fails the suite instead of skipping it: the C++ CPU backend that the install builds,
+    Triton (a test dependency; interpreted on the CPU here), and CUDA wherever a GPU is visible.
+    FASTCACHE_RT_TEST_OPTIONAL=name,... relaxes this (e.g. for a build without the C++ extension)."""
+    req = {"cpu", "triton"}
+    if torch.cuda.is_available():
+        req.add("cuda")
+    optional = {s.strip() for s in os.environ.get("FASTCACHE_RT_TEST_OPTIONAL", "").split(",") if s.strip()}
+    return req - optional
+
+
+@pytest.fixture(params=FAST_BACKENDS)
+def fast_backend(request):
+    """(name, module, device) of each fast backend; skipped with the backend's own reason when unavailable,
+    failed instead when the backend is required here."""
+    name = request.param
+    info = _backend.backends()[name]
+    if not info["available"]:
+        if name in required_backends():
+            pytest.fail(f"required backend {name} is unavailable: {info['reason']}")
+        pytest.skip(f"{name} backend unavailable: {info['reason']}")
+    dev = _device_for(name)
+    if dev not in info["devices"]:
+        pytest.skip(f"{name} backend does not run on {dev} here")
+    return name, _backend.get(name), torch.device(dev)
+
+
+def is_triton(name: str) -> bool:
+    return name == "triton" and not torch.cuda.is_available()

@@ -1,0 +1,137 @@
+"""torch.library registration: schemas, fake kernels, opcheck, fullgraph compile, and backend selection."""
+
+import os
+
+import pytest
+import torch
+
+from fastcache_rt import ops
+from fastcache_rt.ops import _backend
+from fastcache_rt.ops._common import resolve_backend
+from tests.conftest import available_fast_backends
+
+OPS = ["band_l1", "gate_step", "gate_decide", "chebyshev_forecast", "chebyshev_weights", "taylor_forecast",
+       "hermite_forecast", "taylor_update"]
+
+
+def test_every_op_is_registered():
+    for name in OPS:
+        assert hasattr(torch.ops.fastcache_rt, name), name
+
+
+def _samples(backend):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 5, 12, generator=g), torch.randn(2, 5, 12, generator=g)
+    st = torch.tensor([3, 0.1, 1, 1, 0, 0.2, 0, 2], dtype=torch.float32)
+    p = ops.gate_params(0.5, 10, tads=(0.5, 1.5), max_cached=3)
+    coeffs = torch.tensor([2.0, 1.0, 0.0])
+    gam = torch.tensor([0.8, 1.5])
+    hist = torch.randn(6, 3, 4, generator=g)
+    taus = torch.linspace(-1, 0.5, 6)
+    q = torch.tensor(0.7)
+    cnt = torch.tensor(4)
+    diffs = torch.randn(3, 3, 4, generator=g)
+    dist = torch.tensor(2.0)
+    T = torch.ops.fastcache_rt
+    return [
+        (T.band_l1, (x, y, [0, 6, 12], True, backend)),
+        (T.band_l1, (x, y, [0, 12], False, backend)),
+        (T.gate_step, (x, y, st, p, coeffs, gam, [0, 6, 12], backend)),
+        (T.gate_step, (x, y, st, p, coeffs, None, [0, 12], backend)),
+        (T.gate_decide, (torch.rand(2, 2), st, p, coeffs, gam, backend)),
+        (T.chebyshev_forecast, (hist, taus, q, cnt, 4, 0.1, 0.5, backend)),
+        (T.chebyshev_forecast, (hist, taus, q, None, 2, 0.0, 1.0, backend)),
+        (T.chebyshev_weights, (taus, q, cnt, 4, 0.1, 1.0, backend)),
+        (T.taylor_forecast, (diffs, dist, backend)),
+        (T.hermite_forecast, (diffs, dist, 0.71, backend)),
+        (T.taylor_update, (diffs.clone(), hist[0].clone(), dist, torch.tensor(1), backend)),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_opcheck(backend):
+    if backend != "reference" and backend not in available_fast_backends():
+        pytest.skip(f"{backend} unavailable: {_backend.backends()[backend]['reason']}")
+    for op, args in _samples(backend):
+        torch.library.opcheck(op, args)
+
+
+def _all_ops(x, prev, state, params, hist, taus, q, diffs, feat):
+    sums = ops.band_l1(x, prev, [0, 6, 12])
+    compute, state2, sums2 = ops.gate_step(x, prev, state, params, [1.0, 0.0], bounds=[0, 6, 12], gammas=[0.8, 1.5])
+    c2, state3 = ops.gate_decide(sums2, state2, params, [1.0, 0.0])
+    f = ops.chebyshev_forecast(hist, taus, q, 4, 0.1, count=torch.tensor(4), validate=False)
+    w = ops.chebyshev_weights(taus, q, 4, 0.1, validate=False)
+    t = ops.taylor_forecast(diffs, q)
+    h = ops.hermite_forecast(diffs, q)
+    ops.taylor_update(diffs, feat, q, count=torch.tensor(1))
+    # the branch a runtime takes on the device decision
+    y = torch.cond(compute, lambda a: a * 2.0, lambda a: a - 1.0, (f,))
+    return sums, compute, state3, c2, y, w, t, h, diffs.clone()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_fullgraph_compile_no_graph_breaks(backend, monkeypatch):
+    if backend != "reference" and backend not in available_fast_backends():
+        pytest.skip(f"{backend} unavailable: {_backend.backends()[backend]['reason']}")
+    monkeypatch.setenv("FASTCACHE_RT_BACKEND", backend)
+    _backend.reset()
+    g = torch.Generator().manual_seed(1)
+    args = dict(
+        x=torch.randn(2, 5, 12, generator=g), prev=torch.randn(2, 5, 12, generator=g),
+        state=torch.tensor([3, 0.1, 1, 1, 0, 0.2, 0, 2], dtype=torch.float32),
+        params=ops.gate_params(0.5, 10), hist=torch.randn(6, 3, 4, generator=g),
+        taus=torch.linspace(-1, 0.5, 6), q=torch.tensor(0.7), diffs=torch.randn(3, 3, 4, generator=g),
+        feat=torch.randn(3, 4, generator=g),
+    )
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(_all_ops)(**{k: v.clone() for k, v in args.items()})
+    assert explain.graph_break_count == 0, explain.break_reasons
+    compiled = torch.compile(_all_ops, fullgraph=True, backend="inductor")
+    eager_args = {k: v.clone() for k, v in args.items()}
+    comp_args = {k: v.clone() for k, v in args.items()}
+    expect = _all_ops(**eager_args)
+    got = compiled(**comp_args)
+    for a, b in zip(got, expect):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(comp_args["diffs"], eager_args["diffs"])  # the in-place update happened
+    _backend.reset()
+
+
+def test_backends_report():
+    info = ops.backends()
+    assert set(info) == {"reference", "cpu", "triton", "cuda"}
+    assert info["reference"]["available"] and info["reference"]["reason"] is None
+    for name, row in info.items():
+        assert row["available"] == (row["reason"] is None), name
+    if not torch.cuda.is_available():
+        assert not info["cuda"]["available"] and info["cuda"]["reason"]
+
+
+def test_explicit_unavailable_backend_raises_with_reason():
+    info = ops.backends()
+    missing = [n for n, r in info.items() if not r["available"]]
+    if not missing:
+        pytest.skip("every backend is available here")
+    name = missing[0]
+    with pytest.raises(RuntimeError, match=name):
+        ops.band_l1(torch.ones(3), torch.ones(3), backend=name)
+    # and through the environment variable
+    _backend.reset()
+    os.environ["FASTCACHE_RT_BACKEND"] = name
+    try:
+        with pytest.raises(RuntimeError, match="not available|does not run"):
+            ops.taylor_forecast(torch.ones(2, 3), 1.0)
+    finally:
+        del os.environ["FASTCACHE_RT_BACKEND"]
+        _backend.reset()
+
+
+def test_env_override_selects_backend(monkeypatch):
+    monkeypatch.setenv("FASTCACHE_RT_BACKEND", "reference")
+    _backend.reset()
+    assert _backend.resolve(torch.device("cpu"), None) == "reference"
+    monkeypatch.delenv("FASTCACHE_RT_BACKEND")
+    _backend.reset()
+    auto = _backend.resolve(torch.device("cpu"), None)
+    assert auto == ("cpu" if "cpu" in available_fast_backends() else "reference")
