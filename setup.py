@@ -49,8 +49,16 @@ class CMakeExtension(Extension):
 
 
 class CMakeBuild(build_ext):
+    """One CMake build produces every module (``_C``, and ``_C_cuda`` when asked); each declared extension then
+    finds its file in the output directory."""
+
+    _built_in: Path | None = None
+
     def build_extension(self, ext: Extension) -> None:
         import pybind11
+
+        if self._built_in is not None:
+            return
 
         extdir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
         build_temp = Path(self.build_temp).resolve() / "cmake"
@@ -77,12 +85,13 @@ class CMakeBuild(build_ext):
         print(f"fastcache_rt: building C++ CPU kernels; CUDA kernels: {'yes' if cuda else 'no'}", flush=True)
         subprocess.run(["cmake", str(ROOT), *args], cwd=build_temp, check=True)
         subprocess.run(["cmake", "--build", ".", "--parallel", str(os.cpu_count() or 2)], cwd=build_temp, check=True)
+        self._built_in = extdir
 
 
 setup(
     packages=["fastcache_rt", "fastcache_rt.ops", "fastcache_rt.kernels"],
     package_dir={"fastcache_rt": "fastcache_rt", "fastcache_rt.kernels": "kernels"},
-    ext_modules=[CMakeExtension("fastcache_rt._C")],
+    ext_modules=[CMakeExtension("fastcache_rt._C")] + ([CMakeExtension("fastcache_rt._C_cuda")] if _want_cuda() else []),
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
 )

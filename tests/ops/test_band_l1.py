@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from fastcache_rt import ops
 from fastcache_rt.ops import _reference
 from fastcache_rt.ops._common import bounds_tensor, three_d
-from tests.conftest import is_triton
+from tests.conftest import interpreter_keeps, is_triton
 from tests.ops.helpers import DTYPES, assert_close, make_view, poison
 
 SHAPES = [(1,), (7,), (63,), (1000,), (4097,), (3, 7, 63), (2, 33, 17), (5, 1000)]
@@ -63,6 +63,8 @@ def test_reference_matches_fp64(shape, dtype, bands):
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
 def test_backend_matches_reference(fast_backend, shape, dtype, layout):
     name, mod, dev = fast_backend
+    if not interpreter_keeps(name, shape, str(dtype), layout, every=3):
+        pytest.skip("subsampled under the Triton CPU interpreter")
     g = torch.Generator().manual_seed(hash((shape, str(dtype), layout)) % 2**31)
     cur = make_view(layout, shape, dtype, dev, g)
     prev = make_view(layout, shape, dtype, dev, g)

@@ -6,6 +6,7 @@ import torch
 from fastcache_rt import ops
 from fastcache_rt.ops import layout as L
 from fastcache_rt.ops._common import bounds_tensor, three_d
+from tests.conftest import interpreter_keeps
 from tests.ops.helpers import DTYPES, make_view, poison
 
 FLUX_COEFFS = [498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861]
@@ -128,6 +129,8 @@ def test_nonfinite_probe_forces_compute():
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
 def test_backend_matches_reference(fast_backend, cfg_name, dtype, layout):
     name, mod, dev = fast_backend
+    if not interpreter_keeps(name, cfg_name, str(dtype), layout, every=3):
+        pytest.skip("subsampled under the Triton CPU interpreter")
     cfg = CONFIGS[cfg_name]
     g = torch.Generator().manual_seed(12)
     S, D = 16, 40

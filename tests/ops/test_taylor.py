@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastcache_rt import ops
-from tests.conftest import is_triton
+from tests.conftest import interpreter_keeps, is_triton
 from tests.ops.helpers import DTYPES, assert_close, make_view, out_tol, poison
 
 
@@ -57,8 +57,8 @@ def test_taylor_reproduces_quadratics():
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
 def test_backend_matches_reference(fast_backend, K, N, dtype, layout):
     name, mod, dev = fast_backend
-    if is_triton(name) and N > 1000 and layout != "contiguous":
-        pytest.skip("kept small for the Triton CPU interpreter")
+    if (is_triton(name) and N > 1000) or not interpreter_keeps(name, K, N, str(dtype), layout, every=5):
+        pytest.skip("subsampled under the Triton CPU interpreter")
     g = torch.Generator().manual_seed(K * 100 + N)
     diffs = make_view(layout, (K, N), dtype, dev, g)
     dist = torch.tensor(2.5, device=dev)

@@ -1,0 +1,96 @@
+// Host launchers of the fastcache_rt CUDA kernels (fastcache_rt._C_cuda).
+//
+// Framework-free: raw device pointers, sizes and *element* strides in, a cudaError_t out. Every launcher enqueues
+// exactly one kernel on `stream` (none when there is nothing to write) and never synchronises; device scalars
+// (count, tau_query, distance, gap, state, ...) are read by the kernels. Included by the host compiler
+// (bindings.cpp) and by nvcc (csrc/cuda/*.cu).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace fastcache_rt {
+namespace cuda {
+
+// Element types of the feature tensors.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Highest number of rows (orders) taylor_forecast / hermite_forecast take; the reference stops at 21 (i! must fit
+// an int64 there).
+constexpr int kMaxOrders = 32;
+
+// Number of self-resetting block counters of the reductions (band_l1, gate_step). A caller gives each stream its
+// own slot so that reductions running concurrently on different streams never share a counter.
+constexpr int kCounterSlots = 1024;
+
+// The gate epilogue's inputs and outputs (fastcache_rt.ops.layout); float32, any element strides.
+struct GateParams {
+  const float* state;
+  int64_t state_stride;
+  const float* params;
+  int64_t params_stride;
+  const float* coeffs;  // highest power first
+  int64_t coeffs_stride;
+  int64_t n_coeffs;  // >= 1
+  const float* gammas;  // nullptr: no per-band (FDC) check
+  int64_t gammas_stride;
+  bool* decision_out;  // 0-dim torch.bool
+  float* state_out;
+  int64_t state_out_stride;
+};
+
+// Number of doubles the `partials` workspace of band_l1 / gate_step must hold for `num_slots` output slots
+// ((B if per_sample else 1) * nb) on the current device.
+int64_t reduction_workspace_doubles(int64_t num_slots, cudaError_t* err);
+
+// out (S, nb, 2) float32 contiguous, S = B if per_sample else 1: [s, k, 0] = sum |cur - prev|,
+// [s, k, 1] = sum |prev| over channels bounds[k]:bounds[k+1] (bounds: int64 (nb+1,) on the device).
+// cur/prev: (B, R, D) with element strides cstride[3] / pstride[3].
+cudaError_t band_l1(DType dtype, const void* cur, const int64_t cstride[3], const void* prev, const int64_t pstride[3],
+                    int64_t B, int64_t R, int64_t D, const int64_t* bounds, int64_t nb, bool per_sample, float* out,
+                    double* partials, int64_t partials_doubles, int counter_slot, cudaStream_t stream);
+
+// band_l1 over everything into sums_out (nb, 2) float32 contiguous, then the gate epilogue, in one launch.
+cudaError_t gate_step(DType dtype, const void* cur, const int64_t cstride[3], const void* prev,
+                      const int64_t pstride[3], int64_t B, int64_t R, int64_t D, const int64_t* bounds, int64_t nb,
+                      const GateParams& gate, float* sums_out, double* partials, int64_t partials_doubles,
+                      int counter_slot, cudaStream_t stream);
+
+// The gate epilogue alone on sums (nb, 2) float32 with element strides (sums_row_stride, sums_col_stride).
+cudaError_t gate_decide(const float* sums, int64_t sums_row_stride, int64_t sums_col_stride, int64_t nb,
+                        const GateParams& gate, cudaStream_t stream);
+
+// Chebyshev ridge weights (float32 (n,)) into out. taus: float32 (n,) contiguous; tau_query: float32 scalar;
+// count: int64 scalar or nullptr (= n).
+cudaError_t chebyshev_weights(const float* taus, int64_t n, const float* tau_query, const int64_t* count,
+                              int64_t degree, double lam, double blend, float* out, cudaStream_t stream);
+
+// out (N,) contiguous = sum over valid rows j of w_j * history[j]; history (n, N) with element strides
+// (hs0, hs1), dtype `dtype` (out has the same dtype).
+cudaError_t chebyshev_forecast(DType dtype, const void* history, int64_t n, int64_t N, int64_t hs0, int64_t hs1,
+                               const float* taus, const float* tau_query, const int64_t* count, int64_t degree,
+                               double lam, double blend, void* out, cudaStream_t stream);
+
+// Largest degree / n chebyshev_forecast and chebyshev_weights accept on the current device (shared memory of the
+// per-block solve); returns cudaSuccess and the byte counts through the pointers.
+cudaError_t chebyshev_smem(int64_t n, int64_t degree, int64_t* need_bytes, int64_t* max_bytes);
+
+// out (N,) contiguous = sum_i c_i * diffs[i], c_i = distance^i / i! (taylor) or H_i(scale*distance) scale^i / i!
+// (hermite); diffs (K, N) with element strides (ds0, ds1), 1 <= K <= kMaxOrders.
+cudaError_t taylor_forecast(DType dtype, const void* diffs, int64_t K, int64_t N, int64_t ds0, int64_t ds1,
+                            const float* distance, void* out, cudaStream_t stream);
+cudaError_t hermite_forecast(DType dtype, const void* diffs, int64_t K, int64_t N, int64_t ds0, int64_t ds1,
+                             const float* distance, double scale, void* out, cudaStream_t stream);
+
+// In place on diffs (K, N) (strides ds0, ds1): new[0] = feature (stride fs); new[i+1] = (new[i] - old[i]) / gap if
+// i < count else 0. gap: float32 scalar; count: int64 scalar or nullptr (= K).
+cudaError_t taylor_update(DType dtype, void* diffs, int64_t K, int64_t N, int64_t ds0, int64_t ds1,
+                          const void* feature, int64_t fs, const float* gap, const int64_t* count,
+                          cudaStream_t stream);
+
+// cudaSuccess when this module's kernels can run on `device` (an image for its architecture is present).
+cudaError_t probe_device(int device);
+
+}  // namespace cuda
+}  // namespace fastcache_rt

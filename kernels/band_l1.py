@@ -1,0 +1,541 @@
+"""Band-wise relative-L1 sums and the cache gate, in Triton.
+
+band_l1:     out[b, k] = (sum |cur - prev|, sum |prev|) over the channels of band k (and all rows; all samples unless
+             per_sample). One launch: a grid of (channel block, row chunk, sample) programs writes per-band partial sums
+             to a cached workspace; the last program to finish (atomic counter) reduces them in a fixed order.
+gate_step:   the same launch with the gate epilogue (``gate_decide``) run by that last program.
+gate_decide: the gate epilogue alone on given band sums: one program.
+
+The launchers take the canonical protocol arguments (see ``fastcache_rt/ops/_backend.py``) and read no device value
+on the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastcache_rt.ops import layout
+
+from . import cdiv, launch_options, next_pow2, num_sms
+
+# Gate layouts (constexpr so that @triton.jit code may read them).
+S_STEP = tl.constexpr(layout.S_STEP)
+S_ACC = tl.constexpr(layout.S_ACC)
+S_CONSEC = tl.constexpr(layout.S_CONSEC)
+S_HAS_CACHE = tl.constexpr(layout.S_HAS_CACHE)
+S_LAST_COMPUTE = tl.constexpr(layout.S_LAST_COMPUTE)
+S_REL_L1 = tl.constexpr(layout.S_REL_L1)
+S_NONFINITE = tl.constexpr(layout.S_NONFINITE)
+S_COMPUTED = tl.constexpr(layout.S_COMPUTED)
+P_TAU = tl.constexpr(layout.P_TAU)
+P_NUM_STEPS = tl.constexpr(layout.P_NUM_STEPS)
+P_TADS_MIN = tl.constexpr(layout.P_TADS_MIN)
+P_TADS_MAX = tl.constexpr(layout.P_TADS_MAX)
+P_MAX_CACHED = tl.constexpr(layout.P_MAX_CACHED)
+P_FORCE_LAST = tl.constexpr(layout.P_FORCE_LAST)
+TWO_PI = tl.constexpr(6.283185307179586)
+
+# Each accumulator element adds at most this many rows sequentially (fp32); more rows -> more row chunks (programs).
+# Keeps the relative error of the fp32 part far below 1e-5 at 2^24 elements (the rest is tree-summed, then fp64).
+MAX_SEQ_ROWS = 64
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# gate epilogue (shared by gate_decide_kernel and the fused band_l1_fwd_kernel)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rel(b_num, b_den):
+    # 0/0 (nothing changed, nothing there) is 0; x/0 is inf; NaN stays NaN. div_rn: IEEE division, as torch.
+    return tl.where((b_num == 0.0) & (b_den == 0.0), 0.0, tl.math.div_rn(b_num, b_den))
+
+
+@triton.jit
+def _gate_tau_eff(p_state, s_state, p_params, s_params):
+    """TADS threshold tau * (s_min + (s_max - s_min) * (1 - cos(2 pi s / S)) / 2), float32 like the reference."""
+    b_s = tl.load(p_state + S_STEP * s_state)
+    b_tau = tl.load(p_params + P_TAU * s_params)
+    b_steps = tl.load(p_params + P_NUM_STEPS * s_params)
+    b_min = tl.load(p_params + P_TADS_MIN * s_params)
+    b_max = tl.load(p_params + P_TADS_MAX * s_params)
+    b_x = tl.math.div_rn(TWO_PI * b_s, b_steps)
+    # cos of the float32 angle evaluated in float64 and rounded: the correctly rounded float32 cosine.
+    b_cos = tl.cos(b_x.to(tl.float64)).to(tl.float32)
+    b_bell = (1.0 - b_cos) * 0.5
+    return b_tau * (b_min + (b_max - b_min) * b_bell)
+
+
+@triton.jit
+def _gate_band(
+    b_num, b_den, b_fdc, b_diff, b_mag, b_tau_eff, p_gammas, s_gammas, i_k, HAS_GAMMAS: tl.constexpr
+):
+    """Fold band i_k's float32 sums into the totals and the per-band (FDC) check."""
+    b_num += b_diff
+    b_den += b_mag
+    if HAS_GAMMAS:
+        b_gamma = tl.load(p_gammas + i_k * s_gammas)
+        # NaN compares false: a NaN band fails the check (the step is computed anyway, it is non-finite).
+        b_fdc = b_fdc & (_rel(b_diff, b_mag) <= b_tau_eff * b_gamma)
+    return b_num, b_den, b_fdc
+
+
+@triton.jit
+def _gate_finish(
+    b_num,
+    b_den,
+    b_fdc,
+    b_tau_eff,
+    p_state,
+    s_state,
+    p_params,
+    s_params,
+    p_coeffs,
+    s_coeffs,
+    P,
+    p_decision,
+    p_state_out,
+    s_state_out,
+):
+    """Decision + new state from the total sums, float32, the rules of ``_reference.gate_decide``."""
+    b_d = _rel(b_num, b_den)
+    b_s = tl.load(p_state + S_STEP * s_state)
+    b_acc = tl.load(p_state + S_ACC * s_state)
+    b_consec = tl.load(p_state + S_CONSEC * s_state)
+    b_has = tl.load(p_state + S_HAS_CACHE * s_state)
+    b_nonfinite = tl.load(p_state + S_NONFINITE * s_state)
+    b_computed = tl.load(p_state + S_COMPUTED * s_state)
+    b_steps = tl.load(p_params + P_NUM_STEPS * s_params)
+    b_max_cached = tl.load(p_params + P_MAX_CACHED * s_params)
+    b_force_last = tl.load(p_params + P_FORCE_LAST * s_params)
+
+    # Horner from 0, highest power first (numpy.polyval order): 0 * inf = NaN, as the reference.
+    b_poly = tl.zeros((), dtype=tl.float32)
+    for i in range(P):
+        b_poly = b_poly * b_d + tl.load(p_coeffs + i * s_coeffs)
+    b_acc_new = b_acc + b_poly
+
+    b_finite = tl.abs(b_d) < float("inf")
+    b_forced = (b_s == 0.0) | ((b_force_last > 0.0) & (b_s >= b_steps - 1.0)) | (b_has <= 0.0) | (~b_finite)
+    b_skip = (~b_forced) & (b_acc_new < b_tau_eff) & (b_consec < b_max_cached) & b_fdc
+    b_compute = ~b_skip
+    b_cf = b_compute.to(tl.float32)
+
+    tl.store(p_state_out + S_STEP * s_state_out, b_s + 1.0)
+    tl.store(p_state_out + S_ACC * s_state_out, tl.where(b_compute, 0.0, b_acc_new))
+    tl.store(p_state_out + S_CONSEC * s_state_out, tl.where(b_compute, 0.0, b_consec + 1.0))
+    tl.store(
+        p_state_out + S_HAS_CACHE * s_state_out, tl.maximum(b_has, b_cf, propagate_nan=tl.PropagateNan.ALL)
+    )
+    tl.store(p_state_out + S_LAST_COMPUTE * s_state_out, b_cf)
+    tl.store(p_state_out + S_REL_L1 * s_state_out, b_d)
+    tl.store(p_state_out + S_NONFINITE * s_state_out, b_nonfinite + (~b_finite).to(tl.float32))
+    tl.store(p_state_out + S_COMPUTED * s_state_out, b_computed + b_cf)
+    tl.store(p_decision, b_compute)
+
+
+@triton.jit(do_not_specialize=["nb", "P"])
+def gate_decide_kernel(
+    p_sums,
+    s_sums_k,
+    s_sums_c,
+    p_state,
+    s_state,
+    p_params,
+    s_params,
+    p_coeffs,
+    s_coeffs,
+    p_gammas,
+    s_gammas,
+    p_decision,
+    p_state_out,
+    s_state_out,
+    nb,
+    P,
+    HAS_GAMMAS: tl.constexpr,
+):
+    b_tau_eff = _gate_tau_eff(p_state, s_state, p_params, s_params)
+    b_num = tl.zeros((), dtype=tl.float32)
+    b_den = tl.zeros((), dtype=tl.float32)
+    b_fdc = tl.full((), 1, dtype=tl.int1)
+    for i_k in range(nb):
+        b_diff = tl.load(p_sums + i_k * s_sums_k)
+        b_mag = tl.load(p_sums + i_k * s_sums_k + s_sums_c)
+        b_num, b_den, b_fdc = _gate_band(
+            b_num, b_den, b_fdc, b_diff, b_mag, b_tau_eff, p_gammas, s_gammas, i_k, HAS_GAMMAS
+        )
+    _gate_finish(
+        b_num,
+        b_den,
+        b_fdc,
+        b_tau_eff,
+        p_state,
+        s_state,
+        p_params,
+        s_params,
+        p_coeffs,
+        s_coeffs,
+        P,
+        p_decision,
+        p_state_out,
+        s_state_out,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# band sums (+ fused gate)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["n_d", "n_c", "n_b", "R", "nb", "P", "rows_per_prog", "num_slots", "B_OUT"])
+def band_l1_fwd_kernel(
+    p_cur,
+    p_prev,
+    p_bounds,
+    p_out,
+    p_ws,
+    p_count,
+    p_state,
+    s_state,
+    p_params,
+    s_params,
+    p_coeffs,
+    s_coeffs,
+    p_gammas,
+    s_gammas,
+    p_decision,
+    p_state_out,
+    s_state_out,
+    n_d,
+    n_c,
+    n_b,
+    R,
+    D,
+    nb,
+    P,
+    s_cur_b,
+    s_cur_r,
+    s_cur_d,
+    s_prev_b,
+    s_prev_r,
+    s_prev_d,
+    rows_per_prog,
+    num_slots,
+    B_OUT,
+    PER_SAMPLE: tl.constexpr,
+    FUSE_GATE: tl.constexpr,
+    HAS_GAMMAS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """1-D grid of n_d x n_c x n_b programs (channel block, row chunk, sample; channel block fastest).
+    Workspace p_ws: float32 [2 (diff, mag), n_b, num_slots, n_c]; the partial of program (j, c, b) for band k goes
+    to slot j + k. The (block, band) pairs that overlap form a staircase on which j + k strictly increases, so slots
+    are unique (num_slots = J + nb - 1) and band k's partials of one sample are one contiguous run
+    [j_first + k, j_last + k] x n_c: the reduction streams it with vector loads."""
+    i_p = tl.program_id(0)
+    i_d = i_p % n_d
+    i_c = (i_p // n_d) % n_c
+    i_b = i_p // (n_d * n_c)
+
+    # ---- this program's tile sums: rows [r_lo, r_hi) x channels [d_lo, d_lo + BLOCK_D) of sample i_b ----
+    d_lo = i_d.to(tl.int64) * BLOCK_D
+    o_d = d_lo + tl.arange(0, BLOCK_D).to(tl.int64)  # [BLOCK_D]
+    m_d = o_d < D
+    r_lo = i_c.to(tl.int64) * rows_per_prog
+    r_hi = tl.minimum(r_lo + rows_per_prog, R)
+    p_cur_b = p_cur + i_b.to(tl.int64) * s_cur_b
+    p_prev_b = p_prev + i_b.to(tl.int64) * s_prev_b
+    b_acc_diff = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)  # [BLOCK_R, BLOCK_D]
+    b_acc_mag = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)  # [BLOCK_R, BLOCK_D]
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        o_r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)  # [BLOCK_R]
+        m_rd = (o_r < r_hi)[:, None] & m_d[None, :]  # [BLOCK_R, BLOCK_D]
+        p_x = p_cur_b + o_r[:, None] * s_cur_r + o_d[None, :] * s_cur_d
+        p_y = p_prev_b + o_r[:, None] * s_prev_r + o_d[None, :] * s_prev_d
+        b_x = tl.load(p_x, mask=m_rd, other=0.0).to(tl.float32)
+        b_y = tl.load(p_y, mask=m_rd, other=0.0).to(tl.float32)
+        b_acc_diff += tl.abs(b_x - b_y)
+        b_acc_mag += tl.abs(b_y)
+    b_diff = tl.sum(b_acc_diff, axis=0)  # [BLOCK_D] per-channel sums
+    b_mag = tl.sum(b_acc_mag, axis=0)  # [BLOCK_D]
+
+    # ---- split the channel sums by band: first band ending after d_lo (binary search), then while overlapping ----
+    d_hi = tl.minimum(d_lo + BLOCK_D, D)
+    k_lo = tl.zeros((), dtype=tl.int32)
+    k_hi = tl.maximum(nb - 1, 0)
+    while k_lo < k_hi:
+        k_mid = (k_lo + k_hi) // 2
+        b_end = tl.load(p_bounds + k_mid + 1)
+        go_left = b_end > d_lo
+        k_hi = tl.where(go_left, k_mid, k_hi)
+        k_lo = tl.where(go_left, k_lo, k_mid + 1)
+    n_region = n_b.to(tl.int64) * num_slots * n_c  # size of the diff (then the mag) region of the workspace
+    o_part = (i_b.to(tl.int64) * num_slots) * n_c + i_c
+    i_k = k_lo
+    b_band_lo = tl.load(p_bounds + i_k)
+    while (i_k < nb) & (b_band_lo < d_hi):
+        b_band_hi = tl.load(p_bounds + i_k + 1)
+        m_band = m_d & (o_d >= b_band_lo) & (o_d < b_band_hi)  # [BLOCK_D]
+        # where(), not a multiply: NaN/Inf of other bands' channels stay out of this band.
+        b_band_diff = tl.sum(tl.where(m_band, b_diff, 0.0), axis=0)
+        b_band_mag = tl.sum(tl.where(m_band, b_mag, 0.0), axis=0)
+        o_slot = o_part + (i_d + i_k).to(tl.int64) * n_c
+        tl.store(p_ws + o_slot, b_band_diff)
+        tl.store(p_ws + n_region + o_slot, b_band_mag)
+        i_k += 1
+        b_band_lo = tl.load(p_bounds + i_k)
+
+    # ---- last program done: make the partials visible, count, and let the last one reduce ----
+    tl.debug_barrier()
+    done = tl.atomic_add(p_count, 1, sem="acq_rel")
+    if done == tl.num_programs(0) - 1:
+        if FUSE_GATE:
+            b_tau_eff = _gate_tau_eff(p_state, s_state, p_params, s_params)
+            b_num = tl.zeros((), dtype=tl.float32)
+            b_den = tl.zeros((), dtype=tl.float32)
+            b_fdc = tl.full((), 1, dtype=tl.int1)
+        o_p = tl.arange(0, BLOCK_P).to(tl.int64)  # [BLOCK_P]
+        for i_o in range(B_OUT):
+            # samples summed into output row i_o: itself (per sample) or all of them
+            if PER_SAMPLE:
+                b_first = i_o
+                b_end = i_o + 1
+            else:
+                b_first = 0
+                b_end = n_b
+            for i_kk in range(nb):
+                b_lo = tl.load(p_bounds + i_kk)
+                b_hi = tl.load(p_bounds + i_kk + 1)
+                # band i_kk's partials of one sample: slots j + i_kk of its channel blocks j, contiguous [slots, C]
+                j_first = b_lo // BLOCK_D
+                j_last = (b_hi - 1) // BLOCK_D
+                o_seg = (j_first + i_kk) * n_c
+                n_seg = (j_last - j_first + 1) * n_c
+                b_red_diff = tl.zeros((BLOCK_P,), dtype=tl.float64)  # [BLOCK_P]
+                b_red_mag = tl.zeros((BLOCK_P,), dtype=tl.float64)  # [BLOCK_P]
+                # fixed order: the result does not depend on which program finished last.
+                for i_bb in range(b_first, b_end):
+                    p_seg = p_ws + tl.cast(i_bb, tl.int64) * num_slots * n_c + o_seg
+                    for p0 in range(0, n_seg, BLOCK_P):
+                        m_p = (p0 + o_p) < n_seg
+                        # .cg: read at L2, where the other programs' writes are (never a stale L1 line).
+                        b_red_diff += tl.load(p_seg + p0 + o_p, mask=m_p, other=0.0, cache_modifier=".cg").to(
+                            tl.float64
+                        )
+                        b_red_mag += tl.load(
+                            p_seg + n_region + p0 + o_p, mask=m_p, other=0.0, cache_modifier=".cg"
+                        ).to(tl.float64)
+                b_sum_diff = tl.sum(b_red_diff, axis=0).to(tl.float32)
+                b_sum_mag = tl.sum(b_red_mag, axis=0).to(tl.float32)
+                o_out = (tl.cast(i_o, tl.int64) * nb + i_kk) * 2
+                tl.store(p_out + o_out, b_sum_diff)
+                tl.store(p_out + o_out + 1, b_sum_mag)
+                if FUSE_GATE:
+                    b_num, b_den, b_fdc = _gate_band(
+                        b_num,
+                        b_den,
+                        b_fdc,
+                        b_sum_diff,
+                        b_sum_mag,
+                        b_tau_eff,
+                        p_gammas,
+                        s_gammas,
+                        i_kk,
+                        HAS_GAMMAS,
+                    )
+        if FUSE_GATE:
+            _gate_finish(
+                b_num,
+                b_den,
+                b_fdc,
+                b_tau_eff,
+                p_state,
+                s_state,
+                p_params,
+                s_params,
+                p_coeffs,
+                s_coeffs,
+                P,
+                p_decision,
+                p_state_out,
+                s_state_out,
+            )
+        # ready for the next launch (and CUDA-graph replays) without a memset
+        tl.atomic_xchg(p_count, 0, sem="relaxed")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+# Per device: [float32 workspace, int32 counter, retired workspaces]. The counter is zero between launches (the last
+# program resets it), so it is zeroed once, when created; the workspace needs no initialisation (every slot that is
+# read is written in the same launch). A workspace that is outgrown is kept alive, not freed: a captured CUDA graph
+# may still point at it. Single-stream assumption: launches of band_l1/gate_step on one device must be ordered
+# (one stream, or synchronised streams), as two concurrent launches would share the counter and the workspace.
+_WORKSPACES: dict[torch.device, list] = {}
+
+
+def _workspace(device: torch.device, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    entry = _WORKSPACES.get(device)
+    if entry is None:
+        entry = [
+            torch.empty(max(numel, 4096), dtype=torch.float32, device=device),
+            torch.zeros((), dtype=torch.int32, device=device),
+            [],
+        ]
+        _WORKSPACES[device] = entry
+    elif entry[0].numel() < numel:
+        entry[2].append(entry[0])
+        entry[0] = torch.empty(max(numel, 2 * entry[0].numel()), dtype=torch.float32, device=device)
+    return entry[0], entry[1]
+
+
+def _band_config(B: int, R: int, D: int, device: torch.device) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_D, BLOCK_R, J, C, rows_per_prog, num_warps). Tiles of 4096 elements, 256 channels wide (a warp reads
+    512 contiguous bytes of an fp16 row), row chunks so that the grid holds ~8 programs per SM (or a few under the
+    interpreter), and at least cdiv(R, BLOCK_R * MAX_SEQ_ROWS) chunks for the fp32 accuracy bound."""
+    BLOCK_D = min(256, max(16, next_pow2(D)))
+    BLOCK_R = max(1, min(64, 4096 // BLOCK_D))
+    J = max(1, cdiv(D, BLOCK_D))
+    B_grid = max(B, 1)
+    target = 8 * num_sms(device)
+    row_tiles = max(1, cdiv(R, BLOCK_R))
+    C = max(1, min(row_tiles, cdiv(target, J * B_grid)))
+    C = max(C, cdiv(R, BLOCK_R * MAX_SEQ_ROWS))
+    rows_per_prog = max(1, cdiv(cdiv(max(R, 1), C), BLOCK_R)) * BLOCK_R
+    C = max(1, cdiv(R, rows_per_prog))
+    num_warps = 8 if BLOCK_R * BLOCK_D >= 4096 else 4
+    return BLOCK_D, BLOCK_R, J, C, rows_per_prog, num_warps
+
+
+def _launch_band(cur, prev, bounds, per_sample, out, gate) -> None:
+    B, R, D = cur.shape
+    nb = bounds.shape[0] - 1
+    device = cur.device
+    if B == 0:
+        R = 0  # nothing to read; one (empty) sample row so that the sums are still written
+    BLOCK_D, BLOCK_R, J, C, rows_per_prog, num_warps = _band_config(B, R, D, device)
+    B_grid = max(B, 1)
+    num_slots = max(J + nb - 1, 1)
+    ws, count = _workspace(device, 2 * num_slots * B_grid * C)
+    if gate is None:
+        state = params = coeffs = gammas = decision = state_out = out  # unused (FUSE_GATE=False)
+        s_state = s_params = s_coeffs = s_gammas = s_state_out = 0
+        P = 0
+        has_gammas = False
+    else:
+        state, params, coeffs, gammas, decision, state_out = gate
+        has_gammas = gammas is not None
+        if gammas is None:
+            gammas = params
+        s_state, s_params, s_coeffs, s_gammas = (
+            state.stride(0),
+            params.stride(0),
+            coeffs.stride(0),
+            gammas.stride(0),
+        )
+        s_state_out = state_out.stride(0)
+        P = coeffs.shape[0]
+    band_l1_fwd_kernel[(J * C * B_grid,)](
+        cur,
+        prev,
+        bounds,
+        out,
+        ws,
+        count,
+        state,
+        s_state,
+        params,
+        s_params,
+        coeffs,
+        s_coeffs,
+        gammas,
+        s_gammas,
+        decision,
+        state_out,
+        s_state_out,
+        J,
+        C,
+        B_grid,
+        R,
+        D,
+        nb,
+        P,
+        *cur.stride(),
+        *prev.stride(),
+        rows_per_prog,
+        num_slots,
+        B if per_sample else 1,
+        PER_SAMPLE=per_sample,
+        FUSE_GATE=gate is not None,
+        HAS_GAMMAS=has_gammas,
+        BLOCK_R=BLOCK_R,
+        BLOCK_D=BLOCK_D,
+        BLOCK_P=512,
+        num_warps=num_warps,
+        **launch_options(),
+    )
+
+
+def band_l1(
+    cur: torch.Tensor, prev: torch.Tensor, bounds: torch.Tensor, per_sample: bool, out: torch.Tensor
+) -> None:
+    """out[b, k] = (sum |cur - prev|, sum |prev|) over band k's channels: cur, prev (B, R, D) any strides,
+    fp32/fp16/bf16; bounds int64 (nb+1,); out float32 contiguous (B or 1, nb, 2). One launch."""
+    _launch_band(cur, prev, bounds, bool(per_sample), out, None)
+
+
+def gate_step(
+    cur: torch.Tensor,
+    prev: torch.Tensor,
+    bounds: torch.Tensor,
+    state: torch.Tensor,
+    params: torch.Tensor,
+    coeffs: torch.Tensor,
+    gammas: torch.Tensor | None,
+    decision_out: torch.Tensor,
+    state_out: torch.Tensor,
+    sums_out: torch.Tensor,
+) -> None:
+    """band_l1 over everything into sums_out (nb, 2), then the gate epilogue, in one launch."""
+    _launch_band(cur, prev, bounds, False, sums_out, (state, params, coeffs, gammas, decision_out, state_out))
+
+
+def gate_decide(
+    sums: torch.Tensor,
+    state: torch.Tensor,
+    params: torch.Tensor,
+    coeffs: torch.Tensor,
+    gammas: torch.Tensor | None,
+    decision_out: torch.Tensor,
+    state_out: torch.Tensor,
+) -> None:
+    """The gate epilogue on float32 band sums (nb, 2): decision_out (bool scalar) and state_out. One program."""
+    has_gammas = gammas is not None
+    g = gammas if has_gammas else params
+    gate_decide_kernel[(1,)](
+        sums,
+        sums.stride(0),
+        sums.stride(1),
+        state,
+        state.stride(0),
+        params,
+        params.stride(0),
+        coeffs,
+        coeffs.stride(0),
+        g,
+        g.stride(0),
+        decision_out,
+        state_out,
+        state_out.stride(0),
+        sums.shape[0],
+        coeffs.shape[0],
+        HAS_GAMMAS=has_gammas,
+        num_warps=1,
+        **launch_options(),
+    )

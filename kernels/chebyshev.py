@@ -1,0 +1,396 @@
+"""Chebyshev ridge-regression forecast (Spectrum) in Triton.
+
+With Phi[j, m] = T_m(taus[j]) over the valid rows j < min(count, n) and m = 0..degree,
+w = Phi (Phi^T Phi + lam I)^-1 phi(tau_query), optionally blended with a linear extrapolation, and the forecast is
+sum_j w_j history[j]. The (degree+1)^2 system is tiny: every program fits it itself (basis, Gram, Cholesky with the
+reference's jitter retry, two triangular solves, all float64 in registers as masked [BLOCK_M, BLOCK_M] blocks), so
+chebyshev_forecast is one launch that then streams the valid history rows once.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from . import cdiv, launch_options, next_pow2, num_sms
+
+NEG_INF = tl.constexpr(float("-inf"))
+
+
+def _f64_bits(x: float) -> int:
+    """A Python float as the int64 of its IEEE bits: Triton passes float arguments as float32, this keeps all 64."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+@triton.jit
+def _f64_arg(bits):
+    return tl.cast(bits, tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _cheb_basis_rows(b_t, o_m, degree, BLOCK_M: tl.constexpr):
+    """[BLOCK_J, BLOCK_M] float64: T_m(t_j) for m <= degree (T_0 = 1, T_1 = t, T_m = 2 t T_{m-1} - T_{m-2}), 0 beyond."""
+    b_tm2 = tl.full(b_t.shape, 1.0, tl.float64)  # [BLOCK_J]
+    b_tm1 = b_t
+    b_phi = tl.where(o_m[None, :] == 0, b_tm2[:, None], tl.where(o_m[None, :] == 1, b_tm1[:, None], 0.0))
+    for m in tl.static_range(2, BLOCK_M):
+        b_tm = 2.0 * b_t * b_tm1 - b_tm2
+        b_phi = tl.where(o_m[None, :] == m, b_tm[:, None], b_phi)
+        b_tm2 = b_tm1
+        b_tm1 = b_tm
+    return tl.where(o_m[None, :] <= degree, b_phi, 0.0)
+
+
+@triton.jit
+def _cheb_basis_point(b_q, o_m, degree, BLOCK_M: tl.constexpr):
+    """[BLOCK_M] float64: T_m(q) for m <= degree, 0 beyond."""
+    b_tm2 = tl.full((), 1.0, tl.float64)
+    b_tm1 = b_q
+    b_phi = tl.where(o_m == 0, b_tm2, tl.where(o_m == 1, b_tm1, 0.0))
+    for m in tl.static_range(2, BLOCK_M):
+        b_tm = 2.0 * b_q * b_tm1 - b_tm2
+        b_phi = tl.where(o_m == m, b_tm, b_phi)
+        b_tm2 = b_tm1
+        b_tm1 = b_tm
+    return tl.where(o_m <= degree, b_phi, 0.0)
+
+
+@triton.jit
+def _cholesky_forward(b_a, b_rhs, o_m, BLOCK_M: tl.constexpr):
+    """Right-looking Cholesky A = L L^T of a [BLOCK_M, BLOCK_M] float64 block with the forward substitution
+    L y = rhs fused in. Returns (L, y, ok): ok = every pivot was > 0 (a NaN pivot fails, as in LAPACK)."""
+    o_c = o_m[None, :]
+    b_s = b_a  # [BLOCK_M, BLOCK_M] Schur complement: rows/columns > j still to factor
+    b_l = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float64)  # [BLOCK_M, BLOCK_M]
+    b_r = b_rhs  # [BLOCK_M] right-hand side minus the solved part
+    b_y = tl.zeros((BLOCK_M,), dtype=tl.float64)
+    b_ok = tl.full((), 1, tl.int1)
+    for j in tl.static_range(BLOCK_M):
+        b_sj = tl.sum(tl.where(o_c == j, b_s, 0.0), axis=1)  # [BLOCK_M] column j of the Schur complement
+        b_d = tl.sum(tl.where(o_m == j, b_sj, 0.0), axis=0)
+        b_ok = b_ok & (b_d > 0.0)
+        b_piv = tl.sqrt(b_d)
+        b_v = tl.where(o_m > j, b_sj / b_piv, 0.0)  # [BLOCK_M] L[j+1:, j]
+        b_l = tl.where(o_c == j, tl.where(o_m == j, b_piv, b_v)[:, None], b_l)
+        b_s = b_s - b_v[:, None] * b_v[None, :]
+        b_yj = tl.sum(tl.where(o_m == j, b_r, 0.0), axis=0) / b_piv
+        b_y = tl.where(o_m == j, b_yj, b_y)
+        b_r = b_r - b_yj * b_v
+    return b_l, b_y, b_ok
+
+
+@triton.jit
+def _backward_substitution(b_l, b_y, o_m, BLOCK_M: tl.constexpr):
+    """z with L^T z = y (column-oriented), float64 [BLOCK_M]."""
+    o_r = o_m[:, None]
+    b_w = b_y
+    b_z = tl.zeros((BLOCK_M,), dtype=tl.float64)
+    for ii in tl.static_range(BLOCK_M):
+        i = BLOCK_M - 1 - ii
+        b_li = tl.sum(tl.where(o_r == i, b_l, 0.0), axis=0)  # [BLOCK_M] row i of L = column i of L^T
+        b_lii = tl.sum(tl.where(o_m == i, b_li, 0.0), axis=0)
+        b_zi = tl.sum(tl.where(o_m == i, b_w, 0.0), axis=0) / b_lii
+        b_z = tl.where(o_m == i, b_zi, b_z)
+        b_w = b_w - b_zi * tl.where(o_m < i, b_li, 0.0)
+    return b_z
+
+
+@triton.jit
+def _valid_count(p_count, n, HAS_COUNT: tl.constexpr):
+    """min(count, n) clamped at 0, read from the device (count None -> n)."""
+    if HAS_COUNT:
+        n_valid = tl.minimum(tl.maximum(tl.load(p_count), 0), n)
+    else:
+        n_valid = tl.cast(n, tl.int64)
+    return n_valid
+
+
+@triton.jit
+def _cheb_fit(
+    p_taus,
+    b_q,
+    n_valid,
+    degree,
+    lam,
+    HAS_BLEND: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_JF: tl.constexpr,
+):
+    """Solve (Phi^T Phi + lam I) z = phi(q) in float64 over the valid rows (Cholesky; on failure again with the
+    jitter 1e-6 * mean(diag), as the reference), and find the two valid rows of largest tau for the blend.
+    Returns (z [BLOCK_M], j_last, j_prev, k, has_prev): the linear weights are 1 + k on j_last, -k on j_prev."""
+    o_m = tl.arange(0, BLOCK_M)
+    o_r = o_m[:, None]
+    o_c = o_m[None, :]
+    b_gram = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float64)  # [BLOCK_M, BLOCK_M]
+    # top-2 of tau over the valid rows, ties to the first index (torch.argmax order)
+    b_t1 = tl.full((), NEG_INF, tl.float64)
+    b_t2 = tl.full((), NEG_INF, tl.float64)
+    i_1 = tl.zeros((), dtype=tl.int64)
+    i_2 = tl.zeros((), dtype=tl.int64)
+    for j0 in range(0, n_valid, BLOCK_JF):
+        o_j = j0 + tl.arange(0, BLOCK_JF).to(tl.int64)  # [BLOCK_JF]
+        m_j = o_j < n_valid
+        b_t = tl.load(p_taus + o_j, mask=m_j, other=0.0).to(tl.float64)
+        b_phi = tl.where(
+            m_j[:, None], _cheb_basis_rows(b_t, o_m, degree, BLOCK_M), 0.0
+        )  # [BLOCK_JF, BLOCK_M]
+        b_gram += tl.sum(b_phi[:, :, None] * b_phi[:, None, :], axis=0)  # [BLOCK_M, BLOCK_M]
+        if HAS_BLEND:
+            b_tv = tl.where(m_j, b_t, NEG_INF)
+            b_c1 = tl.max(b_tv, axis=0)
+            i_c1 = tl.min(tl.where(b_tv == b_c1, o_j, j0 + BLOCK_JF), axis=0)
+            b_tv = tl.where(o_j == i_c1, NEG_INF, b_tv)
+            b_c2 = tl.max(b_tv, axis=0)
+            i_c2 = tl.min(tl.where(b_tv == b_c2, o_j, j0 + BLOCK_JF), axis=0)
+            # merge with the rows before this chunk (which win ties: lower index)
+            take = b_c1 > b_t1
+            b_n2 = tl.where(take, tl.where(b_c2 > b_t1, b_c2, b_t1), tl.where(b_c1 > b_t2, b_c1, b_t2))
+            i_n2 = tl.where(take, tl.where(b_c2 > b_t1, i_c2, i_1), tl.where(b_c1 > b_t2, i_c1, i_2))
+            b_t1 = tl.where(take, b_c1, b_t1)
+            i_1 = tl.where(take, i_c1, i_1)
+            b_t2 = b_n2
+            i_2 = i_n2
+
+    # ridge (real block only); the padding block is the identity, so it factors and solves to zero
+    m_real = (o_r <= degree) & (o_c <= degree)
+    b_eye = tl.where(o_r == o_c, 1.0, 0.0).to(tl.float64)
+    b_gram = tl.where(m_real, b_gram + lam * b_eye, b_eye)
+    b_phi_q = _cheb_basis_point(b_q, o_m, degree, BLOCK_M)
+    b_l, b_y, b_ok = _cholesky_forward(b_gram, b_phi_q, o_m, BLOCK_M)
+    if b_ok == 0:
+        # not positive definite (lam = 0 and too few distinct rows): retry with 1e-6 * mean(diag) on the diagonal
+        b_diag = tl.sum(tl.where((o_r == o_c) & m_real, b_gram, 0.0), axis=1)  # [BLOCK_M]
+        b_jitter = 1e-6 * (tl.sum(b_diag, axis=0) / (degree + 1.0))
+        b_l, b_y, b_ok = _cholesky_forward(
+            tl.where(m_real, b_gram + b_jitter * b_eye, b_eye), b_phi_q, o_m, BLOCK_M
+        )
+    b_z = _backward_substitution(b_l, b_y, o_m, BLOCK_M)
+
+    if HAS_BLEND:
+        b_has_prev = tl.abs(b_t2) < float("inf")
+        b_k = tl.where(b_has_prev, (b_q - b_t1) / (b_t1 - tl.where(b_has_prev, b_t2, b_t1 - 1.0)), 0.0 * b_q)
+    else:
+        b_has_prev = tl.full((), 0, tl.int1)
+        b_k = tl.zeros((), dtype=tl.float64)
+    return b_z, i_1, i_2, b_k, b_has_prev
+
+
+@triton.jit
+def _cheb_row_weights(
+    p_taus,
+    o_j,
+    n_valid,
+    degree,
+    b_z,
+    i_last,
+    i_prev,
+    b_k,
+    b_has_prev,
+    blend,
+    HAS_BLEND: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """float32 weights of rows o_j ([BLOCK_J]): phi(t_j) . z (0 . z for invalid rows, as the reference's masked Phi),
+    blended, NaN if no row is valid. Invalid rows' taus are not read."""
+    o_m = tl.arange(0, BLOCK_M)
+    m_j = o_j < n_valid
+    b_t = tl.load(p_taus + o_j, mask=m_j, other=0.0).to(tl.float64)
+    b_phi = tl.where(m_j[:, None], _cheb_basis_rows(b_t, o_m, degree, BLOCK_M), 0.0)  # [BLOCK_J, BLOCK_M]
+    b_w = tl.sum(b_phi * b_z[None, :], axis=1)  # [BLOCK_J]
+    if HAS_BLEND:
+        i_prev = tl.where(b_has_prev, i_prev, -1)  # (folded into the index: no scalar & vector mask)
+        b_lin = tl.where(o_j == i_last, 1.0 + b_k, 0.0) + tl.where(o_j == i_prev, -b_k, 0.0)
+        b_w = blend * b_w + (1.0 - blend) * b_lin
+    b_w = tl.where(n_valid > 0, b_w, float("nan"))
+    return b_w.to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["n", "degree", "lam_bits", "blend_bits"])
+def chebyshev_weights_kernel(
+    p_taus,
+    p_tau_query,
+    p_count,
+    p_out,
+    n,
+    degree,
+    lam_bits,
+    blend_bits,
+    HAS_COUNT: tl.constexpr,
+    HAS_BLEND: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_JF: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    """One program: fit, then write all n weights (zero or NaN as the reference for invalid rows)."""
+    n_valid = _valid_count(p_count, n, HAS_COUNT)
+    b_q = tl.load(p_tau_query).to(tl.float64)
+    lam = _f64_arg(lam_bits)
+    blend = _f64_arg(blend_bits)
+    b_z, i_last, i_prev, b_k, b_has_prev = _cheb_fit(
+        p_taus, b_q, n_valid, degree, lam, HAS_BLEND, BLOCK_M, BLOCK_JF
+    )
+    for j0 in range(0, n, BLOCK_J):
+        o_j = j0 + tl.arange(0, BLOCK_J).to(tl.int64)  # [BLOCK_J]
+        b_w = _cheb_row_weights(
+            p_taus, o_j, n_valid, degree, b_z, i_last, i_prev, b_k, b_has_prev, blend, HAS_BLEND, BLOCK_M
+        )
+        tl.store(p_out + o_j, b_w, mask=o_j < n)
+
+
+@triton.jit
+def _cheb_rows_tile(p_hist, o_j, o_n, m_n, n_valid, s_hist_j, s_hist_n, b_w):
+    """sum_j w_j history[j, o_n] over the valid rows among o_j: [BLOCK_N] float32 (rows >= n_valid not read)."""
+    m_j = o_j < n_valid
+    p_h = p_hist + o_j[:, None] * s_hist_j + o_n[None, :] * s_hist_n
+    b_h = tl.load(p_h, mask=m_j[:, None] & m_n[None, :], other=0.0).to(tl.float32)  # [BLOCK_J, BLOCK_N]
+    return tl.sum(tl.where(m_j[:, None], b_w[:, None] * b_h, 0.0), axis=0)
+
+
+@triton.jit(do_not_specialize=["n", "degree", "lam_bits", "blend_bits"])
+def chebyshev_forecast_fwd_kernel(
+    p_hist,
+    p_taus,
+    p_tau_query,
+    p_count,
+    p_out,
+    n,
+    N,
+    s_hist_j,
+    s_hist_n,
+    degree,
+    lam_bits,
+    blend_bits,
+    HAS_COUNT: tl.constexpr,
+    HAS_BLEND: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_JF: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Persistent grid: each program fits the weights once, then loops over its column blocks of [BLOCK_N]."""
+    i_p = tl.program_id(0)
+    n_p = tl.num_programs(0)
+    n_valid = _valid_count(p_count, n, HAS_COUNT)
+    b_q = tl.load(p_tau_query).to(tl.float64)
+    lam = _f64_arg(lam_bits)
+    blend = _f64_arg(blend_bits)
+    b_z, i_last, i_prev, b_k, b_has_prev = _cheb_fit(
+        p_taus, b_q, n_valid, degree, lam, HAS_BLEND, BLOCK_M, BLOCK_JF
+    )
+
+    o_jb = tl.arange(0, BLOCK_J).to(tl.int64)  # [BLOCK_J]
+    # The reference sums w_j * 0 over the invalid rows too: 0, or NaN when w is (e.g. no valid row at all).
+    o_inv = n_valid + o_jb
+    b_w_inv = _cheb_row_weights(
+        p_taus, o_inv, n_valid, degree, b_z, i_last, i_prev, b_k, b_has_prev, blend, HAS_BLEND, BLOCK_M
+    )
+    b_inv = tl.sum(tl.where(o_inv < n, b_w_inv * 0.0, 0.0), axis=0)
+    # weights of the first BLOCK_J rows, reused by every column block (the usual history fits in one chunk)
+    b_w0 = _cheb_row_weights(
+        p_taus, o_jb, n_valid, degree, b_z, i_last, i_prev, b_k, b_has_prev, blend, HAS_BLEND, BLOCK_M
+    )
+
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    for i_blk in range(i_p, n_blocks, n_p):
+        o_n = tl.cast(i_blk, tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # [BLOCK_N]
+        m_n = o_n < N
+        b_acc = tl.zeros((BLOCK_N,), dtype=tl.float32) + b_inv
+        b_acc += _cheb_rows_tile(p_hist, o_jb, o_n, m_n, n_valid, s_hist_j, s_hist_n, b_w0)
+        for j0 in range(BLOCK_J, n_valid, BLOCK_J):
+            o_j = j0 + o_jb
+            b_w = _cheb_row_weights(
+                p_taus, o_j, n_valid, degree, b_z, i_last, i_prev, b_k, b_has_prev, blend, HAS_BLEND, BLOCK_M
+            )
+            b_acc += _cheb_rows_tile(p_hist, o_j, o_n, m_n, n_valid, s_hist_j, s_hist_n, b_w)
+        tl.store(p_out + o_n, b_acc.to(p_out.dtype.element_ty), mask=m_n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fit_blocks(degree: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_JF): the padded system size and rows per Gram chunk ([BLOCK_JF, BLOCK_M, BLOCK_M] <= 1024)."""
+    BLOCK_M = next_pow2(degree + 1)
+    return BLOCK_M, max(1, min(32, 1024 // (BLOCK_M * BLOCK_M)))
+
+
+def chebyshev_weights(
+    taus: torch.Tensor,
+    tau_query: torch.Tensor,
+    count: torch.Tensor | None,
+    degree: int,
+    lam: float,
+    blend: float,
+    out: torch.Tensor,
+) -> None:
+    """out (float32 (n,)) = the forecast weights; taus float32 (n,) contiguous. One program, one launch."""
+    n = taus.shape[0]
+    BLOCK_M, BLOCK_JF = _fit_blocks(degree)
+    chebyshev_weights_kernel[(1,)](
+        taus,
+        tau_query,
+        count if count is not None else taus,
+        out,
+        n,
+        degree,
+        _f64_bits(lam),
+        _f64_bits(blend),
+        HAS_COUNT=count is not None,
+        HAS_BLEND=float(blend) != 1.0,
+        BLOCK_M=BLOCK_M,
+        BLOCK_JF=BLOCK_JF,
+        BLOCK_J=64,
+        num_warps=4,
+        **launch_options(),
+    )
+
+
+def chebyshev_forecast(
+    history: torch.Tensor,
+    taus: torch.Tensor,
+    tau_query: torch.Tensor,
+    count: torch.Tensor | None,
+    degree: int,
+    lam: float,
+    blend: float,
+    out: torch.Tensor,
+) -> None:
+    """out (N,) = sum over valid rows j of w_j history[j]; history (n, N) any strides, fp32/fp16/bf16. One launch."""
+    n, N = history.shape
+    if N == 0:
+        return
+    BLOCK_M, BLOCK_JF = _fit_blocks(degree)
+    BLOCK_N = 512
+    # Persistent grid, one wave: the float64 fit keeps ~115-128 registers live, so 2 programs of 8 warps fit on an
+    # SM; each streams [16, 512] tiles (16 KiB in fp16 in flight). Under the interpreter: 2 programs (a strided loop
+    # all the same, with fewer redundant fits).
+    max_programs = 2 * num_sms(history.device) if history.device.type == "cuda" else 2
+    grid = (max(1, min(cdiv(N, BLOCK_N), max_programs)),)
+    chebyshev_forecast_fwd_kernel[grid](
+        history,
+        taus,
+        tau_query,
+        count if count is not None else taus,
+        out,
+        n,
+        N,
+        history.stride(0),
+        history.stride(1),
+        degree,
+        _f64_bits(lam),
+        _f64_bits(blend),
+        HAS_COUNT=count is not None,
+        HAS_BLEND=float(blend) != 1.0,
+        BLOCK_M=BLOCK_M,
+        BLOCK_JF=BLOCK_JF,
+        BLOCK_J=16,
+        BLOCK_N=BLOCK_N,
+        num_warps=8,
+        **launch_options(),
+    )

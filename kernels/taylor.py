@@ -1,0 +1,179 @@
+"""Taylor (TaylorSeer) and Hermite (FreqCa) forecasts from finite differences, and their in-place update, in Triton.
+
+taylor_forecast:  out = sum_i diffs[i] * x^i / i!
+hermite_forecast: out = sum_k diffs[k] * c_k, c_0 = 1, c_k = H_k(scale x) scale^k / k! (physicists' Hermite)
+taylor_update:    new[0] = feature; new[i+1] = (new[i] - old[i]) / gap while i < count, else 0
+
+One kernel for both forecasts (constexpr MODE picks the weights, computed per program as scalars while streaming the
+rows), one for the update. Each is one launch over column blocks.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from . import cdiv, launch_options
+
+MODE_TAYLOR = tl.constexpr(0)
+MODE_HERMITE = tl.constexpr(1)
+
+
+def _f64_bits(x: float) -> int:
+    """A Python float as the int64 of its IEEE bits (Triton passes float arguments as float32)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+@triton.jit(do_not_specialize=["K", "scale_bits"])
+def weighted_rows_fwd_kernel(
+    p_diffs,
+    p_distance,
+    p_out,
+    K,
+    N,
+    s_diffs_k,
+    s_diffs_n,
+    scale_bits,
+    MODE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """out[o_n] = sum_i c_i diffs[i, o_n], c_i by MODE. The weights are float32, rounded as the reference rounds
+    them (x^i via float64 then float32, x^3 as (x*x)*x like torch.pow; factorials as float32; Hermite by its
+    float32 recurrence), accumulated row by row in float32."""
+    i_n = tl.program_id(0)
+    o_n = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # [BLOCK_N]
+    m_n = o_n < N
+    b_x = tl.load(p_distance).to(tl.float32)
+    b_x64 = b_x.to(tl.float64)
+    b_pow = tl.full((), 1.0, tl.float64)  # x^i (Taylor) or scale^i (Hermite), float64
+    b_fact = tl.full((), 1.0, tl.float64)  # i!
+    if MODE == MODE_HERMITE:
+        b_scale = tl.cast(scale_bits, tl.int64).to(tl.float64, bitcast=True)
+        b_two_y = 2.0 * (b_x * b_scale.to(tl.float32))  # 2 * y, y = x * scale in float32
+        b_h1 = tl.zeros((), dtype=tl.float32)  # H_{i-1}
+        b_h2 = tl.zeros((), dtype=tl.float32)  # H_{i-2}
+    b_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)  # [BLOCK_N]
+    for i in range(K):
+        if MODE == MODE_TAYLOR:
+            b_num = tl.where(i == 3, (b_x * b_x) * b_x, b_pow.to(tl.float32))
+            b_pow = b_pow * b_x64
+        else:
+            # H_0 = 1; H_i = 2y H_{i-1} - 2(i-1) H_{i-2} (with H_{-1} = 0 this also gives H_1 = 2y)
+            b_h = tl.where(i == 0, 1.0, b_two_y * b_h1 - tl.cast(2 * (i - 1), tl.float32) * b_h2)
+            b_num = b_h * b_pow.to(tl.float32)
+            b_h2 = b_h1
+            b_h1 = b_h
+            b_pow = b_pow * b_scale
+        b_w = tl.math.div_rn(b_num, b_fact.to(tl.float32))
+        b_fact = b_fact * tl.cast(i + 1, tl.float64)
+        p_row = p_diffs + tl.cast(i, tl.int64) * s_diffs_k + o_n * s_diffs_n
+        b_row = tl.load(p_row, mask=m_n, other=0.0).to(tl.float32)
+        b_acc += b_w * b_row
+    tl.store(p_out + o_n, b_acc.to(p_out.dtype.element_ty), mask=m_n)
+
+
+@triton.jit(do_not_specialize=["K"])
+def taylor_update_fwd_kernel(
+    p_diffs,
+    p_feature,
+    p_gap,
+    p_count,
+    K,
+    N,
+    s_diffs_k,
+    s_diffs_n,
+    s_feature,
+    HAS_COUNT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """In place over columns o_n: row i is read (when i < count) before it is overwritten; the chain carries
+    new[i] in float32 (not rounded to the storage dtype between orders, as the reference)."""
+    i_n = tl.program_id(0)
+    o_n = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # [BLOCK_N]
+    m_n = o_n < N
+    b_gap = tl.load(p_gap).to(tl.float32)
+    if HAS_COUNT:
+        n_old = tl.load(p_count)
+    else:
+        n_old = tl.cast(K, tl.int64)
+    b_cur = tl.load(p_feature + o_n * s_feature, mask=m_n, other=0.0).to(tl.float32)  # [BLOCK_N] new[0]
+    for i in range(K - 1):
+        p_row = p_diffs + tl.cast(i, tl.int64) * s_diffs_k + o_n * s_diffs_n
+        ok = i < n_old
+        # rows i >= count are not read (their mask is empty)
+        m_old = o_n < tl.where(ok, N, 0)
+        b_old = tl.load(p_row, mask=m_old, other=0.0).to(tl.float32)
+        b_next = tl.where(ok, tl.math.div_rn(b_cur - b_old, b_gap), 0.0)
+        tl.store(p_row, b_cur.to(p_diffs.dtype.element_ty), mask=m_n)
+        b_cur = b_next
+    p_last = p_diffs + tl.cast(K - 1, tl.int64) * s_diffs_k + o_n * s_diffs_n
+    tl.store(p_last, b_cur.to(p_diffs.dtype.element_ty), mask=m_n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+# 1024 columns x 4 warps: 8 contiguous elements per thread per row (16-byte fp16 loads), one row in flight per
+# program, enough programs (N / 1024) to fill any GPU for feature-sized N.
+BLOCK_N = 1024
+NUM_WARPS = 4
+
+
+def _forecast(
+    diffs: torch.Tensor, distance: torch.Tensor, scale: float, mode: int, out: torch.Tensor
+) -> None:
+    K, N = diffs.shape
+    if N == 0:
+        return
+    weighted_rows_fwd_kernel[(cdiv(N, BLOCK_N),)](
+        diffs,
+        distance,
+        out,
+        K,
+        N,
+        diffs.stride(0),
+        diffs.stride(1),
+        _f64_bits(scale),
+        MODE=mode,
+        BLOCK_N=BLOCK_N,
+        num_warps=NUM_WARPS,
+        **launch_options(),
+    )
+
+
+def taylor_forecast(diffs: torch.Tensor, distance: torch.Tensor, out: torch.Tensor) -> None:
+    """out (N,) = sum_i diffs[i] * distance^i / i!; diffs (K, N) any strides; distance float32 scalar. One launch."""
+    _forecast(diffs, distance, 1.0, 0, out)
+
+
+def hermite_forecast(diffs: torch.Tensor, distance: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+    """out (N,) = diffs[0] + sum_{k>=1} diffs[k] H_k(scale * distance) scale^k / k!. One launch."""
+    _forecast(diffs, distance, scale, 1, out)
+
+
+def taylor_update(
+    diffs: torch.Tensor, feature: torch.Tensor, gap: torch.Tensor, count: torch.Tensor | None
+) -> None:
+    """In place on diffs (K, N): new[0] = feature, new[i+1] = (new[i] - old[i]) / gap if i < count else 0. One launch."""
+    K, N = diffs.shape
+    if N == 0 or K == 0:
+        return
+    taylor_update_fwd_kernel[(cdiv(N, BLOCK_N),)](
+        diffs,
+        feature,
+        gap,
+        count if count is not None else gap,
+        K,
+        N,
+        diffs.stride(0),
+        diffs.stride(1),
+        feature.stride(0),
+        HAS_COUNT=count is not None,
+        BLOCK_N=BLOCK_N,
+        num_warps=NUM_WARPS,
+        **launch_options(),
+    )
