@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 import weakref
 
@@ -112,6 +113,8 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
         if sched is not None and hasattr(sched, "set_timesteps"):
             original = sched.set_timesteps
 
+            # functools.wraps keeps the signature visible: pipelines inspect it (e.g. for a `sigmas` parameter)
+            @functools.wraps(original)
             def set_timesteps(*args, **kwargs):
                 result = original(*args, **kwargs)
                 controller.new_generation(len(sched.timesteps))
@@ -121,6 +124,7 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
             if hasattr(sched, "set_begin_index"):
                 original_begin = sched.set_begin_index
 
+                @functools.wraps(original_begin)
                 def set_begin_index(begin_index: int = 0, *args, **kwargs):
                     result = original_begin(begin_index, *args, **kwargs)
                     if begin_index:  # img2img: only the tail of the schedule runs

@@ -1,0 +1,54 @@
+"""The one-line use on a real diffusers FluxPipeline (tiny components from configs, no downloads; prompt embeddings
+passed directly, so no text encoder is needed)."""
+
+import pytest
+import torch
+
+import fastcache_rt
+from tests.runtime.helpers import tiny_flux
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def tiny_pipeline():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 8], latent_channels=4, norm_num_groups=4,
+        sample_size=32, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0,
+    ).eval()
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=tiny_flux())
+
+
+def _run(pipe, steps, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pe, pp = torch.randn(1, 5, 32, generator=g), torch.randn(1, 32, generator=g)
+    return pipe(prompt_embeds=pe, pooled_prompt_embeds=pp, num_inference_steps=steps, height=size, width=size,
+                guidance_scale=1.0, output_type="pt", generator=torch.Generator().manual_seed(seed),
+                ).images
+
+
+def test_pipeline_announces_generations_and_step_counts():
+    pipe = tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    ref50 = _run(pipe, 50)
+    ref20 = _run(pipe, 20, size=48)
+    fastcache_rt.enable(pipe, "spectrum")
+    assert "set_timesteps" in pipe.scheduler.__dict__
+    a = _run(pipe, 50)
+    st = fastcache_rt.stats(pipe)
+    assert st["num_steps"] == 50 and st["computed"] == [0, 1, 2, 3, 4, 6, 8, 11, 15, 20, 25, 31, 38, 46]
+    b = _run(pipe, 20, size=48)  # a new call: new step count and size, announced by the scheduler
+    st = fastcache_rt.stats(pipe)
+    assert st["num_steps"] == 20 and st["computed"] == [0, 1, 2, 3, 4, 6, 8, 11, 15]
+    again = _run(pipe, 50)
+    assert torch.equal(again, a)  # same as the first (fresh) cached run
+    for got, ref in ((a, ref50), (b, ref20)):
+        assert torch.isfinite(got).all()
+        assert (got - ref).abs().mean() < 0.1 * ref.abs().mean() + 1e-3
+    fastcache_rt.disable(pipe)
+    assert "set_timesteps" not in pipe.scheduler.__dict__ and "forward" not in pipe.transformer.__dict__
+    assert torch.equal(_run(pipe, 50), ref50)
