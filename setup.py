@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -89,8 +89,11 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=["fastcache_rt", "fastcache_rt.ops", "fastcache_rt.kernels"],
+    # every subpackage of fastcache_rt/ (policy, adapters, models, bench, ...) plus the Triton kernels from kernels/
+    packages=find_packages(include=["fastcache_rt", "fastcache_rt.*"]) + ["fastcache_rt.kernels"],
     package_dir={"fastcache_rt": "fastcache_rt", "fastcache_rt.kernels": "kernels"},
+    # the shipped demo model (a diffusers pipeline folder: configs, tokenizers, safetensors weights)
+    package_data={"fastcache_rt.models": ["default/*", "default/*/*"]},
     ext_modules=[CMakeExtension("fastcache_rt._C")] + ([CMakeExtension("fastcache_rt._C_cuda")] if _want_cuda() else []),
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

@@ -261,6 +261,7 @@ def chebyshev_forecast_fwd_kernel(
     N,
     s_hist_j,
     s_hist_n,
+    s_out,
     degree,
     lam_bits,
     blend_bits,
@@ -306,7 +307,7 @@ def chebyshev_forecast_fwd_kernel(
                 p_taus, o_j, n_valid, degree, b_z, i_last, i_prev, b_k, b_has_prev, blend, HAS_BLEND, BLOCK_M
             )
             b_acc += _cheb_rows_tile(p_hist, o_j, o_n, m_n, n_valid, s_hist_j, s_hist_n, b_w)
-        tl.store(p_out + o_n, b_acc.to(p_out.dtype.element_ty), mask=m_n)
+        tl.store(p_out + o_n * s_out, b_acc.to(p_out.dtype.element_ty), mask=m_n)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -361,7 +362,8 @@ def chebyshev_forecast(
     blend: float,
     out: torch.Tensor,
 ) -> None:
-    """out (N,) = sum over valid rows j of w_j history[j]; history (n, N) any strides, fp32/fp16/bf16. One launch."""
+    """out (N,) any stride = sum over valid rows j of w_j history[j]; history (n, N) any strides, fp32/fp16/bf16.
+    One launch."""
     n, N = history.shape
     if N == 0:
         return
@@ -382,6 +384,7 @@ def chebyshev_forecast(
         N,
         history.stride(0),
         history.stride(1),
+        out.stride(0),
         degree,
         _f64_bits(lam),
         _f64_bits(blend),

@@ -36,6 +36,7 @@ def weighted_rows_fwd_kernel(
     N,
     s_diffs_k,
     s_diffs_n,
+    s_out,
     scale_bits,
     MODE: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -72,7 +73,7 @@ def weighted_rows_fwd_kernel(
         p_row = p_diffs + tl.cast(i, tl.int64) * s_diffs_k + o_n * s_diffs_n
         b_row = tl.load(p_row, mask=m_n, other=0.0).to(tl.float32)
         b_acc += b_w * b_row
-    tl.store(p_out + o_n, b_acc.to(p_out.dtype.element_ty), mask=m_n)
+    tl.store(p_out + o_n * s_out, b_acc.to(p_out.dtype.element_ty), mask=m_n)
 
 
 @triton.jit(do_not_specialize=["K"])
@@ -137,6 +138,7 @@ def _forecast(
         N,
         diffs.stride(0),
         diffs.stride(1),
+        out.stride(0),
         _f64_bits(scale),
         MODE=mode,
         BLOCK_N=BLOCK_N,

@@ -29,6 +29,23 @@ def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, *, sh
         raise ValueError(f"{name_b}: shape {tuple(b.shape)} differs from {name_a}'s {tuple(a.shape)}")
 
 
+def check_out(out: object, src_name: str, src: torch.Tensor) -> torch.Tensor:
+    """``out=`` of a forecast: shape ``src.shape[1:]``, src's dtype and device, not sharing memory with ``src``.
+    Returns a 1-D view of it (an element stride the kernels accept), or raises naming ``out``."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out: expected a tensor, got {type(out).__name__}")
+    check_same(src_name, src, "out", out, shape=False)
+    if tuple(out.shape) != tuple(src.shape[1:]):
+        raise ValueError(f"out: shape {tuple(out.shape)}, expected {tuple(src.shape[1:])} (the rows of {src_name})")
+    if (not torch.compiler.is_compiling() and out.numel() and src.numel()
+            and out.untyped_storage().data_ptr() == src.untyped_storage().data_ptr()):
+        raise ValueError(f"out: shares memory with {src_name}; the forecast would overwrite its own input")
+    try:
+        return out.view(-1)
+    except RuntimeError:
+        raise ValueError("out: its dims do not collapse to one strided dim (pass a contiguous tensor)") from None
+
+
 def check_bounds(bounds: Sequence[int] | torch.Tensor | None, D: int) -> list[int]:
     """bounds: increasing channel boundaries [0, b1, ..., D]; None = one band."""
     if bounds is None:

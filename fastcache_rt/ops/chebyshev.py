@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _backend
-from ._common import backend_name, check_float, rows_view, scalar_tensor
+from ._common import backend_name, check_float, check_out, rows_view, scalar_tensor
 
 
 def _out_like(history: torch.Tensor) -> torch.Tensor:
@@ -37,6 +37,28 @@ def _chebyshev_forecast_op(
 @_chebyshev_forecast_op.register_fake
 def _(history, taus, tau_query, count, degree, lam, blend, backend):
     return history.new_empty(history.shape[1:])
+
+
+@torch.library.custom_op("fastcache_rt::chebyshev_forecast_out", mutates_args=("out",))
+def _chebyshev_forecast_out_op(
+    history: torch.Tensor,
+    taus: torch.Tensor,
+    tau_query: torch.Tensor,
+    count: torch.Tensor | None,
+    degree: int,
+    lam: float,
+    blend: float,
+    backend: str,
+    out: torch.Tensor,
+) -> None:
+    _backend.get(backend).chebyshev_forecast(
+        rows_view(history, history.shape[0]), taus, tau_query, count, degree, lam, blend, out.view(-1)
+    )
+
+
+@_chebyshev_forecast_out_op.register_fake
+def _(history, taus, tau_query, count, degree, lam, blend, backend, out):
+    return None
 
 
 @torch.library.custom_op("fastcache_rt::chebyshev_weights", mutates_args=())
@@ -115,6 +137,7 @@ def chebyshev_forecast(
     count: int | torch.Tensor | None = None,
     blend: float = 1.0,
     validate: bool | None = None,
+    out: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Ridge-regression Chebyshev forecast of a feature trajectory (Spectrum).
@@ -133,6 +156,8 @@ def chebyshev_forecast(
             with the largest tau (Spectrum's blend).
         validate: check NaN taus / count range on the data (one host read if on an accelerator). Default: only when
             the data is on the CPU.
+        out: write the result here (shape ``history.shape[1:]``, same dtype and device, not overlapping
+            ``history``) and return it; saves allocating a feature-sized tensor per call.
     """
     check_float("history", history)
     if history.dim() < 1 or history.shape[0] == 0:
@@ -141,6 +166,11 @@ def chebyshev_forecast(
     if validate is None:
         validate = dev.type == "cpu"
     taus_t, q, count_t = _check_common(taus, tau_query, count, degree, lam, blend, history.shape[0], dev, validate)
+    if out is not None:
+        check_out(out, "history", history)
+        _chebyshev_forecast_out_op(history, taus_t, q, count_t, degree, float(lam), float(blend),
+                                   backend_name(dev, backend), out)
+        return out
     return _chebyshev_forecast_op(
         history, taus_t, q, count_t, degree, float(lam), float(blend), backend_name(dev, backend)
     )

@@ -7,7 +7,7 @@ import math
 import torch
 
 from . import _backend
-from ._common import backend_name, check_float, check_same, rows_view, scalar_tensor
+from ._common import backend_name, check_float, check_out, check_same, rows_view, scalar_tensor
 
 
 @torch.library.custom_op("fastcache_rt::taylor_forecast", mutates_args=())
@@ -34,6 +34,28 @@ def _(diffs, distance, scale, backend):
     return diffs.new_empty(diffs.shape[1:])
 
 
+@torch.library.custom_op("fastcache_rt::taylor_forecast_out", mutates_args=("out",))
+def _taylor_forecast_out_op(diffs: torch.Tensor, distance: torch.Tensor, backend: str, out: torch.Tensor) -> None:
+    _backend.get(backend).taylor_forecast(rows_view(diffs, diffs.shape[0]), distance, out.view(-1))
+
+
+@_taylor_forecast_out_op.register_fake
+def _(diffs, distance, backend, out):
+    return None
+
+
+@torch.library.custom_op("fastcache_rt::hermite_forecast_out", mutates_args=("out",))
+def _hermite_forecast_out_op(
+    diffs: torch.Tensor, distance: torch.Tensor, scale: float, backend: str, out: torch.Tensor
+) -> None:
+    _backend.get(backend).hermite_forecast(rows_view(diffs, diffs.shape[0]), distance, scale, out.view(-1))
+
+
+@_hermite_forecast_out_op.register_fake
+def _(diffs, distance, scale, backend, out):
+    return None
+
+
 @torch.library.custom_op("fastcache_rt::taylor_update", mutates_args=("diffs",))
 def _taylor_update_op(
     diffs: torch.Tensor, feature: torch.Tensor, gap: torch.Tensor, count: torch.Tensor | None, backend: str
@@ -58,24 +80,45 @@ def _check_diffs(diffs):
         raise ValueError("diffs: expected shape (order + 1, ...) with at least one row")
 
 
-def taylor_forecast(diffs: torch.Tensor, distance: float | torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+def taylor_forecast(
+    diffs: torch.Tensor,
+    distance: float | torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """TaylorSeer's forecast ``sum_i diffs[i] * distance^i / i!`` from finite differences
     ``diffs = (D^0, ..., D^O)`` of shape ``(O + 1, ...)``; ``distance`` in steps since the last full step.
-    fp32 accumulation, result in diffs' dtype, shape ``diffs.shape[1:]``."""
+    fp32 accumulation, result in diffs' dtype, shape ``diffs.shape[1:]`` (written into ``out`` when given:
+    same shape, dtype and device, not overlapping ``diffs``)."""
     _check_diffs(diffs)
     x = scalar_tensor("distance", distance, diffs.device, torch.float32)
+    if out is not None:
+        check_out(out, "diffs", diffs)
+        _taylor_forecast_out_op(diffs, x, backend_name(diffs.device, backend), out)
+        return out
     return _taylor_forecast_op(diffs, x, backend_name(diffs.device, backend))
 
 
 def hermite_forecast(
-    diffs: torch.Tensor, distance: float | torch.Tensor, *, scale: float = 0.71, backend: str | None = None
+    diffs: torch.Tensor,
+    distance: float | torch.Tensor,
+    *,
+    scale: float = 0.71,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """FreqCa's high-band forecast ``D^0 + sum_{k>=1} D^k H_k(scale * x) scale^k / k!`` (physicists' Hermite H_k,
-    scale 0.71 as in the authors' code): about ``D^0 + x D^1 + (x^2 - 1)/2 D^2``."""
+    scale 0.71 as in the authors' code): about ``D^0 + x D^1 + (x^2 - 1)/2 D^2``. ``out`` as in
+    ``taylor_forecast``."""
     _check_diffs(diffs)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale: must be a finite number, got {scale!r}")
     x = scalar_tensor("distance", distance, diffs.device, torch.float32)
+    if out is not None:
+        check_out(out, "diffs", diffs)
+        _hermite_forecast_out_op(diffs, x, float(scale), backend_name(diffs.device, backend), out)
+        return out
     return _hermite_forecast_op(diffs, x, float(scale), backend_name(diffs.device, backend))
 
 

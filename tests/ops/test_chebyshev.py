@@ -164,3 +164,47 @@ def test_count_as_device_tensor_larger_than_n_means_full_ring(fast_backend):
 def test_bad_input(call, exc, word):
     with pytest.raises(exc, match=word):
         call()
+
+
+@pytest.mark.parametrize("N", [1, 63, 4097])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("out_layout", ["contiguous", "strided"])
+def test_out_matches_reference(fast_backend, N, dtype, out_layout):
+    """out=: the result lands in the given (poisoned, possibly strided) tensor, equal to the allocating call's."""
+    name, mod, dev = fast_backend
+    if not interpreter_keeps(name, N, str(dtype), out_layout, every=3):
+        pytest.skip("subsampled under the Triton CPU interpreter")
+    g = torch.Generator().manual_seed(N + 5)
+    hist = make_view("sliced", (9, 3, N), dtype, dev, g)
+    taus = torch.linspace(-1, 0.6, 9, device=dev)
+    ref = ops.chebyshev_forecast(hist, taus, 0.8, 3, 0.05, count=torch.tensor(7, device=dev), backend="reference")
+    if out_layout == "contiguous":
+        out = poison(torch.empty(3, N, dtype=dtype, device=dev))
+    else:  # every other element of a wider buffer: a 1-D stride of 2 after collapsing
+        out = poison(torch.empty(3 * N * 2, dtype=dtype, device=dev))[::2].view(3, N)
+    got = ops.chebyshev_forecast(hist, taus, 0.8, 3, 0.05, count=torch.tensor(7, device=dev), out=out, backend=name)
+    assert got is out
+    assert_close(out, ref, **out_tol(dtype), what=f"{name} out=")
+
+
+@pytest.mark.parametrize(
+    "out, exc, word",
+    [
+        (torch.empty(4, 5), ValueError, "out: shape"),
+        (torch.empty(4, dtype=torch.float64), TypeError, "out: dtype"),
+        (torch.empty(1, 4), ValueError, "out: shape"),
+        ("not a tensor", TypeError, "out"),
+    ],
+)
+def test_out_bad_input(out, exc, word):
+    with pytest.raises(exc, match=word):
+        ops.chebyshev_forecast(torch.zeros(3, 4), torch.linspace(-1, 0, 3), 0.5, out=out)
+
+
+def test_out_must_not_overlap_history():
+    hist = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="out: shares memory with history"):
+        ops.chebyshev_forecast(hist, torch.linspace(-1, 0, 3), 0.5, out=hist[2])
+    ok = torch.empty(2, 4, 6)[:, :, :2]  # (2, 4, 2): the last two dims do not collapse into one stride
+    with pytest.raises(ValueError, match="out: its dims do not collapse"):
+        ops.chebyshev_forecast(torch.randn(3, 2, 4, 2), torch.linspace(-1, 0, 3), 0.5, out=ok)

@@ -11,7 +11,7 @@ from fastcache_rt.ops._common import resolve_backend
 from tests.conftest import available_fast_backends
 
 OPS = ["band_l1", "gate_step", "gate_decide", "chebyshev_forecast", "chebyshev_weights", "taylor_forecast",
-       "hermite_forecast", "taylor_update"]
+       "hermite_forecast", "taylor_update", "chebyshev_forecast_out", "taylor_forecast_out", "hermite_forecast_out"]
 
 
 def test_every_op_is_registered():
@@ -45,6 +45,9 @@ def _samples(backend):
         (T.taylor_forecast, (diffs, dist, backend)),
         (T.hermite_forecast, (diffs, dist, 0.71, backend)),
         (T.taylor_update, (diffs.clone(), hist[0].clone(), dist, torch.tensor(1), backend)),
+        (T.chebyshev_forecast_out, (hist, taus, q, cnt, 4, 0.1, 1.0, backend, torch.empty(3, 4))),
+        (T.taylor_forecast_out, (diffs, dist, backend, torch.empty(3, 4))),
+        (T.hermite_forecast_out, (diffs, dist, 0.71, backend, torch.empty(3, 4))),
     ]
 
 
@@ -65,9 +68,12 @@ def _all_ops(x, prev, state, params, hist, taus, q, diffs, feat):
     t = ops.taylor_forecast(diffs, q)
     h = ops.hermite_forecast(diffs, q)
     ops.taylor_update(diffs, feat, q, count=torch.tensor(1))
+    f_out = ops.chebyshev_forecast(hist, taus, q, 4, 0.1, validate=False, out=torch.empty_like(feat))
+    t_out = ops.taylor_forecast(diffs, q, out=torch.empty_like(feat))
+    h_out = ops.hermite_forecast(diffs, q, out=torch.empty_like(feat))
     # the branch a runtime takes on the device decision
     y = torch.cond(compute, lambda a: a * 2.0, lambda a: a - 1.0, (f,))
-    return sums, compute, state3, c2, y, w, t, h, diffs.clone()
+    return sums, compute, state3, c2, y, w, t, h, diffs.clone(), f_out, t_out, h_out
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

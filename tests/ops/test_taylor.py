@@ -83,6 +83,23 @@ def test_backend_matches_reference(fast_backend, K, N, dtype, layout):
         assert_close(a, b, **out_tol(dtype), what=f"{name} taylor_update count={count}")
 
 
+@pytest.mark.parametrize("N", [1, 63, 4097])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_out_matches_reference(fast_backend, N, dtype):
+    """Public taylor_forecast / hermite_forecast with out= (strided, poisoned) equal the reference."""
+    name, mod, dev = fast_backend
+    if not interpreter_keeps(name, N, str(dtype), every=3):
+        pytest.skip("subsampled under the Triton CPU interpreter")
+    g = torch.Generator().manual_seed(N + 11)
+    diffs = make_view("transposed", (3, 2, N), dtype, dev, g)
+    for fn, kw in (("taylor_forecast", {}), ("hermite_forecast", {"scale": 0.71})):
+        out = poison(torch.empty(2 * N * 3, dtype=dtype, device=dev))[::3].view(2, N)
+        got = getattr(ops, fn)(diffs, 1.5, out=out, backend=name, **kw)
+        assert got is out
+        ref = getattr(ops, fn)(diffs, 1.5, backend="reference", **kw)
+        assert_close(out, ref, **out_tol(dtype), what=f"{name} {fn} out=")
+
+
 @pytest.mark.parametrize(
     "call, exc, word",
     [
@@ -91,6 +108,10 @@ def test_backend_matches_reference(fast_backend, K, N, dtype, layout):
         (lambda: ops.taylor_forecast(torch.zeros(2, 3), float("inf")), ValueError, "distance"),
         (lambda: ops.taylor_forecast(torch.zeros(2, 3), "1"), TypeError, "distance"),
         (lambda: ops.hermite_forecast(torch.zeros(2, 3), 1.0, scale=math.nan), ValueError, "scale"),
+        (lambda: ops.taylor_forecast(torch.zeros(2, 3), 1.0, out=torch.zeros(2, 3)), ValueError, "out: shape"),
+        (lambda: ops.hermite_forecast(torch.zeros(2, 3), 1.0, out=torch.zeros(3, dtype=torch.bfloat16)), TypeError,
+         "out: dtype"),
+        (lambda: (lambda d: ops.taylor_forecast(d, 1.0, out=d[1]))(torch.zeros(2, 3)), ValueError, "shares memory"),
         (lambda: ops.taylor_update(torch.zeros(2, 3), torch.zeros(4), 1.0), ValueError, "feature"),
         (lambda: ops.taylor_update(torch.zeros(2, 3), torch.zeros(3), 0.0), ValueError, "gap"),
         (lambda: ops.taylor_update(torch.zeros(2, 3), torch.zeros(3), 1.0, count=-1), ValueError, "count"),
