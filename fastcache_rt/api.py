@@ -121,6 +121,16 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
                 return result
 
             _patch_attr(sched, "set_timesteps", set_timesteps, restore)
+            if hasattr(sched, "step"):
+                original_step = sched.step
+
+                @functools.wraps(original_step)
+                def step(*args, **kwargs):
+                    controller.step_done()
+                    return original_step(*args, **kwargs)
+
+                _patch_attr(sched, "step", step, restore)
+                controller.track_branches = True
             if hasattr(sched, "set_begin_index"):
                 original_begin = sched.set_begin_index
 

@@ -38,6 +38,11 @@ class Controller:
         self.controller_seconds = 0.0
         self.calls = 0
         self._warned: set[str] = set()
+        # Under torch.compile a CFG branch is told apart by its position among the calls of one step: calls since the
+        # scheduler's last step() (a host int, so each branch traces its own graph once and selects its own state).
+        # Only when a pipeline's scheduler announces the steps; a bare transformer keeps one stream per shape there.
+        self.track_branches = False
+        self.calls_this_step = 0
 
     # ----------------------------------------------------------------------------------------------------------
     # generations
@@ -52,9 +57,10 @@ class Controller:
             self.num_steps = num_steps
             self.streams.clear()  # buffers sized by the step count are allocated anew
         # Eager streams are keyed by their text-embedding tensor, which a pipeline makes anew for every call: drop
-        # them. Streams of compiled callers (keyed by shape alone) are kept and reset, so nothing recompiles.
-        for key in [k for k in self.streams if k[-1] != 0]:
+        # them. Streams of compiled callers (keyed by shape and call position) are kept and reset: nothing recompiles.
+        for key in [k for k in self.streams if k[-1][0] == "eager"]:
             del self.streams[key]
+        self.calls_this_step = 0
         for st in self.streams.values():
             st.begin_step(torch.full((), float("inf"), device=st.step.device))  # a jump up: reset on the device
             st.last_t.fill_(float("inf"))
@@ -73,11 +79,20 @@ class Controller:
                 self._warned.add("probe")
                 logger.warning("fastcache_rt: %d step(s) with a non-finite probe were computed in full", bad_probe)
 
+    def step_done(self) -> None:
+        """The pipeline's scheduler finished a step: the next transformer call is the first branch of the next."""
+        self.calls_this_step = 0
+
     def _stream(self, inp) -> StreamState:
         h = inp.hidden
-        branch = 0
         if not torch.compiler.is_compiling() and inp.encoder is not None:
-            branch = inp.extra.get("branch_key", 0)
+            branch = ("eager", inp.extra.get("branch_key", 0))
+        else:
+            position = 0
+            if self.track_branches:
+                position = self.calls_this_step
+                self.calls_this_step = position + 1
+            branch = ("position", position)
         key = (tuple(h.shape), h.dtype, h.device, branch)
         st = self.streams.get(key)
         if st is None:
