@@ -85,8 +85,8 @@ class Controller:
 
     def _stream(self, inp) -> StreamState:
         h = inp.hidden
-        if not torch.compiler.is_compiling() and inp.encoder is not None:
-            branch = ("eager", inp.extra.get("branch_key", 0))
+        if not torch.compiler.is_compiling() and "branch_key" in inp.extra:
+            branch = ("eager", inp.extra["branch_key"])
         else:
             position = 0
             if self.track_branches:
@@ -153,6 +153,8 @@ class Controller:
         # 4. the branch
         if compiling:
             start = self.probe_blocks
+            if enc is None:  # torch.cond takes tensors: make the text tokens before the branch
+                enc = adapter.context(model, inp)
 
             def full_fn(b, e, hp):
                 # a fresh tensor: both branches must return the same layout (block outputs may be offset views)

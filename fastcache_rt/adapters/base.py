@@ -14,7 +14,7 @@ class StepInputs:
     the output head need."""
 
     hidden: torch.Tensor  # image tokens entering the first block, (B, N, D)
-    encoder: torch.Tensor | None  # text tokens entering the first block
+    encoder: torch.Tensor | None  # text tokens entering the first block (None until ``Adapter.context`` made them)
     temb: torch.Tensor  # conditioning embedding for this step
     timestep: torch.Tensor  # the raw timestep input (used to detect a new generation on the device)
     extra: dict = field(default_factory=dict)  # family-specific (rotary embedding, attention kwargs, controlnet)
@@ -38,9 +38,14 @@ class Adapter(abc.ABC):
     def probe(self, model, inp: StepInputs) -> torch.Tensor:
         """TeaCache-style probe: the first block's modulated input."""
 
+    def context(self, model, inp: StepInputs) -> torch.Tensor | None:
+        """What only the blocks need (text tokens, rotary tables, ...), made on first use and kept in ``inp``, so a
+        skipped step does not pay for it. Returns the text tokens entering the first block."""
+        return inp.encoder
+
     @abc.abstractmethod
     def run_blocks(self, model, inp: StepInputs, hidden, encoder, start: int, stop: int | None):
-        """Run blocks [start, stop); returns (hidden, encoder)."""
+        """Run blocks [start, stop); ``encoder`` None = not made yet (``context``). Returns (hidden, encoder)."""
 
     @abc.abstractmethod
     def finish(self, model, inp: StepInputs, hidden: torch.Tensor):

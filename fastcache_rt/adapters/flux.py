@@ -33,27 +33,34 @@ class FluxAdapter(Adapter):
             if guidance is None
             else model.time_text_embed(t, guidance, a["pooled_projections"])
         )
-        encoder = model.context_embedder(a["encoder_hidden_states"])
         txt_ids, img_ids = a["txt_ids"], a["img_ids"]
         if txt_ids.ndim == 3:
             txt_ids = txt_ids[0]
         if img_ids.ndim == 3:
             img_ids = img_ids[0]
-        ids = torch.cat((txt_ids, img_ids), dim=0)
-        rotary = model.pos_embed(ids)
         if joint_attention_kwargs is not None and "ip_adapter_image_embeds" in joint_attention_kwargs:
             joint_attention_kwargs = dict(joint_attention_kwargs)
             ip = model.encoder_hid_proj(joint_attention_kwargs.pop("ip_adapter_image_embeds"))
             joint_attention_kwargs.update({"ip_hidden_states": ip})
         extra = dict(
-            rotary=rotary,
+            encoder_hidden_states=a["encoder_hidden_states"],
+            txt_ids=txt_ids,
+            rotary=None,
             joint_attention_kwargs=joint_attention_kwargs,
             controlnet_block_samples=a.get("controlnet_block_samples"),
             controlnet_single_block_samples=a.get("controlnet_single_block_samples"),
             controlnet_blocks_repeat=a.get("controlnet_blocks_repeat", False),
             img_ids=img_ids,
         )
-        return StepInputs(hidden, encoder, temb, timestep, extra, a.get("return_dict", True))
+        return StepInputs(hidden, None, temb, timestep, extra, a.get("return_dict", True))
+
+    def context(self, model, inp: StepInputs) -> torch.Tensor:
+        # text tokens and rotary tables: only the blocks use them (the same ops as the model's forward)
+        if inp.encoder is None:
+            ex = inp.extra
+            inp.encoder = model.context_embedder(ex["encoder_hidden_states"])
+            ex["rotary"] = model.pos_embed(torch.cat((ex["txt_ids"], ex["img_ids"]), dim=0))
+        return inp.encoder
 
     def probe(self, model, inp: StepInputs) -> torch.Tensor:
         return model.transformer_blocks[0].norm1(inp.hidden, emb=inp.temb)[0]
@@ -62,6 +69,8 @@ class FluxAdapter(Adapter):
         n_double = len(model.transformer_blocks)
         n_total = n_double + len(model.single_transformer_blocks)
         stop = n_total if stop is None else min(stop, n_total)
+        if encoder is None:
+            encoder = self.context(model, inp)
         ex = inp.extra
         cbs, csbs = ex["controlnet_block_samples"], ex["controlnet_single_block_samples"]
         for i in range(start, stop):
