@@ -311,6 +311,9 @@ class FreqCaState:
     def buffers(self):
         return [self.low, self.diffs, self.count]
 
+    def constants(self):
+        return [self.ch, self.cw, self.mask]
+
     def reset_where(self, new_gen):
         _where_(self.count, new_gen, torch.zeros_like(self.count))
 
@@ -358,7 +361,7 @@ class StreamState:
 
     def cache_bytes(self) -> int:
         seen, total = set(), 0
-        tensors = self.fc.buffers() + self.gate.tensors() + [self.step, self.last_full, self.last_t, self.has_cache,
+        tensors = self.fc.buffers() + getattr(self.fc, "constants", list)() + self.gate.tensors() + [self.step, self.last_full, self.last_t, self.has_cache,
                                                              self.log, self.events]
         for t in tensors:
             if t is not None and id(t) not in seen:
