@@ -82,7 +82,8 @@ PRESETS: dict[str, Policy] = {
     "magcache": Policy(MagCacheGate(), Reuse(), "residual", "magcache"),
     "taylorseer": Policy(FixedInterval(interval=6, warmup=3), Taylor(order=1), "hidden", "taylorseer"),
     "freqca": Policy(FixedInterval(interval=6, warmup=3), FreqCa(), "hidden", "freqca"),
-    "spectrum": Policy(SpectrumSchedule(), Chebyshev(), "hidden", "spectrum"),
+    # blend 0.5: the authors' run scripts (hanjq17/Spectrum scripts/run_mp_image.sh, w=0.5); the code default is 1.0
+    "spectrum": Policy(SpectrumSchedule(), Chebyshev(blend=0.5), "hidden", "spectrum"),
 }
 
 
