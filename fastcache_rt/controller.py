@@ -104,7 +104,9 @@ class Controller:
             if len(self.streams) >= MAX_STREAMS:  # unannounced generations: keep memory bounded (LRU)
                 del self.streams[min(self.streams, key=lambda k: self.streams[k].last_use)]
             grid = self.grid or self.adapter.token_grid(self.model, inp)
-            st = StreamState(self.policy, self.num_steps, tuple(h.shape), h.dtype, h.device, grid)
+            shape, dtype = (tuple(h.shape), h.dtype) if self.policy.site != "output" else \
+                self.adapter.output_like(self.model, inp)
+            st = StreamState(self.policy, self.num_steps, tuple(shape), dtype, h.device, grid)
             self.streams[key] = st
         if not torch.compiler.is_compiling():
             st.last_use = self.calls
@@ -144,28 +146,31 @@ class Controller:
 
         # 3. the forecast for this step (used when skipping; a non-finite forecast forces a full step)
         pred = st.fc.predict(st)
-        site_residual = self.policy.site == "residual"
-        h_pred = base + pred if site_residual else pred
-        pred_ok = torch.isfinite(h_pred).all()
+        site = self.policy.site
+        y_pred = base + pred if site == "residual" else pred  # the hidden tokens, or the output for site "output"
+        pred_ok = torch.isfinite(y_pred).all()
         compute = gate_compute | ~st.has_cache | ~pred_ok
         st.events.add_(torch.stack([(st.has_cache & ~gate_compute & ~pred_ok), bad_probe]).to(torch.int64))
 
-        # 4. the branch
+        # 4. the branch: y is the hidden tokens after the last block, or the model's output for site "output"
+        start = self.probe_blocks
         if compiling:
-            start = self.probe_blocks
             if enc is None:  # torch.cond takes tensors: make the text tokens before the branch
                 enc = adapter.context(model, inp)
 
-            def full_fn(b, e, hp):
+            def full_fn(b, e, yp):
+                y = adapter.run_blocks(model, inp, b, e, start, None)[0]
+                if site == "output":
+                    y = adapter.head(model, inp, y)
                 # a fresh tensor: both branches must return the same layout (block outputs may be offset views)
-                return adapter.run_blocks(model, inp, b, e, start, None)[0].clone(memory_format=torch.contiguous_format)
+                return y.clone(memory_format=torch.contiguous_format)
 
-            def skip_fn(b, e, hp):
-                return hp.clone(memory_format=torch.contiguous_format)
+            def skip_fn(b, e, yp):
+                return yp.clone(memory_format=torch.contiguous_format)
 
-            h = torch.cond(compute, full_fn, skip_fn, (base, enc, h_pred))
+            y = torch.cond(compute, full_fn, skip_fn, (base, enc, y_pred))
             t1 = 0.0
-            value = h - base if site_residual else h
+            value = y - base if site == "residual" else y
             snapshot = [b.clone() for b in st.fc.buffers()]
             st.fc.record(st, value)
             for buf, old in zip(st.fc.buffers(), snapshot):
@@ -174,23 +179,23 @@ class Controller:
             do_compute = bool(compute)  # the one host read of the step
             self.controller_seconds += time.perf_counter() - t0
             if do_compute:
-                h, _ = adapter.run_blocks(model, inp, base, enc, self.probe_blocks, None)
+                h, _ = adapter.run_blocks(model, inp, base, enc, start, None)
+                y = adapter.head(model, inp, h) if site == "output" else h
                 t1 = self._clock(compiling)
-                value = h - base if site_residual else h
-                st.fc.record(st, value)
+                st.fc.record(st, y - base if site == "residual" else y)
                 if isinstance(st.gate, MagCacheGateState) and st.gate.calibrate:
                     st.gate.observe(st.step, h - base)
             else:
                 t1 = self._clock(compiling)
-                h = h_pred
+                y = y_pred
         st.gate.commit(compute, gate_compute)
         st.end_step(compute)
         if not compiling:
             self.controller_seconds += time.perf_counter() - t1
             self.calls += 1
 
-        # 5. the output head with this step's conditioning
-        return adapter.finish(model, inp, h)
+        # 5. the output head with this step's conditioning (already applied for site "output")
+        return adapter.wrap(inp, y) if site == "output" else adapter.finish(model, inp, y)
 
     def _arguments(self, args, kwargs) -> dict:
         if len(args) > len(self.arg_names):

@@ -48,8 +48,20 @@ class Adapter(abc.ABC):
         """Run blocks [start, stop); ``encoder`` None = not made yet (``context``). Returns (hidden, encoder)."""
 
     @abc.abstractmethod
+    def head(self, model, inp: StepInputs, hidden: torch.Tensor) -> torch.Tensor:
+        """Everything after the last block, with the current step's conditioning: the model's output tensor."""
+
+    @abc.abstractmethod
+    def wrap(self, inp: StepInputs, output: torch.Tensor):
+        """The output tensor in the forward's return type (tuple or output dataclass)."""
+
+    @abc.abstractmethod
+    def output_like(self, model, inp: StepInputs) -> tuple[tuple[int, ...], torch.dtype]:
+        """(shape, dtype) of the output tensor, without running the model (for the "output" cache site)."""
+
     def finish(self, model, inp: StepInputs, hidden: torch.Tensor):
-        """Everything after the last block, with the current step's conditioning; returns the forward's output."""
+        """``head`` then ``wrap``: what the forward returns."""
+        return self.wrap(inp, self.head(model, inp, hidden))
 
     def token_grid(self, model, inp: StepInputs) -> tuple[int, int] | None:
         """(H, W) of the image-token grid when the adapter can tell without reading device data."""

@@ -108,11 +108,16 @@ class FluxAdapter(Adapter):
         H, W = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
         return (H, W) if H * W == inp.hidden.shape[1] else None
 
-    def finish(self, model, inp: StepInputs, hidden: torch.Tensor):
+    def head(self, model, inp: StepInputs, hidden: torch.Tensor) -> torch.Tensor:
+        return model.proj_out(model.norm_out(hidden, inp.temb))
+
+    def wrap(self, inp: StepInputs, output: torch.Tensor):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-        hidden = model.norm_out(hidden, inp.temb)
-        output = model.proj_out(hidden)
         if not inp.return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)
+
+    def output_like(self, model, inp: StepInputs):
+        B, N, _ = inp.hidden.shape
+        return (B, N, model.proj_out.out_features), inp.hidden.dtype

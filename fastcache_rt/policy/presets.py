@@ -18,14 +18,15 @@ from .gates import (
     TeaCacheGate,
 )
 
-SITES = ("residual", "hidden")
+SITES = ("residual", "hidden", "output")
 
 
 @dataclass(frozen=True)
 class Policy:
     """gate x forecaster x site. ``site``: "residual" caches the whole-stack residual (output image tokens minus the
-    tokens entering the cached blocks; FreqCa's CRF idea), "hidden" the image tokens after the last block. Either way
-    one tensor per stream: the cache does not grow with depth."""
+    tokens entering the cached blocks; FreqCa's CRF idea), "hidden" the image tokens after the last block, "output"
+    the model's output (after its output head, which a skipped step then skips too; the smallest tensor: on FLUX 64
+    channels instead of 3072). Either way one tensor per stream: the cache does not grow with depth."""
 
     gate: object
     forecaster: object = Reuse()

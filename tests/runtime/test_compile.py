@@ -6,7 +6,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import fastcache_rt
-from fastcache_rt.policy import Chebyshev, Policy, SpectralCacheGate
+from fastcache_rt.policy import Chebyshev, Policy, SpectralCacheGate, SpectrumSchedule
 from tests.runtime.helpers import call, inputs, tiny_flux
 
 CASES = {
@@ -14,6 +14,8 @@ CASES = {
     "spectralcache-gate+chebyshev": Policy(SpectralCacheGate(threshold=0.15, coeffs=(1.0, 0.0)), Chebyshev(), "hidden"),
     # the in-place finite-difference update op under compile
     "taylorseer": "taylorseer",
+    # the output site: the head runs inside the full branch only
+    "spectrum-output": Policy(SpectrumSchedule(), Chebyshev(blend=0.5), "output"),
 }
 
 

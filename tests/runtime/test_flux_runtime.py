@@ -320,3 +320,45 @@ def test_at_most_one_host_read_per_step(model, policy, overrides, monkeypatch):
         st = fastcache_rt.stats(model)
     assert len(reads) <= calls, reads[:20]
     assert len(st["computed"]) < S
+
+
+def test_output_site_every_step_is_bitwise(model):
+    ref = denoise(model, 10)
+    with fastcache_rt.cached(model, "none", num_steps=10, site="output"):
+        assert torch.equal(denoise(model, 10), ref)
+
+
+def test_output_site_caches_the_model_output(model):
+    """site="output": a skipped step returns the forecast of the model's output itself (reuse: the last computed
+    step's output, bitwise), the head does not run, and the cache holds one output-sized tensor."""
+    outs = []
+
+    def keep(s, v):
+        outs.append(v.clone())
+        return v
+
+    head_calls = []
+    handle = model.proj_out.register_forward_hook(lambda *a: head_calls.append(1))
+    try:
+        with fastcache_rt.cached(model, "fora", num_steps=9, interval=3, warmup=1, site="output"):
+            denoise(model, 9, hook=keep)
+            st = fastcache_rt.stats(model)
+    finally:
+        handle.remove()
+    assert st["computed"] == [0, 3, 6]
+    assert len(head_calls) == 3  # the output head ran on computed steps only
+    for s in range(9):
+        last = max(c for c in st["computed"] if c <= s)
+        assert torch.equal(outs[s], outs[last]), s
+    x, _, _ = inputs(0)
+    assert st["cache_bytes"] >= x.numel() * 4 and st["cache_bytes"] < 2 * x.numel() * 4 + 4096
+
+
+@pytest.mark.parametrize("policy", ["taylorseer", "spectrum", "freqca"])
+def test_output_site_forecasts_stay_close(model, policy):
+    ref = denoise(model, 20)
+    with fastcache_rt.cached(model, policy, num_steps=20, site="output"):
+        out = denoise(model, 20)
+        assert len(fastcache_rt.stats(model)["computed"]) < 20
+    assert torch.isfinite(out).all()
+    assert (out - ref).norm() < 0.2 * ref.norm()
