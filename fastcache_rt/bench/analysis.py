@@ -1,0 +1,214 @@
+"""The questions the benchmark answers, computed from its table rows (dicts as written to table.json)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+from .methods import BUDGET_STEPS, CACHE_DIT, DIFFUSERS, OURS
+
+OVERHEAD_TARGET = 0.95  # achieved wall speedup / ideal S/NFE
+
+
+def _cached_rows(rows):
+    return [r for r in rows if r["library"] != "-"]
+
+
+def _psnr(r) -> float:
+    return r["psnr"] if r["psnr"] is not None else math.inf
+
+
+def overhead(rows) -> dict:
+    """(a) achieved speedup >= 95% of S/NFE, per configuration and per method (all its settings)."""
+    per_cfg = []
+    for r in _cached_rows(rows):
+        full_skip = "every step" not in r.get("note", "") and "MLPs run" not in r.get("note", "")
+        per_cfg.append(dict(key=r["key"], method=r["method"], library=r["library"], nfe=r["nfe"],
+                            ideal=r["ideal_speedup"], speedup=r["speedup"], ratio=r["achieved_of_ideal"],
+                            passed=r["achieved_of_ideal"] >= OVERHEAD_TARGET, full_skip=full_skip,
+                            controller_ms_per_step=r.get("controller_ms_per_step"),
+                            skipped_step_cost=r.get("skipped_step_cost")))
+    methods: dict = {}
+    for c in per_cfg:
+        m = methods.setdefault(f"{c['library']}/{c['method']}", dict(passed=True, worst=math.inf, configs=0))
+        m["passed"] = m["passed"] and c["passed"]
+        m["worst"] = min(m["worst"], c["ratio"])
+        m["configs"] += 1
+    return dict(target=OVERHEAD_TARGET, configs=per_cfg, methods=methods,
+                passed=[k for k, v in methods.items() if v["passed"]],
+                failed=[k for k, v in methods.items() if not v["passed"]])
+
+
+def budgets(rows) -> dict:
+    """(b) at 50 steps, 14 and 10 full steps: PSNR of Spectrum, TaylorSeer, FreqCa and FORA at exactly the same
+    NFE; is Spectrum > TaylorSeer/FreqCa > FORA?"""
+    out = {}
+    steps = {r["steps"] for r in rows}
+    if steps != {BUDGET_STEPS}:
+        return dict(skipped=f"needs a {BUDGET_STEPS}-step run (this one: {sorted(steps)})")
+    for n in (14, 10):
+        entries = {}
+        for r in rows:
+            if r["library"] == OURS and f"budget{n}" in r.get("tags", []) and \
+                    r["method"] in ("spectrum", "taylorseer", "freqca", "fora"):
+                entries[r["method"]] = dict(key=r["key"], nfe=r["nfe"], psnr=r["psnr"], ssim=r["ssim"],
+                                            rel_l2=r["rel_l2"], speedup=r["speedup"])
+        matched = len({e["nfe"] for e in entries.values()}) == 1 and all(e["nfe"] == n for e in entries.values())
+        res = dict(entries=entries, nfe_matched=matched)
+        if {"spectrum", "taylorseer", "freqca", "fora"} <= set(entries):
+            p = {k: _psnr(v) for k, v in entries.items()}
+            res["order"] = sorted(p, key=lambda k: -p[k])
+            res["paper_order_holds"] = p["spectrum"] > max(p["taylorseer"], p["freqca"]) and \
+                min(p["taylorseer"], p["freqca"]) > p["fora"]
+            res["spectrum_best"] = p["spectrum"] > max(p["taylorseer"], p["freqca"], p["fora"])
+        out[str(n)] = res
+    return out
+
+
+def frontier(points):
+    """Pareto frontier of (psnr, speedup) points, both higher-is-better, sorted by PSNR ascending."""
+    pts = sorted(points, key=lambda p: (-p[0], -p[1]))
+    front, best = [], -math.inf
+    for p in pts:
+        if p[1] > best:
+            front.append(p)
+            best = p[1]
+    return sorted(front)
+
+
+def _interp(front, psnr):
+    """Speedup on a frontier (sorted by PSNR) at a PSNR, linear between points; None outside its range."""
+    if not front or psnr < front[0][0] or psnr > front[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in itertools.pairwise(front):
+        if x0 <= psnr <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (psnr - x0) / (x1 - x0)
+    return front[-1][1] if psnr == front[-1][0] else None
+
+
+def matched_quality(rows, a="spectralcache", b="teacache", field="speedup") -> dict:
+    """(c) speed of ``a`` over ``b`` at equal PSNR: at each of a's points, b's frontier interpolated at that PSNR
+    (linear in PSNR between b's points); only PSNRs inside b's measured range count."""
+    pa = [(_psnr(r), r[field]) for r in rows if r["library"] == OURS and r["method"] == a]
+    pb = [(_psnr(r), r[field]) for r in rows if r["library"] == OURS and r["method"] == b]
+    fa, fb = frontier(pa), frontier(pb)
+    comps = []
+    for psnr, sp in fa:
+        other = _interp(fb, psnr)
+        if other is not None and other > 0:
+            comps.append(dict(psnr=psnr, **{a: sp, b: other}, gain=sp / other - 1))
+    mean_gain = sum(c["gain"] for c in comps) / len(comps) if comps else None
+    return dict(field=field, frontier={a: fa, b: fb}, comparisons=comps, mean_gain=mean_gain,
+                claim=0.16, a=a, b=b)
+
+
+def pareto(rows, field="speedup") -> dict:
+    """(d) for each peer configuration: a fastcache_rt configuration at least as fast and at least as close?"""
+    ours = [r for r in rows if r["library"] == OURS]
+    res = []
+    for p in rows:
+        if p["library"] not in (DIFFUSERS, CACHE_DIT):
+            continue
+        dom = [o for o in ours if o[field] >= p[field] and _psnr(o) >= _psnr(p)]
+        best = max(dom, key=lambda o: (o[field], _psnr(o))) if dom else None
+        res.append(dict(peer=p["key"], peer_speedup=p[field], peer_psnr=p["psnr"], covered=best is not None,
+                        by=best["key"] if best else None, by_speedup=best[field] if best else None,
+                        by_psnr=best["psnr"] if best else None))
+    return dict(field=field, points=res, exceptions=[r["peer"] for r in res if not r["covered"]])
+
+
+def memory(rows) -> dict:
+    """(e) cache bytes per configuration, and per method the largest."""
+    per = {}
+    for r in _cached_rows(rows):
+        k = f"{r['library']}/{r['method']}"
+        per[k] = max(per.get(k, 0), int(r["cache_bytes"] or 0))
+    return dict(per_method=per, per_config={r["key"]: r["cache_bytes"] for r in _cached_rows(rows)})
+
+
+def analyse(rows) -> dict:
+    return dict(overhead=overhead(rows), budgets=budgets(rows),
+                spectralcache_vs_teacache=matched_quality(rows),
+                spectralcache_vs_teacache_ideal=matched_quality(rows, field="ideal_speedup"),
+                pareto=pareto(rows), pareto_ideal=pareto(rows, field="ideal_speedup"), memory=memory(rows))
+
+
+def _f(v, fmt="{:.2f}"):
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return fmt.format(v)
+
+
+def markdown(an: dict, meta: dict) -> str:
+    L = []
+    L.append(f"# Benchmark analysis\n\n{meta.get('batch')} images per call ({len(meta.get('prompts', []))} prompts x "
+             f"{len(meta.get('seeds', []))} seeds), {meta.get('steps')} steps, {meta.get('height')}x"
+             f"{meta.get('width')}, {meta.get('rounds')} timing round(s); uncached call "
+             f"{_f(meta.get('uncached_time_s'), '{:.2f}')} s (median).\n")
+    o = an["overhead"]
+    L.append(f"## (a) Achieved wall speedup vs ideal S/NFE (target >= {o['target']:.0%})\n")
+    L.append("| configuration | NFE | ideal | achieved | achieved/ideal | skipped step / full step "
+             "| controller ms/step | pass |")
+    L.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for c in o["configs"]:
+        L.append(f"| {c['key']} | {c['nfe']} | {_f(c['ideal'])} | {_f(c['speedup'])} | {_f(c['ratio'], '{:.0%}')} "
+                 f"| {_f(c['skipped_step_cost'], '{:.1%}')} | {_f(c['controller_ms_per_step'])} "
+                 f"| {'yes' if c['passed'] else 'no'}"
+                 f"{'' if c['full_skip'] else ' (partial skip)'} |")
+    L.append(f"\nMethods passing at every setting: {', '.join(o['passed']) or 'none'}.  ")
+    L.append(f"Methods failing at some setting: {', '.join(o['failed']) or 'none'}.  ")
+    t_step = meta.get("uncached_time_s", 0) / max(meta.get("steps", 1), 1)
+    L.append(f"A full step of the uncached call takes {1e3 * t_step:.1f} ms here. 'skipped step / full step' is what a "
+             "cached step cost, inferred from the timed call (its time minus NFE full steps, over the skipped "
+             "steps): the model's embedders, output head, scheduler step and the controller still run on it.  ")
+    L.append("FBCache-type methods (ours, diffusers FirstBlockCache, cache-dit DBCache) run the first block on every "
+             "step and diffusers' TaylorSeerCache runs every MLP on every step, so S/NFE overstates what they can "
+             "reach (marked 'partial skip').\n")
+    b = an["budgets"]
+    L.append("## (b) Spectrum's budgets at 50 steps: PSNR at matched NFE\n")
+    if "skipped" in b:
+        L.append(f"Skipped: {b['skipped']}.\n")
+    else:
+        for n, res in b.items():
+            L.append(f"**{n} full steps** (NFE matched: {'yes' if res['nfe_matched'] else 'NO'})\n")
+            L.append("| method | configuration | NFE | PSNR | SSIM | rel L2 |")
+            L.append("| --- | --- | --- | --- | --- | --- |")
+            for m, e in sorted(res["entries"].items(), key=lambda kv: -_psnr(kv[1])):
+                L.append(f"| {m} | {e['key'].split('/', 2)[-1]} | {e['nfe']} | {_f(e['psnr'])} | {_f(e['ssim'], '{:.4f}')} "
+                         f"| {_f(e['rel_l2'], '{:.4f}')} |")
+            if "order" in res:
+                L.append(f"\nOrder by PSNR: {' > '.join(res['order'])}. Paper's ordering (Spectrum > TaylorSeer/FreqCa "
+                         f"> FORA) {'reproduces' if res['paper_order_holds'] else 'does NOT reproduce'}; Spectrum "
+                         f"{'is' if res['spectrum_best'] else 'is not'} the best.\n")
+    for key, title in (("spectralcache_vs_teacache", "measured wall speedup"),
+                       ("spectralcache_vs_teacache_ideal", "ideal S/NFE")):
+        c = an[key]
+        L.append(f"## (c) SpectralCache vs TeaCache at matched PSNR ({title})\n")
+        if c["comparisons"]:
+            L.append("| PSNR | SpectralCache | TeaCache (interpolated) | gain |")
+            L.append("| --- | --- | --- | --- |")
+            for x in c["comparisons"]:
+                L.append(f"| {_f(x['psnr'])} | {_f(x[c['a']])} | {_f(x[c['b']])} | {x['gain']:+.1%} |")
+            L.append(f"\nMean gain {c['mean_gain']:+.1%} (the paper claims +16%).\n")
+        else:
+            L.append("No SpectralCache point lies inside TeaCache's measured PSNR range: no matched-quality "
+                     "comparison possible from this sweep.\n")
+    for key, title in (("pareto", "measured wall speedup"), ("pareto_ideal", "ideal S/NFE")):
+        p = an[key]
+        L.append(f"## (d) Pareto: is every peer point covered by a fastcache_rt point ({title})?\n")
+        L.append("| peer configuration | speedup | PSNR | covered by | its speedup | its PSNR |")
+        L.append("| --- | --- | --- | --- | --- | --- |")
+        for x in p["points"]:
+            L.append(f"| {x['peer']} | {_f(x['peer_speedup'])} | {_f(x['peer_psnr'])} | {x['by'] or '**not covered**'} "
+                     f"| {_f(x['by_speedup'])} | {_f(x['by_psnr'])} |")
+        L.append(f"\nExceptions: {', '.join(p['exceptions']) or 'none'}.\n")
+    m = an["memory"]
+    L.append("## (e) Cache memory per method (largest over its settings)\n")
+    L.append("| method | cache bytes |")
+    L.append("| --- | --- |")
+    for k, v in sorted(m["per_method"].items(), key=lambda kv: kv[1]):
+        L.append(f"| {k} | {v:,} |")
+    L.append("")
+    return "\n".join(L)

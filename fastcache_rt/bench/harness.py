@@ -1,0 +1,309 @@
+"""Run a FLUX pipeline uncached and under each configuration, in the same process and on the same inputs, and measure
+NFE, wall-clock time, cache memory and the distance of the outputs to the uncached ones.
+
+Timing: each pipeline call generates the whole batch (every prompt x seed) with ``output_type="latent"`` and
+precomputed text embeddings, so the timed work is the denoising loop. Uncached calls are interleaved with the
+configurations (one before every few configurations and one at the end of each round); a configuration's speedup
+is the median over rounds of (mean of the nearest uncached times before and after it) / (its time). Every uncached
+call must reproduce the reference latents exactly: a configuration whose ``disable`` leaves anything behind stops
+the benchmark.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import fastcache_rt
+
+from . import memory, metrics
+from .methods import CACHE_DIT, DIFFUSERS, OURS, Config, Context, diffusers_magcache_calibration
+
+
+class BenchError(RuntimeError):
+    """A benchmark precondition or invariant failed; the message is meant for the user as is."""
+
+
+@dataclass
+class Settings:
+    prompts: list  # one entry per class
+    seeds: list
+    steps: int = 50
+    height: int = 64
+    width: int = 64
+    call_kwargs: dict = field(default_factory=dict)  # guidance_scale, max_sequence_length, ...
+    rounds: int = 1
+    uncached_every: int = 3  # an uncached call before every this many configurations
+
+    def __post_init__(self):
+        if not self.prompts:
+            raise ValueError("prompts: at least one is needed")
+        if not self.seeds:
+            raise ValueError("seeds: at least one is needed")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 2:
+            raise ValueError(f"steps: must be an int >= 2, got {self.steps!r}")
+        if not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"rounds: must be an int >= 1, got {self.rounds!r}")
+        if not isinstance(self.uncached_every, int) or self.uncached_every < 1:
+            raise ValueError(f"uncached_every: must be an int >= 1, got {self.uncached_every!r}")
+
+    @property
+    def batch(self) -> list[tuple[str, int]]:
+        """(prompt, seed) of each image of the batch, prompt-major."""
+        return [(p, s) for p in self.prompts for s in self.seeds]
+
+
+@dataclass
+class Result:
+    rows: list  # dicts, the table (first row: uncached)
+    images: dict  # key -> (N, C, H, W) float images in [0, 1]; "uncached" included
+    latents: dict
+    meta: dict
+
+
+class _Probe:
+    """Counts, per pipeline call, the transformer calls in which the last block's attention really ran (the
+    configuration's NFE, whatever library skipped the rest), and walks cache memory at the last step."""
+
+    def __init__(self, pipe):
+        tr = pipe.transformer
+        blocks = list(getattr(tr, "single_transformer_blocks", [])) or list(getattr(tr, "transformer_blocks", []))
+        if not blocks:
+            raise BenchError("model: the transformer has no transformer blocks to watch (not a FLUX transformer?)")
+        last = blocks[-1]
+        inner = getattr(getattr(last, "attn", None), "to_q", None)
+        if inner is None:
+            inner = next((m for m in last.modules() if isinstance(m, torch.nn.Linear)), None)
+        if inner is None:
+            raise BenchError("model: the last transformer block has no linear layer to watch")
+        self.calls: list[bool] = []
+        self._handles = [tr.register_forward_pre_hook(self._pre), inner.register_forward_hook(self._ran)]
+
+    def _pre(self, module, args):
+        self.calls.append(False)
+
+    def _ran(self, module, args, out):
+        if self.calls:
+            self.calls[-1] = True
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
+class Harness:
+    def __init__(self, pipe, settings: Settings, progress: bool = True):
+        self.pipe = pipe
+        self.s = settings
+        self.progress = progress
+        pipe.set_progress_bar_config(disable=True)
+        self.device = getattr(pipe, "_execution_device", torch.device("cpu"))
+        prompts = [p for p, _ in settings.batch]
+        kw = dict(settings.call_kwargs)
+        msl = kw.pop("max_sequence_length", None)
+        with torch.no_grad():
+            enc = dict(prompt=prompts, prompt_2=None, device=self.device, num_images_per_prompt=1)
+            if msl is not None:
+                enc["max_sequence_length"] = msl
+            pe, pp, _ = pipe.encode_prompt(**enc)
+        self.embeds = dict(prompt_embeds=pe, pooled_prompt_embeds=pp)
+        if msl is not None:
+            kw["max_sequence_length"] = msl
+        self.kw = kw
+        others = [v for k, v in pipe.components.items() if k != "transformer" and v is not None]
+        self._stop = [pipe] + others
+        self._exclude = memory.model_storages(*[v for v in pipe.components.values()])
+        self._baseline_keep: list = []
+        self.probe = _Probe(pipe)
+        self._walk = False
+        self._walked = None
+        self._walk_seconds = 0.0
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _callback(self, pipe, i, t, kwargs):
+        if self._walk and i == self.s.steps - 1:
+            t0 = time.perf_counter()
+            roots = [pipe.transformer, getattr(pipe, "_context_manager", None)]
+            self._walked = memory.tensor_storages(roots, stop=self._stop, exclude=self._exclude)
+            self._walk_seconds += time.perf_counter() - t0
+        return kwargs
+
+    def call(self, walk: bool = False) -> tuple[torch.Tensor, float, list[bool]]:
+        """One pipeline call on the whole batch: (final packed latents, seconds, per-step computed flags)."""
+        gens = [torch.Generator(device="cpu").manual_seed(int(s)) for _, s in self.s.batch]
+        self.probe.calls = []
+        self._walk, self._walked, self._walk_seconds = walk, None, 0.0
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = self.pipe(**self.embeds, num_inference_steps=self.s.steps, height=self.s.height, width=self.s.width,
+                            generator=gens, output_type="latent", callback_on_step_end=self._callback, **self.kw)
+        seconds = time.perf_counter() - t0 - self._walk_seconds
+        self._walk = False
+        lat = out.images if hasattr(out, "images") else out[0]
+        return lat.detach().clone(), seconds, list(self.probe.calls)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Packed latents -> (N, 3, H, W) float32 images in [0, 1], exactly as the pipeline decodes them."""
+        pipe = self.pipe
+        lat = pipe._unpack_latents(latents, self.s.height, self.s.width, pipe.vae_scale_factor)
+        lat = lat / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        img = pipe.vae.decode(lat.to(pipe.vae.dtype), return_dict=False)[0]
+        return pipe.image_processor.postprocess(img, output_type="pt").float().cpu()
+
+    # ------------------------------------------------------------------------------------------------------------
+    def calibrate(self, configs: list[Config]) -> Context:
+        ctx = Context(steps=self.s.steps)
+        needs = {c.needs for c in configs if c.needs}
+        if "ours_mag" in needs:
+            fastcache_rt.enable(self.pipe, "magcache", calibrate=True)
+            try:
+                self.call()
+                ratios = fastcache_rt.stats(self.pipe).get("mag_ratios")
+            finally:
+                fastcache_rt.disable(self.pipe)
+            if not ratios or len(ratios) != self.s.steps:
+                raise BenchError(f"magcache: the calibration run returned {len(ratios or [])} ratios for "
+                                 f"{self.s.steps} steps")
+            ctx.ratios["ours_mag"] = ratios
+        if "diffusers_mag" in needs:
+            ctx.ratios["diffusers_mag"] = diffusers_magcache_calibration(self.pipe, self.call, self.s.steps)
+        return ctx
+
+    def run(self, configs: list[Config]) -> Result:
+        s = self.s
+        t_start = time.time()
+        # the reference (also the warm-up: its time is not used); the baseline memory walk tells what the bare
+        # model already holds
+        ref, _, ref_flags = self.call(walk=True)
+        baseline = self._walked or {}
+        ref_nfe = sum(ref_flags)
+        if ref_nfe != s.steps:
+            raise BenchError(f"the uncached run computed the last block {ref_nfe} times for {s.steps} steps")
+        self._exclude = self._exclude | set(baseline)
+        ctx = self.calibrate(configs)
+
+        # the schedule: rounds of configurations (rotated each round) with uncached calls interleaved
+        sched: list = []
+        n = len(configs)
+        for r in range(s.rounds):
+            shift = (r * n) // s.rounds
+            order = configs[shift:] + configs[:shift]
+            for j, c in enumerate(order):
+                if j % s.uncached_every == 0:
+                    sched.append(None)
+                sched.append(c)
+        sched.append(None)
+
+        times: list[float | None] = [None] * len(sched)
+        first: dict = {}
+        repeat_ok: dict = {}
+        prev_cfg = None
+        bar = _tqdm(total=len(sched), desc="bench", disable=not self.progress)
+        for idx, c in enumerate(sched):
+            if c is None:
+                bar.set_postfix_str("uncached")
+                lat, sec, flags = self.call()
+                if not torch.equal(lat, ref):
+                    where = f"after {prev_cfg.key} was disabled" if prev_cfg is not None else "before any method"
+                    raise BenchError(f"an uncached call {where} differs from the reference "
+                                     f"(rel L2 {metrics.rel_l2(lat, ref):.3g}): a cache hook was left behind")
+                times[idx] = sec
+                bar.update()
+                continue
+            bar.set_postfix_str(c.key[:60])
+            is_first = c.key not in first
+            c.enable(self.pipe, ctx)
+            try:
+                lat, sec, flags = self.call(walk=is_first)
+                info = {}
+                if c.library == OURS:
+                    info = fastcache_rt.stats(self.pipe)
+            finally:
+                c.disable(self.pipe)
+            prev_cfg = c
+            times[idx] = sec
+            if is_first:
+                first[c.key] = dict(latents=lat, flags=flags, walked=self._walked or {}, stats=info)
+            else:
+                repeat_ok[c.key] = repeat_ok.get(c.key, True) and torch.equal(lat, first[c.key]["latents"])
+            bar.update()
+        bar.close()
+
+        # speedups: nearest uncached neighbours of each timed call
+        def neighbours(i):
+            before = next((times[k] for k in range(i - 1, -1, -1) if sched[k] is None), None)
+            after = next((times[k] for k in range(i + 1, len(sched)) if sched[k] is None), None)
+            vals = [v for v in (before, after) if v is not None]
+            return sum(vals) / len(vals)
+
+        per_cfg: dict = {}
+        for i, c in enumerate(sched):
+            if c is not None:
+                per_cfg.setdefault(c.key, []).append((times[i], neighbours(i)))
+        unc_times = [times[i] for i, c in enumerate(sched) if c is None]
+
+        ref_img = self.decode(ref)
+        images = {"uncached": ref_img}
+        latents = {"uncached": ref}
+        rows = [dict(key="uncached", method="uncached", library="-", config="every step", nfe=s.steps,
+                     steps=s.steps, ideal_speedup=1.0, speedup=1.0, achieved_of_ideal=1.0, psnr=None, ssim=1.0,
+                     rel_l2=0.0, cache_bytes=0, skipped_step_cost=None, time_s=statistics.median(unc_times), times_s=unc_times,
+                     computed=list(range(s.steps)), controller_ms_per_step=None, repeatable=True, default=True,
+                     tags=[], note="reference")]
+        for c in configs:
+            f = first[c.key]
+            flags = f["flags"]
+            nfe = sum(flags)
+            img = self.decode(f["latents"])
+            images[c.key] = img
+            latents[c.key] = f["latents"]
+            pairs = per_cfg[c.key]
+            speedup = statistics.median(u / t for t, u in pairs)
+            ideal = s.steps / nfe if nfe else float("inf")
+            walked = sum(f["walked"].values())
+            # what a skipped step cost, as a fraction of a full step, if full steps cost what uncached ones do:
+            # (t - NFE * t_full) / ((S - NFE) * t_full), t_full = uncached time / S (per timed call, median)
+            skip_cost = None
+            if nfe < s.steps:
+                skip_cost = statistics.median(
+                    (t - nfe * u / s.steps) / ((s.steps - nfe) * u / s.steps) for t, u in pairs)
+            row = dict(key=c.key, method=c.method, library=c.library, config=c.config, nfe=nfe, steps=s.steps,
+                       ideal_speedup=ideal, speedup=speedup, achieved_of_ideal=speedup / ideal,
+                       speedup_rounds=[u / t for t, u in pairs], skipped_step_cost=skip_cost,
+                       psnr=metrics.psnr(img, ref_img), ssim=metrics.ssim(img, ref_img),
+                       rel_l2=metrics.rel_l2(f["latents"], ref), cache_bytes=walked,
+                       time_s=statistics.median(t for t, _ in pairs), times_s=[t for t, _ in pairs],
+                       computed=[i for i, v in enumerate(flags) if v], controller_ms_per_step=None,
+                       repeatable=repeat_ok.get(c.key, True), default=c.default, tags=list(c.tags), note=c.note)
+            st = f["stats"]
+            if c.library == OURS and st:
+                row["cache_bytes"] = int(st["cache_bytes"])
+                row["cache_bytes_walked"] = walked
+                row["controller_ms_per_step"] = 1e3 * st["controller_seconds_per_call"]
+                if st.get("computed") != row["computed"]:
+                    row["note"] = (row["note"] + "; " if row["note"] else "") + \
+                        f"stats computed {len(st.get('computed', []))} != watched {nfe}"
+            rows.append(row)
+        meta = dict(steps=s.steps, height=s.height, width=s.width, prompts=list(s.prompts), seeds=list(s.seeds),
+                    batch=len(s.batch), rounds=s.rounds, uncached_every=s.uncached_every,
+                    uncached_time_s=statistics.median(unc_times), uncached_times_s=unc_times,
+                    baseline_walk_bytes=sum(baseline.values()), wall_seconds=time.time() - t_start,
+                    mag_ratios={k: list(v) for k, v in ctx.ratios.items()}, torch=torch.__version__,
+                    threads=torch.get_num_threads())
+        return Result(rows=rows, images=images, latents=latents, meta=meta)
+
+    def close(self):
+        self.probe.remove()
+
+
+def _tqdm(**kw):
+    from tqdm.auto import tqdm
+
+    return tqdm(**kw)
+
+
+__all__ = ["CACHE_DIT", "DIFFUSERS", "OURS", "BenchError", "Harness", "Result", "Settings"]

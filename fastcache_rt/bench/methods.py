@@ -1,0 +1,307 @@
+"""The configurations the benchmark runs: every fastcache_rt preset with a sweep of its speed knob, and the peers
+(diffusers' cache hooks, cache-dit) on the same pipeline.
+
+A configuration is switched on and off around each pipeline call; ``disable`` must leave the pipeline exactly as it
+was (the harness checks this on the next uncached call).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+import fastcache_rt
+
+OURS = "fastcache_rt"
+DIFFUSERS = "diffusers"
+CACHE_DIT = "cache-dit"
+
+# fastcache_rt presets in table order
+PRESET_ORDER = ("fora", "teacache", "spectralcache", "fbcache", "magcache", "taylorseer", "freqca", "spectrum")
+
+# The two budgets of the Spectrum paper at 50 steps: 14 and 10 full steps. Spectrum reaches them with alpha 0.75 and
+# 3.0 (interval 2, warm-up 5); the fixed-interval methods with 3 warm-up steps and one full step in 4 or in 6.
+BUDGET_STEPS = 50
+BUDGETS = {14: dict(spectrum=dict(alpha=0.75), interval=dict(interval=4, warmup=3)),
+           10: dict(spectrum=dict(alpha=3.0), interval=dict(interval=6, warmup=3))}
+
+
+@dataclass
+class Config:
+    """One row of the table."""
+
+    method: str  # e.g. "spectrum", "FirstBlockCache"
+    library: str  # OURS, DIFFUSERS, CACHE_DIT or "-" for the uncached baseline
+    config: str  # the knob settings, e.g. "alpha=0.75"
+    enable: Callable  # enable(pipe, ctx) -> None
+    disable: Callable  # disable(pipe) -> None
+    default: bool = False  # the method's representative setting (the picture grid shows it)
+    tags: tuple = ()  # e.g. ("budget14",)
+    needs: str | None = None  # a calibration this config needs from the context ("ours_mag" / "diffusers_mag")
+    note: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.library}/{self.method}/{self.config}"
+
+
+@dataclass
+class Context:
+    """What configurations need at enable time: the step count and calibrated ratios."""
+
+    steps: int
+    ratios: dict = field(default_factory=dict)
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _label(overrides: dict) -> str:
+    return " ".join(f"{k}={_fmt(v)}" for k, v in overrides.items()) or "default"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fastcache_rt
+# ----------------------------------------------------------------------------------------------------------------
+def ours(preset: str, overrides: dict, *, default=False, tags=()) -> Config:
+    def enable(pipe, ctx: Context):
+        kw = dict(overrides)
+        if preset == "magcache":
+            kw["ratios"] = ctx.ratios["ours_mag"]
+        fastcache_rt.enable(pipe, preset, **kw)
+
+    def disable(pipe):
+        fastcache_rt.disable(pipe)
+
+    return Config(preset, OURS, _label(overrides), enable, disable, default=default, tags=tuple(tags),
+                  needs="ours_mag" if preset == "magcache" else None,
+                  note="first block runs every step" if preset == "fbcache" else "")
+
+
+def _budget_tags(steps: int, preset: str, overrides: dict) -> tuple:
+    if steps != BUDGET_STEPS or "site" in overrides:  # the budget comparison uses each preset's own site
+        return ()
+    kind = "spectrum" if preset == "spectrum" else "interval"
+    return tuple(f"budget{n}" for n, b in BUDGETS.items() if all(overrides.get(k) == v for k, v in b[kind].items()))
+
+
+# Sweeps of each preset's speed knob: (quick, full). Thresholds of the signal gates are in the units of each gate's
+# signal and were chosen on the shipped model to spread NFE over roughly 7-36 of 50 steps (the FLUX TeaCache
+# polynomial applied to this model's modulated-input change; the first block's relative residual change, where the
+# preset's 0.05 skips nothing here; the accumulated magnitude-ratio error).
+SWEEPS = {
+    "fora": ([dict(interval=4, warmup=3), dict(interval=6, warmup=3)],
+             [dict(interval=2, warmup=1), dict(interval=3, warmup=1), dict(interval=4, warmup=3),
+              dict(interval=6, warmup=3)]),
+    "teacache": ([dict(threshold=0.3), dict(threshold=0.6)],
+                 [dict(threshold=0.3), dict(threshold=0.45), dict(threshold=0.6), dict(threshold=0.8),
+                  dict(threshold=1.0), dict(threshold=1.5)]),
+    "spectralcache": ([dict(threshold=0.3), dict(threshold=0.6)],
+                      [dict(threshold=0.2), dict(threshold=0.3), dict(threshold=0.45), dict(threshold=0.6),
+                       dict(threshold=1.0)]),
+    "fbcache": ([dict(threshold=0.1), dict(threshold=0.2)],
+                [dict(threshold=0.08), dict(threshold=0.1), dict(threshold=0.15), dict(threshold=0.2),
+                 dict(threshold=0.3)]),
+    "magcache": ([dict(threshold=0.06), dict(threshold=0.24)],
+                 [dict(threshold=0.03), dict(threshold=0.06), dict(threshold=0.12), dict(threshold=0.24),
+                  dict(threshold=0.5)]),
+    "taylorseer": ([dict(interval=4, warmup=3), dict(interval=6, warmup=3)],
+                   [dict(interval=3, warmup=3), dict(interval=4, warmup=3), dict(interval=6, warmup=3),
+                    dict(interval=8, warmup=3), dict(interval=4, warmup=3, site="output"),
+                    dict(interval=6, warmup=3, site="output")]),
+    "freqca": ([dict(interval=4, warmup=3), dict(interval=6, warmup=3)],
+               [dict(interval=3, warmup=3), dict(interval=4, warmup=3), dict(interval=6, warmup=3),
+                dict(interval=8, warmup=3)]),
+    "spectrum": ([dict(alpha=0.75), dict(alpha=3.0)],
+                 [dict(alpha=0.25), dict(alpha=0.75), dict(alpha=1.5), dict(alpha=3.0),
+                  dict(alpha=0.75, site="output"), dict(alpha=3.0, site="output")]),
+}
+# The setting shown in the picture grid (the preset's published default where the sweep has it).
+DEFAULTS = {"fora": dict(interval=4, warmup=3), "teacache": dict(threshold=0.6),
+            "spectralcache": dict(threshold=0.6), "fbcache": dict(threshold=0.1), "magcache": dict(threshold=0.24),
+            "taylorseer": dict(interval=6, warmup=3), "freqca": dict(interval=6, warmup=3),
+            "spectrum": dict(alpha=0.75)}
+
+
+def our_configs(steps: int, quick: bool, methods=None) -> list[Config]:
+    out = []
+    for preset in PRESET_ORDER:
+        if methods is not None and preset not in methods:
+            continue
+        for ov in SWEEPS[preset][0 if quick else 1]:
+            out.append(ours(preset, ov, default=ov == DEFAULTS[preset], tags=_budget_tags(steps, preset, ov)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# diffusers hooks
+# ----------------------------------------------------------------------------------------------------------------
+def _diffusers_disable(pipe):
+    pipe.transformer.disable_cache()
+
+
+def diffusers_fbcache(threshold: float, default=False) -> Config:
+    def enable(pipe, ctx):
+        from diffusers.hooks import FirstBlockCacheConfig
+
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+
+    return Config("FirstBlockCache", DIFFUSERS, f"threshold={_fmt(threshold)}", enable, _diffusers_disable,
+                  default=default, note="first block runs every step")
+
+
+def diffusers_taylorseer(interval: int, lite: bool = False, default=False) -> Config:
+    def enable(pipe, ctx):
+        from diffusers.hooks import TaylorSeerCacheConfig
+
+        # fp32 factors: the same precision as the model and as fastcache_rt's state
+        pipe.transformer.enable_cache(TaylorSeerCacheConfig(
+            cache_interval=interval, disable_cache_before_step=3, max_order=1, taylor_factors_dtype=torch.float32,
+            use_lite_mode=lite))
+
+    note = "blocks skipped, proj_out forecast" if lite else \
+        "per-module caches of every attention; MLPs run every step"
+    return Config("TaylorSeerCache" + (" lite" if lite else ""), DIFFUSERS,
+                  f"interval={interval} warmup=3 order=1", enable, _diffusers_disable, default=default, note=note)
+
+
+def diffusers_magcache(threshold: float, default=False) -> Config:
+    def enable(pipe, ctx):
+        from diffusers.hooks import MagCacheConfig
+
+        pipe.transformer.enable_cache(MagCacheConfig(
+            threshold=threshold, max_skip_steps=5, retention_ratio=0.1, num_inference_steps=ctx.steps,
+            mag_ratios=list(ctx.ratios["diffusers_mag"])))
+
+    return Config("MagCache", DIFFUSERS, f"threshold={_fmt(threshold)} K=5 retention=0.1", enable,
+                  _diffusers_disable, default=default, needs="diffusers_mag")
+
+
+def diffusers_magcache_calibration(pipe, run: Callable, steps: int) -> list[float]:
+    """Run once in diffusers' MagCache calibration mode and return the ratios it reports (it prints them at the end
+    of the run and then clears its state, so they are read from its printed output)."""
+    from diffusers.hooks import MagCacheConfig
+
+    pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            run()
+    finally:
+        pipe.transformer.disable_cache()
+    found = re.findall(r"\[([-+0-9.eE, ]+)\]", buf.getvalue())
+    if not found:
+        raise RuntimeError("diffusers MagCache calibration printed no ratios")
+    ratios = [float(v) for v in found[-1].split(",") if v.strip()]
+    if len(ratios) != steps:
+        raise RuntimeError(f"diffusers MagCache calibration returned {len(ratios)} ratios for {steps} steps")
+    return ratios
+
+
+def diffusers_configs(quick: bool) -> list[Config]:
+    if quick:
+        return [diffusers_fbcache(0.1, default=True), diffusers_fbcache(0.2),
+                diffusers_taylorseer(4), diffusers_taylorseer(6, default=True),
+                diffusers_magcache(0.06), diffusers_magcache(0.24, default=True)]
+    return [diffusers_fbcache(0.1, default=True), diffusers_fbcache(0.2), diffusers_fbcache(0.3),
+            diffusers_taylorseer(3), diffusers_taylorseer(4), diffusers_taylorseer(6, default=True),
+            diffusers_taylorseer(6, lite=True, default=True),
+            diffusers_magcache(0.06), diffusers_magcache(0.12), diffusers_magcache(0.24, default=True)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cache-dit
+# ----------------------------------------------------------------------------------------------------------------
+def cache_dit_available() -> tuple[bool, str]:
+    try:
+        with quiet_peers():
+            import cache_dit
+    except Exception as e:  # noqa: BLE001 - any import failure means: not installed / not usable here
+        return False, f"{type(e).__name__}: {e}"
+    return True, getattr(cache_dit, "__version__", "?")
+
+
+@contextlib.contextmanager
+def quiet_peers():
+    """cache-dit logs a few lines on every enable/disable; keep the benchmark's output to its table."""
+    names = ["cache_dit"] + [n for n in logging.root.manager.loggerDict if n.startswith("cache_dit")]
+    old = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for n, lv in old.items():
+            logging.getLogger(n).setLevel(lv)
+
+
+_MISSING = object()
+_PATCHED_ATTRS = ("forward", "_is_patched")
+
+
+def _instance_attrs(pipe) -> dict:
+    """What cache-dit changes on the transformer and leaves behind: the instance attributes its FLUX patch functor
+    sets on the transformer and its blocks, and the order of the transformer's child modules."""
+    tr = pipe.transformer
+    objs = [tr] + list(getattr(tr, "transformer_blocks", [])) + list(getattr(tr, "single_transformer_blocks", []))
+    attrs = {id(o): (o, {a: o.__dict__.get(a, _MISSING) for a in _PATCHED_ATTRS}) for o in objs}
+    return dict(attrs=attrs, model=tr, children=list(tr._modules.items()))
+
+
+def _restore_instance_attrs(saved: dict) -> None:
+    if not saved:
+        return
+    for obj, attrs in saved["attrs"].values():
+        for a, v in attrs.items():
+            if v is _MISSING:
+                obj.__dict__.pop(a, None)
+            else:
+                obj.__dict__[a] = v
+    tr = saved["model"]
+    tr._modules.clear()
+    tr._modules.update(saved["children"])
+
+
+def cache_dit_dbcache(threshold: float, taylorseer: bool, default=False) -> Config:
+    saved: dict = {}
+
+    def enable(pipe, ctx):
+        import cache_dit
+        from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
+
+        cfg = DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
+                            num_inference_steps=ctx.steps)
+        cal = TaylorSeerCalibratorConfig(taylorseer_order=1) if taylorseer else None
+        saved.clear()
+        saved.update(_instance_attrs(pipe))
+        with quiet_peers():
+            cache_dit.enable_cache(pipe, cache_config=cfg, calibrator_config=cal)
+
+    def disable(pipe):
+        import cache_dit
+
+        with quiet_peers():
+            cache_dit.disable_cache(pipe)
+        # cache-dit 1.5.3's disable_cache leaves its patched transformer.forward (FluxPatchFunctor) in place and,
+        # after a call, the transformer's children re-registered in another order (single_transformer_blocks before
+        # transformer_blocks). Outputs stay the same, but diffusers' FirstBlockCache, enabled afterwards, takes
+        # its "first" block from that order and fails. Put back exactly what was there.
+        _restore_instance_attrs(saved)
+
+    name = "DBCache F1B0" + (" + TaylorSeer" if taylorseer else "")
+    return Config(name, CACHE_DIT, f"threshold={_fmt(threshold)} warmup=8" + (" order=1" if taylorseer else ""),
+                  enable, disable, default=default, note="first block runs every step")
+
+
+def cache_dit_configs(quick: bool) -> list[Config]:
+    th = (0.1, 0.2) if quick else (0.1, 0.2, 0.3)
+    out = [cache_dit_dbcache(t, False, default=t == 0.1) for t in th]
+    out += [cache_dit_dbcache(t, True, default=t == 0.1) for t in th]
+    return out

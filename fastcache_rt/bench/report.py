@@ -1,0 +1,222 @@
+"""The benchmark's outputs: the printed table, table.json / table.csv / analysis.json / analysis.md, the picture grid
+and the speedup-vs-PSNR plot. Every file is written to a temporary name in the same folder and renamed into place,
+so an interrupted run never leaves a partial file under a final name."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .analysis import frontier
+
+COLUMNS = [("method", "method", "{}"), ("library", "library", "{}"), ("config", "configuration", "{}"),
+           ("nfe", "NFE", "{}"), ("speedup", "speedup", "{:.2f}x"), ("ideal_speedup", "ideal S/NFE", "{:.2f}x"),
+           ("achieved_of_ideal", "achieved/ideal", "{:.0%}"), ("psnr", "PSNR dB", "{:.2f}"),
+           ("ssim", "SSIM", "{:.4f}"), ("rel_l2", "rel L2 latents", "{:.4f}"), ("cache_bytes", "cache bytes", "{:,}")]
+CSV_FIELDS = ["key", "method", "library", "config", "nfe", "steps", "speedup", "ideal_speedup", "achieved_of_ideal",
+              "psnr", "ssim", "rel_l2", "cache_bytes", "time_s", "controller_ms_per_step", "repeatable", "note"]
+
+
+def check_writable(folder: Path) -> Path:
+    """Create ``folder`` if needed and prove a file can be written there; ValueError naming it otherwise."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ValueError(f"--out: cannot write to {folder}: {e.strerror or e}") from None
+    return folder
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the final file ordinary permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _cell(row, key, fmt):
+    v = row.get(key)
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return fmt.format(v)
+
+
+def format_table(rows) -> str:
+    cells = [[h for _, h, _ in COLUMNS]] + [[_cell(r, k, f) for k, _, f in COLUMNS] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    lines = []
+    for j, c in enumerate(cells):
+        lines.append("  ".join(s.ljust(w) if i < 3 else s.rjust(w) for i, (s, w) in enumerate(zip(c, widths))))
+        if j == 0:
+            lines.append("-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _clean(o):
+    """JSON has no infinities: write them as null."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+def json_bytes(obj) -> bytes:
+    return (json.dumps(_clean(obj), indent=1, default=_json_default, allow_nan=False) + "\n").encode()
+
+
+def csv_bytes(rows) -> bytes:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
+    return buf.getvalue().encode()
+
+
+def _png_bytes_pil(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def grid_png(images: dict, rows: list, max_cols: int = 16, scale: int | None = None) -> bytes:
+    """Uncached on top, then one row per method (its representative setting): the same prompts and seeds in every
+    column, labelled with the method, configuration, NFE and PSNR."""
+    from PIL import Image, ImageDraw
+
+    shown = [r for r in rows if r["key"] == "uncached"] + [r for r in rows if r["key"] != "uncached" and r["default"]]
+    ref = images["uncached"]
+    n, _, h, w = ref.shape
+    cols = min(n, max_cols)
+    if scale is None:
+        scale = max(1, 96 // max(h, w))
+    ch, cw = h * scale, w * scale
+    label_w, pad = 240, 2
+    canvas = Image.new("RGB", (label_w + cols * (cw + pad), len(shown) * (ch + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, r in enumerate(shown):
+        imgs = images[r["key"]][:cols].clamp(0, 1)
+        y = i * (ch + pad)
+        for j in range(cols):
+            arr = (imgs[j].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            tile = Image.fromarray(arr).resize((cw, ch), Image.NEAREST)
+            canvas.paste(tile, (label_w + j * (cw + pad), y))
+        psnr = "ref" if r["psnr"] is None else f"{r['psnr']:.1f} dB"
+        text = f"{r['method']} [{r['library']}]\n{r['config']}\nNFE {r['nfe']}  {psnr}  {r['speedup']:.2f}x"
+        draw.multiline_text((4, y + 4), text, fill="black", spacing=2)
+    return _png_bytes_pil(canvas)
+
+
+def pareto_png(rows: list) -> bytes:
+    """Speedup (measured) vs PSNR: every configuration as a point, each method's frontier as a thin line, each
+    library's frontier as a thick step line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [r for r in rows if r["library"] != "-"]
+    order = {"fastcache_rt": 0, "diffusers": 1, "cache-dit": 2}
+    methods = sorted({(r["library"], r["method"]) for r in pts}, key=lambda lm: (order.get(lm[0], 3), lm[1]))
+    markers = {"fastcache_rt": "o", "diffusers": "s", "cache-dit": "^"}
+    palette = list(plt.get_cmap("tab10").colors) + list(plt.get_cmap("Dark2").colors) + \
+        list(plt.get_cmap("Set1").colors)
+
+    def xy_of(rs):
+        return [(r["psnr"] if r["psnr"] is not None else 100.0, r["speedup"]) for r in rs]
+
+    fig, ax = plt.subplots(figsize=(11, 7), dpi=110)
+    for i, (lib, m) in enumerate(methods):
+        xy = xy_of([r for r in pts if r["library"] == lib and r["method"] == m])
+        color = palette[i % len(palette)]
+        ax.scatter([p[0] for p in xy], [p[1] for p in xy], marker=markers.get(lib, "x"), color=color, s=42,
+                   label=f"{m} [{lib}]", zorder=3, edgecolors="black" if lib != "fastcache_rt" else "none",
+                   linewidths=0.5)
+        fr = frontier(xy)
+        if len(fr) > 1:
+            ax.plot([p[0] for p in fr], [p[1] for p in fr], color=color, lw=1, alpha=0.8)
+    all_x = [p[0] for p in xy_of(pts)] or [0.0]
+    x_lo = min(all_x) - 1.0
+    for lib, style in (("fastcache_rt", "-"), ("diffusers", "--"), ("cache-dit", ":")):
+        fr = frontier(xy_of([r for r in pts if r["library"] == lib]))
+        if not fr:
+            continue
+        # staircase: from the left edge at the fastest point's speed, down through each frontier point, to the
+        # speed axis' floor under the closest point
+        xs, ys = [x_lo], [fr[0][1]]
+        for k, (x, y) in enumerate(fr):
+            if k:
+                xs.append(fr[k - 1][0])
+                ys.append(y)
+            xs.append(x)
+            ys.append(y)
+        xs.append(fr[-1][0])
+        ys.append(0.0)
+        ax.plot(xs, ys, color="black", lw=2.0, ls=style, alpha=0.55, label=f"{lib} frontier")
+    ax.set_xlim(left=x_lo)
+    ax.set_ylim(bottom=0.0)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("PSNR vs uncached (dB, higher = closer)")
+    ax.set_ylabel("wall-clock speedup vs uncached (same run)")
+    ax.set_title("Speed vs quality on the shipped model: each library's and each method's Pareto frontier")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="best")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_outputs(out: Path, rows, analysis: dict, analysis_md: str, meta: dict, images: dict,
+                  grid_path: Path | None = None, pareto_path: Path | None = None) -> list[Path]:
+    """Render everything first, then write each file atomically; returns the paths written."""
+    out = Path(out)
+    grid_path = Path(grid_path) if grid_path else out / "grid.png"
+    pareto_path = Path(pareto_path) if pareto_path else out / "pareto.png"
+    files = {
+        out / "table.json": json_bytes(dict(meta=meta, rows=rows)),
+        out / "table.csv": csv_bytes(rows),
+        out / "analysis.json": json_bytes(analysis),
+        out / "analysis.md": analysis_md.encode(),
+        grid_path: grid_png(images, rows),
+        pareto_path: pareto_png(rows),
+    }
+    for p in files:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    for p, data in files.items():
+        write_atomic(p, data)
+    return list(files)

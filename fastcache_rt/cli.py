@@ -1,0 +1,391 @@
+"""The ``fastcache-rt`` command line: ``bench`` (every method and the peers on the shipped model, one table) and
+``generate`` (one image from any diffusers pipeline with a policy on).
+
+Bad input (an unknown policy, model, prompt class, field or a step count below 2, an output that cannot be written)
+ends with one line on stderr and exit status 2, before any long work starts and without leaving files behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+QUICK = dict(classes=4, seeds=(0,), rounds=2, uncached_every=4)
+FULL = dict(classes=8, seeds=(0,), rounds=3, uncached_every=4)
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        raise UsageError(message)
+
+
+def _int(name):
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected an integer, got {s!r}") from None
+        return v
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fastcache-rt", description="Feature caching for diffusion transformers: benchmark and generate.")
+    sub = p.add_subparsers(dest="command", metavar="{bench,generate}")
+    sub.required = True
+
+    b = sub.add_parser("bench", help="run every method and the peers on the shipped model and print one table")
+    b.add_argument("--quick", action="store_true", help="fewer prompts, settings and timing rounds (a few minutes)")
+    b.add_argument("--out", default="fastcache_rt_bench", help="output folder (default: ./fastcache_rt_bench)")
+    b.add_argument("--images", default=None, help="folder for bench_grid.png / bench_pareto.png (default: --out)")
+    b.add_argument("--steps", type=_int("--steps"), default=50, help="denoising steps (default 50)")
+    b.add_argument("--seeds", type=_int("--seeds"), nargs="+", default=None, help="noise seeds")
+    b.add_argument("--classes", nargs="+", default=None, help="prompts (class names of the shipped model)")
+    b.add_argument("--methods", nargs="+", default=None,
+                   help="restrict to these methods: preset names, diffusers[-fbcache|-taylorseer|-magcache], "
+                        "cache-dit[-dbcache|-taylorseer]")
+    b.add_argument("--no-peers", action="store_true", help="leave out diffusers' hooks and cache-dit")
+    b.add_argument("--rounds", type=_int("--rounds"), default=None, help="timing rounds (median over them)")
+    b.add_argument("--model", default=None, help="a FLUX diffusers pipeline folder or hub id (default: shipped)")
+    b.add_argument("--height", type=_int("--height"), default=None)
+    b.add_argument("--width", type=_int("--width"), default=None)
+    b.add_argument("--max-sequence-length", type=_int("--max-sequence-length"), default=None,
+                   help="text tokens per prompt (default: the shipped model's, or the pipeline's)")
+    b.add_argument("--threads", type=_int("--threads"), default=1,
+                   help="torch intra-op threads (default 1: on a shared machine, waiting threads make timings erratic)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    g = sub.add_parser("generate", help="generate one image with a caching policy on")
+    g.add_argument("--model", default=None, help="diffusers pipeline folder or hub id (default: the shipped model)")
+    g.add_argument("--policy", default="spectrum", help="preset name (default spectrum)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--steps", type=_int("--steps"), default=50)
+    g.add_argument("--out", default="fastcache_rt.png", help="PNG file to write")
+    g.add_argument("--seed", type=_int("--seed"), default=0)
+    g.add_argument("--height", type=_int("--height"), default=None)
+    g.add_argument("--width", type=_int("--width"), default=None)
+    g.add_argument("--guidance-scale", type=float, default=None)
+    g.add_argument("--max-sequence-length", type=_int("--max-sequence-length"), default=None,
+                   help="text tokens per prompt (default: the shipped model's, or the pipeline's)")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a field of the policy's gate or forecaster, e.g. --set threshold=0.3 (repeatable)")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# shared helpers
+# ---------------------------------------------------------------------------------------------------------------------
+def parse_overrides(items) -> dict:
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise UsageError(f"--set: expected FIELD=VALUE, got {item!r}")
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            value = raw.strip()
+        out[key] = value
+    return out
+
+
+def _check_steps(steps: int) -> None:
+    if steps < 2:
+        raise UsageError(f"--steps: must be >= 2, got {steps}")
+
+
+def _is_local(model: str) -> bool:
+    return os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model) or model.count("/") != 1
+
+
+def is_shipped(model: str | None) -> bool:
+    return model in (None, "default")
+
+
+def shipped_module():
+    try:
+        from fastcache_rt import models
+    except ImportError as e:
+        raise UsageError(f"--model: the shipped model is not available in this installation ({e})") from None
+    return models
+
+
+def sample_defaults(models) -> dict:
+    kw = dict(models.SAMPLE_DEFAULTS)
+    kw.pop("num_inference_steps", None)  # the command's --steps decides
+    return kw
+
+
+def load_pipeline(model: str | None, device: str = "cpu", dtype=None):
+    """(pipeline, shipped module or None). The shipped model when ``model`` is None or "default"."""
+    import torch
+
+    dtype = dtype or torch.float32
+    if is_shipped(model):
+        models = shipped_module()
+        try:
+            return models.load_default(device=device, dtype=dtype), models
+        except (OSError, ValueError, TypeError) as e:
+            raise UsageError(f"--model: cannot load the shipped model: {e}") from None
+    path = os.path.expanduser(model)
+    if _is_local(model) and not os.path.isdir(path):
+        raise UsageError(f"--model: no such pipeline folder: {model}")
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError as e:
+        raise UsageError(f"--model: diffusers is needed to load a pipeline ({e})") from None
+    try:
+        import torch as _torch
+
+        # float32 is what from_pretrained loads by default; other dtypes are asked for while loading
+        extra = {} if dtype == _torch.float32 else {"torch_dtype": dtype}
+        pipe = DiffusionPipeline.from_pretrained(path if _is_local(model) else model, **extra)
+    except Exception as e:  # noqa: BLE001 - from_pretrained raises many types (OSError, ValueError, HTTP errors)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--model: cannot load {model!r}: {msg}") from None
+    return pipe.to(device), None
+
+
+def _check_out_file(path: Path) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"--out: must be a .png file, got {str(path)!r}")
+    if path.is_dir():
+        raise UsageError(f"--out: {path} is a folder")
+    try:
+        from .bench.report import check_writable
+
+        check_writable(path.parent if str(path.parent) else Path("."))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------------------------------
+def cmd_generate(a) -> int:
+    import torch
+
+    import fastcache_rt
+    from fastcache_rt.policy import resolve_policy
+
+    _check_steps(a.steps)
+    overrides = parse_overrides(a.overrides)
+    try:  # the policy and its fields before any loading
+        resolve_policy(a.policy, **overrides)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    out = _check_out_file(Path(a.out))
+    kw = {}
+    if is_shipped(a.model):  # the prompt before loading
+        models = shipped_module()
+        try:
+            models.check_prompt(a.prompt)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"--prompt: {e}") from None
+        kw.update(sample_defaults(models))
+    dtype = getattr(torch, a.dtype)
+    pipe, _ = load_pipeline(a.model, a.device, dtype)
+    if a.height is not None:
+        kw["height"] = a.height
+    if a.width is not None:
+        kw["width"] = a.width
+    if a.guidance_scale is not None:
+        kw["guidance_scale"] = a.guidance_scale
+    if a.max_sequence_length is not None:
+        kw["max_sequence_length"] = a.max_sequence_length
+    try:
+        fastcache_rt.enable(pipe, a.policy, **overrides)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    gen = torch.Generator(device="cpu").manual_seed(a.seed)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        try:
+            result = pipe(prompt=a.prompt, num_inference_steps=a.steps, generator=gen, output_type="pil", **kw)
+        except ValueError as e:  # the pipeline's own input checks (sizes, sequence length)
+            raise UsageError(str(e).strip().splitlines()[0]) from None
+    seconds = time.perf_counter() - t0
+    st = fastcache_rt.stats(pipe)
+    fastcache_rt.disable(pipe)
+    image = result.images[0]
+    import io
+
+    from .bench.report import write_atomic
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    write_atomic(out, buf.getvalue())
+    print(f"wrote {out} ({image.width}x{image.height})")
+    print(f"policy {st['policy']}: NFE {len(st['computed'])}/{st['num_steps']} (cached {len(st['cached'])}), "
+          f"{seconds:.2f} s, cache {st['cache_bytes'] / 2**20:.2f} MiB, controller "
+          f"{1e3 * st['controller_seconds_per_call']:.2f} ms/step")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------------------------------------
+PEER_NAMES = ("diffusers-fbcache", "diffusers-taylorseer", "diffusers-magcache", "cache-dit-dbcache",
+              "cache-dit-taylorseer")
+
+
+def _select_methods(names):
+    from .bench.methods import PRESET_ORDER
+
+    if names is None:
+        return set(PRESET_ORDER), set(PEER_NAMES)
+    ours, peers = set(), set()
+    for n in names:
+        k = n.strip().lower()
+        if k in PRESET_ORDER:
+            ours.add(k)
+        elif k in PEER_NAMES:
+            peers.add(k)
+        elif k in ("diffusers", "cache-dit"):
+            peers.update(p for p in PEER_NAMES if p.startswith(k + "-"))
+        elif k == "none":
+            continue
+        else:
+            raise UsageError(f"--methods: unknown method {n!r}; choose from {', '.join(PRESET_ORDER + PEER_NAMES)}, "
+                             f"diffusers, cache-dit")
+    return ours, peers
+
+
+def _peer_configs(peers: set, quick: bool, warn):
+    from .bench import methods as M
+
+    out = []
+    d = M.diffusers_configs(quick)
+    picks = {"diffusers-fbcache": "FirstBlockCache", "diffusers-taylorseer": "TaylorSeerCache",
+             "diffusers-magcache": "MagCache"}
+    for name, prefix in picks.items():
+        if name in peers:
+            out += [c for c in d if c.method.startswith(prefix)]
+    if peers & {"cache-dit-dbcache", "cache-dit-taylorseer"}:
+        ok, why = M.cache_dit_available()
+        if not ok:
+            warn(f"cache-dit not importable ({why}): its rows are left out")
+        else:
+            for c in M.cache_dit_configs(quick):
+                ts = "TaylorSeer" in c.method
+                if ("cache-dit-taylorseer" if ts else "cache-dit-dbcache") in peers:
+                    out.append(c)
+    return out
+
+
+def cmd_bench(a) -> int:
+    from .bench import analysis as A
+    from .bench import methods as M
+    from .bench import report as R
+    from .bench.harness import BenchError, Harness, Settings
+
+    _check_steps(a.steps)
+    if a.threads is not None:
+        if a.threads < 1:
+            raise UsageError(f"--threads: must be >= 1, got {a.threads}")
+        import torch
+
+        torch.set_num_threads(a.threads)
+    mode = QUICK if a.quick else FULL
+    ours, peers = _select_methods(a.methods)
+    if a.no_peers:
+        peers = set()
+    try:
+        out = R.check_writable(Path(a.out))
+        images_dir = R.check_writable(Path(a.images)) if a.images else out
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+    def warn(msg):
+        print(f"fastcache-rt: note: {msg}", file=sys.stderr)
+
+    kw = {}
+    if is_shipped(a.model):  # the prompts before loading
+        models = shipped_module()
+        classes = list(a.classes) if a.classes else list(models.CLASSES)[: mode["classes"]]
+        for c in classes:
+            try:
+                models.check_prompt(c)
+            except (ValueError, TypeError) as e:
+                raise UsageError(f"--classes: {e}") from None
+        kw.update(sample_defaults(models))
+    else:
+        if not a.classes:
+            raise UsageError("--classes: prompts are required with --model")
+        classes = list(a.classes)
+        kw.update(height=64, width=64, guidance_scale=1.0)
+    pipe, _ = load_pipeline(a.model)
+    if a.height is not None:
+        kw["height"] = a.height
+    if a.width is not None:
+        kw["width"] = a.width
+    if a.max_sequence_length is not None:
+        kw["max_sequence_length"] = a.max_sequence_length
+    height, width = kw.pop("height"), kw.pop("width")
+    from diffusers import FluxPipeline
+
+    if not isinstance(pipe, FluxPipeline):
+        raise UsageError(f"--model: the benchmark runs FLUX pipelines, got {type(pipe).__name__}")
+    settings = Settings(prompts=classes, seeds=list(a.seeds or mode["seeds"]), steps=a.steps, height=height,
+                        width=width, call_kwargs=kw, rounds=a.rounds or mode["rounds"],
+                        uncached_every=mode["uncached_every"])
+    configs = M.our_configs(a.steps, a.quick, ours) + _peer_configs(peers, a.quick, warn)
+    if not configs:
+        raise UsageError("--methods: nothing left to run")
+    print(f"fastcache-rt bench: {len(configs)} configurations, {len(settings.batch)} images per call "
+          f"({len(classes)} prompts x {len(settings.seeds)} seeds), {a.steps} steps, {height}x{width}, "
+          f"{settings.rounds} round(s)", flush=True)
+    h = Harness(pipe, settings, progress=not a.no_progress)
+    try:
+        res = h.run(configs)
+    except BenchError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        h.close()
+    an = A.analyse(res.rows)
+    md = A.markdown(an, res.meta)
+    print()
+    print(R.format_table(res.rows))
+    print()
+    print(md)
+    written = R.write_outputs(out, res.rows, an, md, res.meta, res.images,
+                              grid_path=images_dir / "bench_grid.png", pareto_path=images_dir / "bench_pareto.png")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        a = parser.parse_args(argv)
+        if a.command == "bench":
+            code = cmd_bench(a)
+        else:
+            code = cmd_generate(a)
+    except UsageError as e:
+        print(f"fastcache-rt: error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+    except KeyboardInterrupt:
+        print("fastcache-rt: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The command line: generate against a saved pipeline folder, and bad input (one line on stderr, exit status 2, no
+traceback, nothing written)."""
+
+import pytest
+from PIL import Image
+
+from fastcache_rt.cli import main
+
+
+def test_generate_from_a_saved_pipeline_folder(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "sub" / "img.png"
+    main(["generate", "--model", str(tiny_folder), "--policy", "fora", "--set", "interval=2", "--prompt", "red circle",
+          "--steps", "6", "--height", "32", "--width", "32", "--guidance-scale", "1.0", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert Image.open(out).size == (32, 32)
+    # interval 2 with the preset's warm-up of 1: full iff s < 1 or s % 2 == 0 -> steps 0, 2, 4
+    assert "NFE 3/6 (cached 3)" in printed, printed
+    assert [p.name for p in out.parent.iterdir()] == ["img.png"]
+
+
+def test_generate_shipped_model_folder(tmp_path, capsys):
+    """The shipped model's architecture (randomly initialised, so no weights file is needed), saved as a pipeline
+    folder and loaded by path."""
+    models = pytest.importorskip("fastcache_rt.models")
+    folder = tmp_path / "shipped"
+    models.build_pipeline(seed=0).save_pretrained(folder)
+    out = tmp_path / "x.png"
+    main(["generate", "--model", str(folder), "--policy", "spectrum", "--prompt", models.CLASSES[0], "--steps", "8",
+          "--height", str(models.SAMPLE_DEFAULTS["height"]), "--width", str(models.SAMPLE_DEFAULTS["width"]),
+          "--guidance-scale", "1.0", "--out", str(out)])
+    assert Image.open(out).size == (models.SAMPLE_DEFAULTS["width"], models.SAMPLE_DEFAULTS["height"])
+    assert "policy spectrum: NFE 6/8" in capsys.readouterr().out  # 5 warm-up steps, then the gap of 2
+
+
+def _bad(argv, capsys, *fragments):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastcache-rt: error: "), err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def blocked(tmp_path):
+    """A path that cannot be a folder: its parent is a regular file (unwritable even for root)."""
+    f = tmp_path / "file"
+    f.write_text("x")
+    return f / "out"
+
+
+def test_generate_bad_input(tiny_folder, tmp_path, capsys, blocked):
+    out = tmp_path / "o.png"
+    base = ["generate", "--model", str(tiny_folder), "--prompt", "red circle", "--height", "32", "--width", "32",
+            "--out", str(out)]
+    _bad(base + ["--policy", "warpcache"], capsys, "policy", "warpcache", "spectrum")
+    _bad(base + ["--steps", "1"], capsys, "--steps", ">= 2")
+    _bad(base + ["--steps", "many"], capsys, "--steps")
+    _bad(base + ["--policy", "teacache", "--set", "threshold"], capsys, "--set", "FIELD=VALUE")
+    _bad(base + ["--policy", "teacache", "--set", "thresh=0.3"], capsys, "thresh", "TeaCacheGate")
+    _bad(base + ["--policy", "teacache", "--set", "threshold=-1"], capsys, "threshold", "> 0")
+    _bad(["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "x", "--out", str(out)], capsys,
+         "--model", "nowhere")
+    _bad(["generate", "--model", str(tiny_folder), "--prompt", "x", "--out", str(blocked / "o.png")], capsys,
+         "--out", "cannot write")
+    _bad(["generate", "--model", str(tiny_folder), "--prompt", "x", "--out", str(tmp_path / "o.jpg")], capsys,
+         "--out", ".png")
+    assert not out.exists() and not list(tmp_path.glob("*.png"))
+
+
+def test_generate_unknown_class_of_the_shipped_model(tmp_path, capsys):
+    pytest.importorskip("fastcache_rt.models")
+    _bad(["generate", "--prompt", "purple elephant", "--out", str(tmp_path / "o.png")], capsys,
+         "--prompt", "purple elephant", "red circle")
+    assert not list(tmp_path.iterdir())
+
+
+def test_bench_bad_input(tiny_folder, tmp_path, capsys, blocked):
+    out = tmp_path / "out"
+    base = ["bench", "--quick", "--model", str(tiny_folder), "--classes", "red circle", "--out", str(out)]
+    _bad(base + ["--methods", "warpcache"], capsys, "--methods", "warpcache")
+    _bad(base + ["--steps", "1"], capsys, "--steps", ">= 2")
+    _bad(["bench", "--model", str(tmp_path / "nowhere"), "--classes", "a", "--out", str(out)], capsys, "nowhere")
+    _bad(["bench", "--model", str(tiny_folder), "--out", str(out)], capsys, "--classes", "required")
+    _bad(["bench", "--model", str(tiny_folder), "--classes", "a", "--out", str(blocked)], capsys,
+         "--out", "cannot write")
+    _bad(["bench", "--frobnicate"], capsys, "unrecognized")
+    pytest.importorskip("fastcache_rt.models")
+    _bad(["bench", "--classes", "purple elephant", "--out", str(out)], capsys, "--classes", "purple elephant")
+    assert not out.exists() or not list(out.iterdir())
