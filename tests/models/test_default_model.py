@@ -182,3 +182,19 @@ def test_report_figures_exist():
         assert (docs / name).is_file(), name
     rel = json.loads((docs / "model_rel_l1.json").read_text())["rel_l1"]
     assert len(rel) == 49 and min(rel) > 0
+
+
+def test_training_is_deterministic_from_its_seed(tmp_path):
+    """Same seed (and thread count): bitwise the same weights; another seed: different ones."""
+    from safetensors.torch import load_file
+
+    def weights(name, seed):
+        out = tmp_path / name
+        assert train.main(["--out", str(out), "--steps", "3", "--batch", "2", "--vae-steps", "2", "--warmup", "1",
+                           "--seed", str(seed), "--no-report"]) == 0
+        return load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+
+    a, b, c = weights("a", 1), weights("b", 1), weights("c", 2)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
