@@ -89,7 +89,7 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    # every subpackage of fastcache_rt/ (policy, adapters, models, bench, ...) plus the Triton kernels from kernels/
+    # every subpackage of fastcache_rt/ (policy, families, models, bench, ...) plus the Triton kernels from kernels/
     packages=find_packages(include=["fastcache_rt", "fastcache_rt.*"]) + ["fastcache_rt.kernels"],
     package_dir={"fastcache_rt": "fastcache_rt", "fastcache_rt.kernels": "kernels"},
     # the shipped demo model (a diffusers pipeline folder: configs, tokenizers, safetensors weights)

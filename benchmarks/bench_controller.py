@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fastcache_rt  # noqa: E402
-from fastcache_rt.adapters.flux import FluxAdapter  # noqa: E402
+from fastcache_rt.controller import Controller  # noqa: E402
 
 FLUX_DOUBLE, FLUX_SINGLE = 19, 38
 
@@ -90,15 +90,15 @@ def time_full_step(model, inp, repeats):
 @torch.no_grad()
 def time_controller(model, inp, policy, steps, overrides):
     """Controller seconds per call over one generation, blocks stubbed out."""
-    orig = FluxAdapter.run_blocks
-    FluxAdapter.run_blocks = lambda self, m, i, hidden, encoder, start, stop: (hidden * 1.0, encoder)
+    orig = Controller._run
+    Controller._run = lambda self, li, original, kw, hidden, enc, start, stop: (hidden * 1.0, enc)
     try:
         with fastcache_rt.cached(model, policy, num_steps=steps, **overrides):
             for s in range(steps):
                 model(timestep=torch.full((1,), 1.0 - s / steps), **inp)
             st = fastcache_rt.stats(model)
     finally:
-        FluxAdapter.run_blocks = orig
+        Controller._run = orig
     return st["controller_seconds_per_call"], len(st["computed"]), st["cache_bytes"]
 
 

@@ -4,57 +4,78 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import types
+import logging
 import weakref
 
 import torch
 
-from .adapters import adapter_for
 from .controller import Controller
+from .families import family_for
+from .hooks import install, uninstall
 from .policy import Policy, resolve_policy
 
+logger = logging.getLogger("fastcache_rt")
 _ATTR = "_fastcache_rt"
+# the transformers of a pipeline, in the order they run (Wan 2.2 A14B: high noise, then low noise)
+_DENOISERS = ("transformer", "transformer_2")
 
 
 class Handle:
-    """Returned by ``enable``: the controller of one patched transformer."""
+    """Returned by ``enable``: the controllers of the patched transformer(s) of one target."""
 
-    def __init__(self, target, model, controller: Controller, restore: list):
+    def __init__(self, target, models: dict, controllers: dict, restore: list):
         self._target = weakref.ref(target)
-        self.model = model
-        self.controller = controller
+        self.models = models
+        self.controllers = controllers
         self._restore = restore
+
+    @property
+    def controller(self) -> Controller:
+        return next(iter(self.controllers.values()))
+
+    @property
+    def model(self):
+        return next(iter(self.models.values()))
 
     @property
     def policy(self) -> Policy:
         return self.controller.policy
 
     def new_generation(self, num_steps: int | None = None) -> None:
-        """Start a new generation (a pipeline does this by itself through its scheduler)."""
-        self.controller.new_generation(num_steps)
+        """Start a new generation (a pipeline does this by itself)."""
+        for c in self.controllers.values():
+            c.end_generation()
+            c.new_generation(num_steps)
 
     def stats(self) -> dict:
-        return self.controller.stats()
+        out = self.controller.stats()
+        if len(self.controllers) > 1:
+            out["models"] = {name: c.stats() for name, c in self.controllers.items()}
+        return out
 
     def disable(self) -> None:
         for undo in reversed(self._restore):
             undo()
         self._restore.clear()
-        for obj in (self.model, self._target()):
-            if obj is not None and getattr(obj, _ATTR, None) is self:
-                delattr(obj, _ATTR)
 
     def __repr__(self) -> str:
-        return f"fastcache_rt.Handle(policy={self.policy.name!r}, model={type(self.model).__name__})"
+        fams = ", ".join(f"{n}: {c.family.name}" for n, c in self.controllers.items())
+        return f"fastcache_rt.Handle(policy={self.policy.name!r}, {fams})"
 
 
-def _split(target):
-    """(pipeline or None, transformer)."""
+def _unwrap(model):
+    """A ``torch.compile``d module: its original module (hooks go there; the compiled wrapper traces them)."""
+    return getattr(model, "_orig_mod", model)
+
+
+def _split(target) -> tuple[object | None, dict]:
+    """(pipeline or None, {name: transformer})."""
     if isinstance(target, torch.nn.Module):
-        return None, target
-    model = getattr(target, "transformer", None)
-    if isinstance(model, torch.nn.Module):
-        return target, model
+        return None, {"transformer": _unwrap(target)}
+    models = {n: _unwrap(getattr(target, n)) for n in _DENOISERS if isinstance(getattr(target, n, None),
+                                                                               torch.nn.Module)}
+    if models:
+        return target, models
     raise TypeError(
         f"target: expected a diffusers pipeline with a .transformer or a transformer module, got {type(target).__name__}"
     )
@@ -76,83 +97,134 @@ def _patch_attr(obj, name: str, value, restore: list) -> None:
     restore.append(undo)
 
 
+def _check_grid(grid):
+    if grid is None:
+        return None
+    ok = isinstance(grid, (tuple, list)) and len(grid) in (2, 3) and all(
+        isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)
+    if not ok:
+        raise ValueError(f"grid: must be (H, W) or (F, H, W) of positive ints, got {grid!r}")
+    return tuple(grid) if len(grid) == 3 else (1, *grid)
+
+
 def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None = None,
-           grid: tuple[int, int] | None = None, **overrides) -> Handle:
-    """Turn caching on for a diffusers pipeline (its ``.transformer`` is patched) or a transformer module.
+           grid: tuple[int, ...] | None = None, **overrides) -> Handle:
+    """Turn caching on for a diffusers pipeline (its ``transformer``, and ``transformer_2`` where there is one,
+    each with its own state) or a transformer module.
 
     Args:
-        target: a pipeline or a transformer (FluxTransformer2DModel; see ``fastcache_rt.adapters``).
+        target: a pipeline or a transformer of a supported family (``fastcache_rt.families``), also a
+            ``torch.compile``d one.
         policy: a preset name (``fastcache_rt.PRESETS``) or a ``Policy``.
         num_steps: steps per generation, for a bare transformer (a pipeline announces it itself).
-        grid: (H, W) of the image-token grid, for FreqCa on non-square images without a pipeline.
+        grid: (H, W) or (F, H, W) of the image-token grid, for FreqCa where the family cannot tell it.
         **overrides: fields of the preset's gate or forecaster (e.g. ``threshold=0.4``, ``alpha=3.0``), or
             ``gate=``, ``forecaster=``, ``site=``.
 
     Returns a ``Handle``; ``fastcache_rt.disable(target)`` restores the original forward exactly.
     """
-    pipe, model = _split(target)
+    pipe, models = _split(target)
+    fams = {name: family_for(m) for name, m in models.items()}  # TypeError before anything is touched
     pol = resolve_policy(policy, **overrides)
+    pol.check_ready()
     if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
         raise ValueError(f"num_steps: must be an int >= 1, got {num_steps!r}")
-    if grid is not None and (len(grid) != 2 or any(not isinstance(g, int) or g < 1 for g in grid)):
-        raise ValueError(f"grid: must be (H, W) of positive ints, got {grid!r}")
-    if getattr(model, _ATTR, None) is not None:
-        getattr(model, _ATTR).disable()
-    adapter = adapter_for(model)
-    if getattr(pol.gate, "blocks", 0) >= adapter.num_blocks(model):
-        raise ValueError(f"blocks: the FBCache probe must leave blocks to skip ({adapter.num_blocks(model)} in all)")
-    controller = Controller(model, adapter, pol, num_steps=num_steps, grid=grid)
+    grid = _check_grid(grid)
+    for name, m in models.items():
+        sizes = [len(getattr(m, b.attr)) for b in fams[name].lists]
+        k = getattr(pol.gate, "blocks", 0) if pol.gate.probe == "first_blocks" else 0
+        if k > sizes[0] or k >= sum(sizes):
+            raise ValueError(f"blocks: the FBCache probe runs the first blocks of the first list and must leave "
+                             f"blocks to skip ({' + '.join(map(str, sizes))} blocks), got {k}")
+    for m in [target, *models.values()]:
+        if getattr(m, _ATTR, None) is not None:
+            getattr(m, _ATTR).disable()
+
     restore: list = []
-
-    def forward(self, *args, **kwargs):
-        return controller.forward(self, *args, **kwargs)
-
-    _patch_attr(model, "forward", types.MethodType(forward, model), restore)
+    controllers = {}
+    for name, m in models.items():
+        fam = fams[name]
+        coeffs = None
+        if pol.gate.probe == "modulated" and getattr(pol.gate, "coeffs", None) is None:
+            if fam.teacache:
+                coeffs = next(iter(fam.teacache.values()))
+            else:
+                logger.warning("fastcache_rt: no published TeaCache coefficients for %s; the relative change is "
+                               "accumulated unscaled (coeffs=(1, 0)): tune threshold= or pass coeffs=", fam.name)
+        ctl = Controller(m, fam, pol, num_steps=num_steps, grid=grid, coeffs=coeffs)
+        created = install(m, ctl)
+        restore.append(functools.partial(uninstall, m, ctl, created))
+        controllers[name] = ctl
     if pipe is not None:
-        sched = getattr(pipe, "scheduler", None)
-        if sched is not None and hasattr(sched, "set_timesteps"):
-            original = sched.set_timesteps
+        _watch_scheduler(pipe, list(controllers.values()), restore)
 
-            # functools.wraps keeps the signature visible: pipelines inspect it (e.g. for a `sigmas` parameter)
-            @functools.wraps(original)
-            def set_timesteps(*args, **kwargs):
-                result = original(*args, **kwargs)
-                controller.new_generation(len(sched.timesteps))
-                return result
+        def rewatch():
+            _watch_scheduler(pipe, list(controllers.values()), restore)
+            sched = pipe.scheduler
+            ts = getattr(sched, "timesteps", None)
+            steps = (len(ts) if ts is not None else 0) - int(getattr(sched, "begin_index", None) or 0)
+            for c in controllers.values():
+                c.end_generation()
+                c.new_generation(steps if steps > 0 else None)
 
-            _patch_attr(sched, "set_timesteps", set_timesteps, restore)
-            if hasattr(sched, "step"):
-                original_step = sched.step
-
-                @functools.wraps(original_step)
-                def step(*args, **kwargs):
-                    controller.step_done()
-                    return original_step(*args, **kwargs)
-
-                _patch_attr(sched, "step", step, restore)
-                controller.track_branches = True
-            if hasattr(sched, "set_begin_index"):
-                original_begin = sched.set_begin_index
-
-                @functools.wraps(original_begin)
-                def set_begin_index(begin_index: int = 0, *args, **kwargs):
-                    result = original_begin(begin_index, *args, **kwargs)
-                    if begin_index:  # img2img: only the tail of the schedule runs
-                        controller.new_generation(len(sched.timesteps) - int(begin_index))
-                    return result
-
-                _patch_attr(sched, "set_begin_index", set_begin_index, restore)
-    handle = Handle(target, model, controller, restore)
-    setattr(model, _ATTR, handle)
-    if pipe is not None:
-        setattr(pipe, _ATTR, handle)
-        restore.append(lambda: pipe.__dict__.pop(_ATTR, None))
-    restore.append(lambda: model.__dict__.pop(_ATTR, None))
+        for c in controllers.values():
+            c.rewatch = rewatch
+    handle = Handle(target, models, controllers, restore)
+    for obj in [target, *models.values()]:
+        setattr(obj, _ATTR, handle)
+        restore.append(functools.partial(obj.__dict__.pop, _ATTR, None))
     return handle
+
+
+def _watch_scheduler(pipe, controllers: list[Controller], restore: list) -> None:
+    """The pipeline's scheduler announces each generation's step count (``set_timesteps``, ``set_begin_index``
+    for img2img) and its steps (``step``: the next transformer call is the first branch of the next step)."""
+    sched = getattr(pipe, "scheduler", None)
+    if sched is None or not hasattr(sched, "set_timesteps"):
+        return
+    original = sched.set_timesteps
+
+    # functools.wraps keeps the signature visible: pipelines inspect it (e.g. for a `sigmas` parameter)
+    @functools.wraps(original)
+    def set_timesteps(*args, **kwargs):
+        result = original(*args, **kwargs)
+        for c in controllers:
+            c.end_generation()
+            c.new_generation(len(sched.timesteps))
+        return result
+
+    _patch_attr(sched, "set_timesteps", set_timesteps, restore)
+    if hasattr(sched, "step"):
+        original_step = sched.step
+
+        @functools.wraps(original_step)
+        def step(*args, **kwargs):
+            for c in controllers:
+                c.step_done()
+            return original_step(*args, **kwargs)
+
+        _patch_attr(sched, "step", step, restore)
+    if hasattr(sched, "set_begin_index"):
+        original_begin = sched.set_begin_index
+
+        @functools.wraps(original_begin)
+        def set_begin_index(begin_index: int = 0, *args, **kwargs):
+            result = original_begin(begin_index, *args, **kwargs)
+            if begin_index:  # img2img: only the tail of the schedule runs
+                for c in controllers:
+                    c.new_generation(len(sched.timesteps) - int(begin_index))
+            return result
+
+        _patch_attr(sched, "set_begin_index", set_begin_index, restore)
+    for c in controllers:
+        c.scheduler = sched
+        c.pipe = pipe
 
 
 def _handle(target) -> Handle:
     h = getattr(target, _ATTR, None)
+    if h is None and isinstance(target, torch.nn.Module):
+        h = getattr(_unwrap(target), _ATTR, None)
     if h is None and not isinstance(target, torch.nn.Module):
         h = getattr(getattr(target, "transformer", None), _ATTR, None)
     if h is None:
@@ -166,8 +238,9 @@ def disable(target) -> None:
 
 
 def stats(target) -> dict:
-    """For the last generation: ``num_steps``, ``computed`` / ``cached`` step indices, ``policy``, ``cache_bytes``,
-    ``controller_seconds`` (host time spent in the controller) and more."""
+    """For the last generation: ``num_steps``, ``computed`` / ``cached`` step indices (of the first stream),
+    ``per_stream`` (branch, shape, decisions of every stream), ``policy``, ``family``, ``cache_bytes``,
+    ``controller_seconds`` and more; ``models`` per transformer where a pipeline has two."""
     return _handle(target).stats()
 
 

@@ -1,54 +1,88 @@
-"""One cached denoising step, read top to bottom. The controller knows policies and nothing of models (the adapter
-does the model); the ops know tensors and nothing of either."""
+"""One cached denoising step, read top to bottom. The controller knows policies and nothing of models (the family
+declaration does the model); the ops know tensors and nothing of either.
+
+A model call goes: ``begin_call`` (the transformer's hook: which branch, which stream) -> ``list_head`` for each
+block list, where the first list's head probes, decides, and every list runs its blocks or skips them through
+``branch`` (the one point where eager and compiled differ: a host ``if`` or ``torch.cond``) -> ``end_call``.
+"""
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 
 import torch
 
-from .adapters import Adapter
+from .families import Family
 from .policy import Policy
-from .ops import layout as L
-from .state import MagCacheGateState, SignalGateState, StreamState
+from .stream import Step, StreamState
 
 logger = logging.getLogger("fastcache_rt")
+
+# keyword marking a block call made by the list takeover itself
+RUN = "_fastcache_rt_run"
 
 # Streams of one transformer at once: a CFG pair (or triple) at a few shapes.
 MAX_STREAMS = 8
 
 
+class Call:
+    """What one model call carries from its first block to its end."""
+
+    __slots__ = ("branch", "kwargs", "off", "st", "step", "compute", "base", "probe")
+
+    def __init__(self, branch, kwargs, off):
+        self.branch, self.kwargs, self.off = branch, kwargs, off
+        self.st: StreamState | None = None
+        self.step: Step | None = None
+        self.compute = True
+        self.base = None
+        self.probe = None
+
+
+def branch(compute, full, skip, operands: tuple):
+    """The branch of a step: ``compute`` is a host bool (eager) or a device bool (torch.compile: ``torch.cond``,
+    whose two sides return fresh dense tensors of one layout)."""
+    if isinstance(compute, bool):
+        return full(*operands) if compute else skip(*operands)
+
+    def dense(fn):
+        def run(*ops):
+            return tuple(t.clone(memory_format=torch.contiguous_format) for t in fn(*ops))
+        return run
+
+    return torch.cond(compute, dense(full), dense(skip), operands)
+
+
 class Controller:
-    def __init__(self, model, adapter: Adapter, policy: Policy, num_steps: int | None = None,
-                 grid: tuple[int, int] | None = None):
+    def __init__(self, model, family: Family, policy: Policy, *, num_steps: int | None = None,
+                 grid: tuple[int, ...] | None = None, coeffs=None):
         self.model = model
-        self.adapter = adapter
+        self.family = family
         self.policy = policy
         self.num_steps = num_steps
         self.grid = grid
-        params = list(inspect.signature(type(model).forward).parameters.values())[1:]  # without self
-        self.arg_names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        self.defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-        self.accepts = {p.name for p in params}
+        self.coeffs = coeffs
+        self.lists = [list(getattr(model, b.attr)) for b in family.lists]
+        self.probe_blocks = getattr(policy.gate, "blocks", 0) if policy.gate.probe == "first_blocks" else 0
         self.streams: dict[tuple, StreamState] = {}
-        self.probe_blocks = getattr(policy.gate, "blocks", 0) if getattr(policy.gate, "probe", None) == "first_blocks" \
-            else 0
+        self.call: Call | None = None
+        self.calls_this_step = 0  # fallback branch identity: the call's position between scheduler steps
+        self.scheduler = None  # the pipeline's scheduler, when it announces generations and steps
+        self.pipe = None
+        self.rewatch = None  # set by the API: watch the pipeline's current scheduler
+        self.generation = 0
         self.controller_seconds = 0.0
         self.calls = 0
         self._warned: set[str] = set()
-        # Under torch.compile a CFG branch is told apart by its position among the calls of one step: calls since the
-        # scheduler's last step() (a host int, so each branch traces its own graph once and selects its own state).
-        # Only when a pipeline's scheduler announces the steps; a bare transformer keeps one stream per shape there.
-        self.track_branches = False
-        self.calls_this_step = 0
+        self._norm1_emb: bool | None = None  # the probe's norm1 takes the conditioning as ``emb=``
+        self._last: list[StreamState] = []  # streams of the last generation (for stats)
 
     # ----------------------------------------------------------------------------------------------------------
     # generations
     # ----------------------------------------------------------------------------------------------------------
     def new_generation(self, num_steps: int | None = None) -> None:
-        """Announced by the pipeline (its scheduler's set_timesteps) or by the user: reset every stream."""
+        """Announced by the pipeline (its scheduler's set_timesteps), the cache context, or the user."""
         if num_steps is not None:
             if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
                 raise ValueError(f"num_steps: must be an int >= 1, got {num_steps!r}")
@@ -56,161 +90,285 @@ class Controller:
         if num_steps is not None and num_steps != self.num_steps:
             self.num_steps = num_steps
             self.streams.clear()  # buffers sized by the step count are allocated anew
-        # Eager streams are keyed by their text-embedding tensor, which a pipeline makes anew for every call: drop
-        # them. Streams of compiled callers (keyed by shape and call position) are kept and reset: nothing recompiles.
-        for key in [k for k in self.streams if k[-1][0] == "eager"]:
-            del self.streams[key]
-        self.calls_this_step = 0
         for st in self.streams.values():
-            st.begin_step(torch.full((), float("inf"), device=st.step.device))  # a jump up: reset on the device
-            st.last_t.fill_(float("inf"))
+            st.reset()
+        self.calls_this_step = 0
+        self.generation += 1
         self.controller_seconds = 0.0
         self.calls = 0
 
+    def end_generation(self) -> None:
+        """The pipeline finished a generation (diffusers resets stateful hooks at the end of every pipeline call):
+        keep what ``stats`` reports of it, warn about what it saw, and start the next one clean."""
+        if any(st.index or st.compiled for st in self.streams.values()):
+            self._last = self._stream_stats()
+            self.new_generation(None)
+
     def report_events(self) -> None:
-        """One-time warnings for non-finite probes / forecasts seen by the device (read at generation boundaries,
-        never inside a step)."""
+        """Warnings for what the device saw (read at the end of a generation, never inside a step)."""
         for st in self.streams.values():
-            bad_fc, bad_probe = (int(v) for v in st.events.tolist())
-            if bad_fc and "forecast" not in self._warned:
-                self._warned.add("forecast")
-                logger.warning("fastcache_rt: %d non-finite forecast(s) replaced by full steps", bad_fc)
-            if bad_probe and "probe" not in self._warned:
-                self._warned.add("probe")
-                logger.warning("fastcache_rt: %d step(s) with a non-finite probe were computed in full", bad_probe)
+            if st.index or st.compiled:
+                bad = int(st.events[0])
+                if bad:
+                    logger.warning("fastcache_rt: %d computed step(s) of this generation had a non-finite result "
+                                   "(the model produced NaN/Inf; caching did not cause it)", bad)
+                    st.events.zero_()
 
     def step_done(self) -> None:
         """The pipeline's scheduler finished a step: the next transformer call is the first branch of the next."""
         self.calls_this_step = 0
 
-    def _stream(self, inp) -> StreamState:
-        h = inp.hidden
-        if not torch.compiler.is_compiling() and "branch_key" in inp.extra:
-            branch = ("eager", inp.extra["branch_key"])
+    def _warn_once(self, key: str, msg: str, *args) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(msg, *args)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # the transformer's hook
+    # ----------------------------------------------------------------------------------------------------------
+    def before_call(self) -> None:
+        """Host bookkeeping before a call, outside any compiled region (from the pipeline's cache context, or at
+        the start of an eager call): a scheduler replaced after ``enable`` is watched from now on and announces
+        the generation it has set up."""
+        if self.pipe is not None and getattr(self.pipe, "scheduler", None) is not self.scheduler and \
+                self.rewatch is not None:
+            self.rewatch()
+
+    def begin_call(self, kwargs: dict, context) -> None:
+        fam = self.family
+        if context is None and not torch.compiler.is_compiling():
+            self.before_call()
+        off = any(kwargs.get(k) is not None for k in fam.uncached_kwargs)
+        if off:
+            self._warn_once("off", "fastcache_rt: %s called with %s: this call runs uncached", type(self.model).__name__,
+                            ", ".join(k for k in fam.uncached_kwargs if kwargs.get(k) is not None))
+        if context is not None:
+            name = ("context", context.name)
+        elif self.scheduler is not None:  # no cache context: the call's position among the calls of this step
+            name = ("position", self.calls_this_step)
+            self.calls_this_step += 1
+        else:  # a bare transformer: one stream per shape (CFG branches called separately need a cache context)
+            name = ("default", 0)
+        self.call = Call(name, kwargs, off)
+
+    def end_call(self, output):
+        call, self.call = self.call, None
+        if call is None or call.st is None or self.policy.site != "output":
+            return output
+        st = call.st
+        t0 = self._clock()
+        out = output[0] if isinstance(output, tuple) else output.sample
+        if tuple(out.shape) != st.shape:
+            raise ValueError(f"site: the model's output {tuple(out.shape)} differs from its latent input {st.shape} "
+                             f"({self.family.name}, e.g. a learned variance): use site='hidden'")
+        if call.compute is True:
+            value = out
         else:
-            position = 0
-            if self.track_branches:
-                position = self.calls_this_step
-                self.calls_this_step = position + 1
-            branch = ("position", position)
-        key = (tuple(h.shape), h.dtype, h.device, branch)
+            pred = st.fc.predict(st)
+            value = pred if call.compute is False else torch.where(call.compute, out, pred)
+        self._finish(call, value, lambda: value)
+        self._tick(t0)
+        if value is out:
+            return output
+        if isinstance(output, tuple):
+            return (value, *output[1:])
+        output.sample = value
+        return output
+
+    # ----------------------------------------------------------------------------------------------------------
+    # the blocks' hooks
+    # ----------------------------------------------------------------------------------------------------------
+    def block(self, li: int, j: int, module, original, args, kwargs):
+        call = self.call
+        if kwargs.pop(RUN, False) or call is None or call.off:
+            return original(*args, **kwargs)
+        spec = self.family.lists[li]
+        kw = _bind(module, args, kwargs)
+        if j > 0:  # the list's head ran the whole list: hand its result on
+            return _pack(spec, kw[spec.hidden], kw.get(spec.encoder) if spec.encoder else None)
+        return self.list_head(call, li, original, kw)
+
+    def list_head(self, call: Call, li: int, original, kw: dict):
+        spec = self.family.lists[li]
+        hidden = kw[spec.hidden]
+        enc = kw.get(spec.encoder) if spec.encoder else None
+        last = li == len(self.lists) - 1
+        start = 0
+        t0 = self._clock()
+        if li == 0:
+            # 1. the stream, the probe, the decision
+            base = self._image_part(call, spec, hidden)
+            st = call.st = self._stream(call, base)
+            call.step = Step(st.index if not torch.compiler.is_compiling() else None, st.step)
+            if self.probe_blocks:  # FBCache: the first blocks always run (model time); their residual is the probe
+                self._tick(t0)
+                first = hidden
+                hidden, enc = self._run(li, original, kw, hidden, enc, 0, self.probe_blocks)
+                start = self.probe_blocks
+                t0 = self._clock()
+                call.step.probe = hidden - first
+            elif self.policy.gate.probe == "modulated":
+                call.step.probe = self._probe(kw, hidden)
+            call.base = base if not start else self._image_part(call, spec, hidden)
+            call.compute = self._decide(st, call.step)
+        st, compute = call.st, call.compute
+        site = self.policy.site
+
+        # 2. the branch: run this list's blocks, or hand on the inputs (the last list: the forecast)
+        def full(h, *e):
+            self._tick(t0)
+            out = self._run(li, original, kw, h, e[0] if e else None, start, None)
+            if not e:
+                return out[:1]
+            # a last block that returns no text tokens (SD3's context_pre_only): hand the input's on
+            return out if out[1] is not None else (out[0], e[0])
+
+        def skip(h, *e):
+            if last and site != "output":
+                h = self._joined(spec, h, self._forecast(call))
+            return (h, *e)
+
+        if not isinstance(compute, bool):
+            _signatures_outside_cond(self.lists[li])
+        out = branch(compute, full, skip, (hidden,) if enc is None else (hidden, enc))
+        t1 = self._clock()
+        h = out[0]
+        e = out[1] if len(out) > 1 else None
+
+        # 3. the last list: record the site value (the "output" site records in end_call)
+        if last and site != "output":
+            img = self._image(spec, h, call.base)
+            value = img - call.base if site == "residual" else img
+            self._finish(call, value, lambda: img - call.base)
+        self._tick(t1)
+        return _pack(spec, h, e)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _stream(self, call: Call, hidden: torch.Tensor) -> StreamState:
+        key = (call.branch, tuple(hidden.shape), hidden.dtype, hidden.device)
         st = self.streams.get(key)
         if st is None:
-            if self.num_steps is None:
-                raise ValueError(
-                    "num_steps: the number of denoising steps is unknown; enable caching on the pipeline, or pass "
-                    "num_steps= to fastcache_rt.enable() / handle.new_generation()"
-                )
-            if len(self.streams) >= MAX_STREAMS:  # unannounced generations: keep memory bounded (LRU)
+            num_steps = self._num_steps()
+            if len(self.streams) >= MAX_STREAMS:  # keep memory bounded (least recently used goes)
                 del self.streams[min(self.streams, key=lambda k: self.streams[k].last_use)]
-            grid = self.grid or self.adapter.token_grid(self.model, inp)
-            shape, dtype = (tuple(h.shape), h.dtype) if self.policy.site != "output" else \
-                self.adapter.output_like(self.model, inp)
-            st = StreamState(self.policy, self.num_steps, tuple(shape), dtype, h.device, grid)
+            shape, dtype = tuple(hidden.shape), hidden.dtype
+            if self.policy.site == "output":  # the model's output has its latent input's shape
+                latent = call.kwargs.get(self.family.hidden_arg)
+                if not isinstance(latent, torch.Tensor):
+                    raise ValueError(f"site: 'output' needs the latent input {self.family.hidden_arg!r} as one tensor; "
+                                     f"{self.family.name} passes {type(latent).__name__}: use site='hidden'")
+                shape, dtype = tuple(latent.shape), latent.dtype
+            grid = self.grid or (self.family.grid(self.model, call.kwargs) if self.family.grid else None)
+            st = StreamState(self.policy, num_steps, shape, dtype, hidden.device, grid, self.coeffs)
             self.streams[key] = st
         if not torch.compiler.is_compiling():
             st.last_use = self.calls
+            self.calls += 1
         return st
 
-    # ----------------------------------------------------------------------------------------------------------
-    # one step
-    # ----------------------------------------------------------------------------------------------------------
-    def forward(self, model, *args, **kwargs):
-        a = self._arguments(args, kwargs)
-        compiling = torch.compiler.is_compiling()
-        adapter = self.adapter
+    def _num_steps(self) -> int:
+        if self.num_steps is None:
+            raise ValueError(
+                "num_steps: the number of denoising steps is unknown; enable caching on the pipeline, or pass "
+                "num_steps= to fastcache_rt.enable() / handle.new_generation()"
+            )
+        return self.num_steps
 
-        # 1. the inputs of the blocks (model code, not counted as controller time)
-        inp = adapter.embed(model, a)
-        if not compiling and a.get("encoder_hidden_states") is not None:
-            inp.extra["branch_key"] = a["encoder_hidden_states"].data_ptr()
-        base, enc = inp.hidden, inp.encoder
-        probe = None
-        if self.probe_blocks:  # FBCache: the first blocks always run (model time); their residual is the probe
-            base, enc = adapter.run_blocks(model, inp, base, enc, 0, self.probe_blocks)
-        t0 = self._clock(compiling)
-        if self.probe_blocks:
-            probe = base - inp.hidden
-        elif getattr(self.policy.gate, "probe", None) == "modulated":  # an extra norm1: controller time
-            probe = adapter.probe(model, inp)
-        st = self._stream(inp)
-        t = inp.timestep.reshape(-1)[0].float()
-        st.begin_step(t)
+    def _decide(self, st: StreamState, step: Step):
+        gate = st.gate
+        if step.index is not None:  # eager
+            if step.index >= st.num_steps:
+                self._warn_once("past", "fastcache_rt: step %d of a generation announced with %d steps: computing "
+                                "every further step (announce the step count: handle.new_generation(S))",
+                                step.index, st.num_steps)
+                if step.probe is not None:
+                    gate.decide(step)  # keep the gate's state moving
+                return True
+            c = gate.decide(step)
+            c = c if isinstance(c, bool) else bool(c)  # signal gates: the one host read of the step
+            return c or not st.host_has_cache
+        c = gate.decide(step)
+        if isinstance(c, bool):
+            c = torch.tensor(c, device=st.step.device)
+        return c | ~st.has_cache | (st.step >= st.num_steps)
 
-        # 2. the gate: a device bool, state updated on the device
-        gate_compute = st.gate.decide(st.step, probe, st.has_cache)
-        if probe is not None and isinstance(st.gate, SignalGateState):
-            bad_probe = ~torch.isfinite(st.gate.state[L.S_REL_L1])
-        else:
-            bad_probe = torch.zeros((), dtype=torch.bool, device=base.device)
+    def _finish(self, call: Call, value: torch.Tensor, residual) -> None:
+        call.st.gate.after(call.step, call.compute, residual)
+        call.st.end_step(call.compute, value)
 
-        # 3. the forecast for this step (used when skipping; a non-finite forecast forces a full step)
-        pred = st.fc.predict(st)
-        site = self.policy.site
-        y_pred = base + pred if site == "residual" else pred  # the hidden tokens, or the output for site "output"
-        pred_ok = torch.isfinite(y_pred).all()
-        compute = gate_compute | ~st.has_cache | ~pred_ok
-        st.events.add_(torch.stack([(st.has_cache & ~gate_compute & ~pred_ok), bad_probe]).to(torch.int64))
+    def _forecast(self, call: Call) -> torch.Tensor:
+        pred = call.st.fc.predict(call.st)
+        return call.base + pred if self.policy.site == "residual" else pred
 
-        # 4. the branch: y is the hidden tokens after the last block, or the model's output for site "output"
-        start = self.probe_blocks
-        if compiling:
-            if enc is None:  # torch.cond takes tensors: make the text tokens before the branch
-                enc = adapter.context(model, inp)
+    def _run(self, li, original, kw, hidden, enc, start, stop):
+        """Blocks [start, stop) of list ``li``, each called through the module (so every hook on it runs: group
+        offloading, layerwise casting, ...), with the arguments the list's first block got and the previous
+        block's hidden / text tokens."""
+        spec = self.family.lists[li]
+        blocks = self.lists[li]
+        stop = len(blocks) if stop is None else min(stop, len(blocks))
+        for j in range(start, stop):
+            kw = dict(kw)
+            kw[spec.hidden] = hidden
+            if spec.encoder is not None:
+                kw[spec.encoder] = enc
+            # through the module's call, as the model calls it; the marker tells fastcache_rt's own hook on the
+            # block to run the block (it is removed there)
+            out = blocks[j](**kw, **{RUN: True})
+            hidden, enc = _unpack(spec, out, enc)
+        return hidden, enc
 
-            def full_fn(b, e, yp):
-                y = adapter.run_blocks(model, inp, b, e, start, None)[0]
-                if site == "output":
-                    y = adapter.head(model, inp, y)
-                # a fresh tensor: both branches must return the same layout (block outputs may be offset views)
-                return y.clone(memory_format=torch.contiguous_format)
+    def _probe(self, kw: dict, hidden: torch.Tensor) -> torch.Tensor:
+        fam = self.family
+        if fam.probe == "temb":
+            return kw[fam.temb]
+        if fam.probe == "hidden":
+            return hidden
+        norm1 = self.lists[0][0].norm1
+        if self._norm1_emb is None:
+            import inspect
 
-            def skip_fn(b, e, yp):
-                return yp.clone(memory_format=torch.contiguous_format)
+            self._norm1_emb = "emb" in inspect.signature(type(norm1).forward).parameters
+        out = norm1(hidden, emb=kw[fam.temb]) if self._norm1_emb else norm1(hidden, kw[fam.temb])
+        return out[0] if isinstance(out, tuple) else out
 
-            y = torch.cond(compute, full_fn, skip_fn, (base, enc, y_pred))
-            t1 = 0.0
-            value = y - base if site == "residual" else y
-            snapshot = [b.clone() for b in st.fc.buffers()]
-            st.fc.record(st, value)
-            for buf, old in zip(st.fc.buffers(), snapshot):
-                buf.copy_(torch.where(compute, buf, old))
-        else:
-            do_compute = bool(compute)  # the one host read of the step
-            self.controller_seconds += time.perf_counter() - t0
-            if do_compute:
-                h, _ = adapter.run_blocks(model, inp, base, enc, start, None)
-                y = adapter.head(model, inp, h) if site == "output" else h
-                t1 = self._clock(compiling)
-                st.fc.record(st, y - base if site == "residual" else y)
-                if isinstance(st.gate, MagCacheGateState) and st.gate.calibrate:
-                    st.gate.observe(st.step, h - base)
-            else:
-                t1 = self._clock(compiling)
-                y = y_pred
-        st.gate.commit(compute, gate_compute)
-        st.end_step(compute)
-        if not compiling:
-            self.controller_seconds += time.perf_counter() - t1
-            self.calls += 1
-
-        # 5. the output head with this step's conditioning (already applied for site "output")
-        return adapter.wrap(inp, y) if site == "output" else adapter.finish(model, inp, y)
-
-    def _arguments(self, args, kwargs) -> dict:
-        if len(args) > len(self.arg_names):
-            raise TypeError(f"forward() takes {len(self.arg_names)} positional arguments, got {len(args)}")
-        a = dict(self.defaults)
-        a.update(zip(self.arg_names, args))
-        for k, v in kwargs.items():
-            if k not in self.accepts:
-                raise TypeError(f"forward() got an unexpected keyword argument {k!r}")
-            a[k] = v
-        return a
+    def _image_part(self, call: Call, spec, hidden: torch.Tensor) -> torch.Tensor:
+        """The image tokens of the first list's input: all of it, or, where the model joined text and image
+        tokens before the first list, the part the family's token grid covers."""
+        if spec.joined is None:
+            return hidden
+        grid = self.grid or (self.family.grid(self.model, call.kwargs) if self.family.grid else None)
+        if grid is None:
+            return hidden
+        n = 1
+        for g in grid:
+            n *= g
+        if n >= hidden.shape[-2]:
+            return hidden
+        return hidden[..., -n:, :] if spec.joined == "text_first" else hidden[..., :n, :]
 
     @staticmethod
-    def _clock(compiling: bool) -> float:
-        return 0.0 if compiling else time.perf_counter()
+    def _image(spec, h: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        n = base.shape[-2]
+        if spec.joined is None or h.shape[-2] == n:
+            return h
+        return h[..., -n:, :] if spec.joined == "text_first" else h[..., :n, :]
+
+    @staticmethod
+    def _joined(spec, h_in: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        n = img.shape[-2]
+        if spec.joined is None or h_in.shape[-2] == n:
+            return img
+        if spec.joined == "text_first":
+            return torch.cat([h_in[..., :-n, :], img], dim=-2)
+        return torch.cat([img, h_in[..., n:, :]], dim=-2)
+
+    def _clock(self) -> float:
+        return 0.0 if torch.compiler.is_compiling() else time.perf_counter()
+
+    def _tick(self, t0: float) -> None:
+        if t0:
+            self.controller_seconds += time.perf_counter() - t0
 
     # ----------------------------------------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -218,26 +376,82 @@ class Controller:
         out = {
             "policy": self.policy.name,
             "policy_spec": repr(self.policy),
+            "family": self.family.name,
             "num_steps": self.num_steps,
             "streams": len(streams),
             "cache_bytes": sum(s.cache_bytes() for s in streams),
             "controller_seconds": self.controller_seconds,
             "calls": self.calls,
         }
-        if streams:
-            st = streams[0]
-            n = min(int(st.step), st.num_steps)
-            log = st.log[:n].tolist()
-            out["computed"] = [i for i, c in enumerate(log) if c]
-            out["cached"] = [i for i, c in enumerate(log) if not c]
-            out["per_stream_computed"] = [[i for i, c in enumerate(s.log[: min(int(s.step), s.num_steps)].tolist())
-                                           if c] for s in streams]
-            bad_fc, bad_probe = (int(v) for v in st.events.tolist())
-            out["nonfinite_forecasts"], out["nonfinite_probes"] = bad_fc, bad_probe
-            if isinstance(st.gate, MagCacheGateState) and st.gate.calibrate:
-                out["mag_ratios"] = [float(v) for v in st.gate.measured[:n].tolist()]
-        else:
-            out.update(computed=[], cached=[], per_stream_computed=[])
-        steps = max(self.calls, 1)
-        out["controller_seconds_per_call"] = self.controller_seconds / steps
+        live = [s for s in streams if s.index or s.compiled]
+        per = self._stream_stats() if live or not self._last else self._last
+        out["per_stream"] = per
+        out["per_stream_computed"] = [p["computed"] for p in per]
+        first = per[0] if per else {"computed": [], "cached": []}
+        out["computed"], out["cached"] = first["computed"], first["cached"]
+        out["nonfinite"] = sum(p["nonfinite"] for p in per)
+        ratios = [p["mag_ratios"] for p in per if "mag_ratios" in p]
+        if ratios:
+            out["mag_ratios"] = ratios[0]
+        out["controller_seconds_per_call"] = self.controller_seconds / max(self.calls, 1)
         return out
+
+
+    def _stream_stats(self) -> list[dict]:
+        per = []
+        for key, s in self.streams.items():
+            log = s.decisions()
+            row = {"branch": key[0][1], "shape": list(key[1]), "computed": [i for i, c in enumerate(log) if c],
+                   "cached": [i for i, c in enumerate(log) if not c], "nonfinite": int(s.events[0])}
+            if hasattr(s.gate, "ratios"):
+                row["mag_ratios"] = s.gate.ratios(len(log))
+            per.append(row)
+        return per
+
+
+def _signatures_outside_cond(blocks) -> None:
+    """diffusers' attention modules read ``inspect.signature(self.processor.__call__)`` on every call. Traced for
+    the first time inside a ``torch.cond`` branch, that fails in torch 2.13's dynamo ("'Signature' object has no
+    attribute '_parameters'"); traced once before the branch, it works. This costs nothing at run time: it only
+    runs while dynamo traces."""
+    import inspect
+
+    for block in blocks:
+        for mod in block.modules():
+            proc = getattr(mod, "processor", None)
+            if proc is not None and callable(proc):
+                inspect.signature(proc.__call__)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# block I/O, by the family's declaration
+# -------------------------------------------------------------------------------------------------------------
+_SIGNATURES: dict[type, list[str]] = {}
+
+
+def _bind(module, args, kwargs) -> dict:
+    """The call's arguments by name (blocks are called positionally by some models, by keyword by others)."""
+    if not args:
+        return dict(kwargs)
+    names = _SIGNATURES.get(type(module))
+    if names is None:
+        import inspect
+
+        params = list(inspect.signature(type(module).forward).parameters.values())[1:]
+        names = _SIGNATURES[type(module)] = [p.name for p in params]
+    kw = dict(zip(names, args))
+    kw.update(kwargs)
+    return kw
+
+
+def _unpack(spec, out, enc):
+    if spec.returns == ("hidden",):
+        return (out[0] if isinstance(out, tuple) else out), enc
+    vals = dict(zip(spec.returns, out))
+    return vals["hidden"], vals.get("encoder", enc)
+
+
+def _pack(spec, hidden, enc):
+    if spec.returns == ("hidden",):
+        return hidden
+    return tuple(hidden if r == "hidden" else enc for r in spec.returns)

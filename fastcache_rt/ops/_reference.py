@@ -23,9 +23,7 @@ from .layout import (
     S_COMPUTED,
     S_CONSEC,
     S_HAS_CACHE,
-    S_LAST_COMPUTE,
     S_NONFINITE,
-    S_REL_L1,
     S_STEP,
     STATE_LEN,
 )

@@ -1,21 +1,37 @@
-"""Forecasters: what a skipped step gets. Validated dataclasses; the runtime keeps their buffers on the device and
-computes through the fused ops (``chebyshev_forecast``, ``taylor_update`` / ``taylor_forecast``,
-``hermite_forecast``)."""
+"""Forecasters: what a skipped step gets. Each is a validated config dataclass with ``make_state(shape, dtype,
+device, num_steps, grid)`` returning its device state, which implements:
+
+    record(st, value, compute)  after the branch: remember this step's site value; ``compute`` is a host True
+                                (eager: called only on computed steps) or a device bool (compiled: the write is
+                                masked by it, touching only the rows it would change)
+    predict(st) -> tensor       the site value for the current step (``st.step`` / ``st.last_full`` on the device)
+    reset()                     a new generation
+    tensors()                   device memory held (for ``cache_bytes``)
+
+The math runs in the fused ops (``chebyshev_forecast``, ``taylor_update`` / ``taylor_forecast``,
+``hermite_forecast``). A new forecaster is one class plus its name in ``FORECASTERS``."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from ._validate import check
+import torch
+
+from .. import ops
+from ._validate import check, is_int, is_number
+
+
+def _masked(compute, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    return new if compute is True else torch.where(compute, new, old)
 
 
 @dataclass(frozen=True)
 class Reuse:
     """Reuse the value cached at the last full step (TeaCache, FORA, FBCache, MagCache)."""
 
-    def rows(self) -> int:
-        return 1
+    def make_state(self, shape, dtype, device, num_steps, grid):
+        return ReuseState(shape, dtype, device)
 
 
 @dataclass(frozen=True)
@@ -26,10 +42,10 @@ class Taylor:
     order: int = 1
 
     def __post_init__(self):
-        check(self, "order", isinstance(self.order, int) and 0 <= self.order <= 8, "an int in [0, 8]")
+        check(self, "order", is_int(self.order) and 0 <= self.order <= 8, "an int in [0, 8]")
 
-    def rows(self) -> int:
-        return self.order + 1
+    def make_state(self, shape, dtype, device, num_steps, grid):
+        return TaylorState(self.order, shape, dtype, device)
 
 
 @dataclass(frozen=True)
@@ -43,34 +59,186 @@ class Chebyshev:
     history: int = 16
 
     def __post_init__(self):
-        check(self, "degree", isinstance(self.degree, int) and 0 <= self.degree <= 16, "an int in [0, 16]")
-        check(self, "lam", isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0,
-              "a finite number >= 0")
-        check(self, "blend", isinstance(self.blend, (int, float)) and 0 <= self.blend <= 1, "a number in [0, 1]")
-        check(self, "history", isinstance(self.history, int) and 1 <= self.history <= 128, "an int in [1, 128]")
+        check(self, "degree", is_int(self.degree) and 0 <= self.degree <= 16, "an int in [0, 16]")
+        check(self, "lam", is_number(self.lam) and self.lam >= 0, "a finite number >= 0")
+        check(self, "blend", is_number(self.blend) and 0 <= self.blend <= 1, "a number in [0, 1]")
+        check(self, "history", is_int(self.history) and 1 <= self.history <= 128, "an int in [1, 128]")
 
-    def rows(self) -> int:
-        return self.history
+    def make_state(self, shape, dtype, device, num_steps, grid):
+        return ChebyshevState(self, shape, dtype, device, num_steps)
 
 
 @dataclass(frozen=True)
 class FreqCa:
-    """FreqCa: split the cached tensor over the token grid with an orthonormal 2-D DCT; the low band (radial index
-    <= ``cutoff`` of the largest) is reused, the high band forecast with Hermite-weighted finite differences up to
-    ``order`` (scale 0.71). Any H x W grid."""
+    """FreqCa: split the cached tensor over the token grid with an orthonormal DCT (2-D over height x width for
+    images, 3-D over frames x height x width for video); the low band (radial index <= ``cutoff`` of the largest)
+    is reused, the high band forecast with Hermite-weighted finite differences up to ``order`` (scale 0.71)."""
 
     cutoff: float = 0.1
     order: int = 2
     scale: float = 0.71
 
     def __post_init__(self):
-        check(self, "cutoff", isinstance(self.cutoff, (int, float)) and 0 <= self.cutoff <= 1, "a fraction in [0, 1]")
-        check(self, "order", isinstance(self.order, int) and 0 <= self.order <= 8, "an int in [0, 8]")
-        check(self, "scale", isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0,
-              "a finite number > 0")
+        check(self, "cutoff", is_number(self.cutoff) and 0 <= self.cutoff <= 1, "a fraction in [0, 1]")
+        check(self, "order", is_int(self.order) and 0 <= self.order <= 8, "an int in [0, 8]")
+        check(self, "scale", is_number(self.scale) and self.scale > 0, "a finite number > 0")
 
-    def rows(self) -> int:
-        return self.order + 2  # high-band differences + the low band
+    def make_state(self, shape, dtype, device, num_steps, grid):
+        return FreqCaState(self, shape, dtype, device, grid)
 
 
 FORECASTERS = {"reuse": Reuse, "taylor": Taylor, "chebyshev": Chebyshev, "freqca": FreqCa}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# states
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ReuseState:
+    def __init__(self, shape, dtype, device):
+        self.buf = torch.zeros(shape, dtype=dtype, device=device)
+
+    def record(self, st, v, compute) -> None:
+        self.buf.copy_(_masked(compute, v, self.buf))
+
+    def predict(self, st) -> torch.Tensor:
+        return self.buf
+
+    def reset(self) -> None:
+        pass
+
+    def tensors(self):
+        return [self.buf]
+
+
+class TaylorState:
+    def __init__(self, order: int, shape, dtype, device):
+        self.K = order + 1
+        self.diffs = torch.zeros((self.K, *shape), dtype=dtype, device=device)
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+
+    def _update(self, diffs, v, st, compute) -> None:
+        gap = (st.step - st.last_full).clamp(min=1).float()
+        if compute is True:
+            ops.taylor_update(diffs, v, gap, count=self.count)
+        else:  # masked: the K difference rows are the whole state (K = order + 1, small)
+            new = diffs.clone()
+            ops.taylor_update(new, v, gap, count=self.count)
+            diffs.copy_(torch.where(compute, new, diffs))
+        self.count.copy_(_masked(compute, (self.count + 1).clamp(max=self.K), self.count))
+
+    def record(self, st, v, compute) -> None:
+        self._update(self.diffs, v, st, compute)
+
+    def predict(self, st) -> torch.Tensor:
+        return ops.taylor_forecast(self.diffs, (st.step - st.last_full).float())
+
+    def reset(self) -> None:
+        self.count.zero_()
+
+    def tensors(self):
+        return [self.diffs, self.count]
+
+
+class ChebyshevState:
+    """A ring buffer of the last ``history`` full steps' values and their times; the forecast is one fused op."""
+
+    def __init__(self, fc: Chebyshev, shape, dtype, device, num_steps: int):
+        self.fc = fc
+        self.cap = min(fc.history, num_steps)
+        self.hist = torch.zeros((self.cap, *shape), dtype=dtype, device=device)
+        self.taus = torch.zeros(self.cap, dtype=torch.float32, device=device)
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self.scale = 2.0 / (num_steps - 1) if num_steps > 1 else 0.0
+
+    def tau(self, step: torch.Tensor) -> torch.Tensor:
+        # the run's own step range mapped onto [-1, 1]
+        return step.float() * self.scale - (1.0 if self.scale else 0.0)
+
+    def record(self, st, v, compute) -> None:
+        row = (self.count % self.cap).view(1)
+        # masked by the decision: one row is written (with itself when not computing), never the whole history
+        self.hist.index_copy_(0, row, _masked(compute, v, self.hist.index_select(0, row)[0]).unsqueeze(0))
+        self.taus.index_copy_(0, row, _masked(compute, self.tau(st.step), self.taus.index_select(0, row)[0]).view(1))
+        self.count.add_(1 if compute is True else compute.long())
+
+    def predict(self, st) -> torch.Tensor:
+        fc = self.fc
+        cnt = self.count.clamp(min=1)  # before the first record the prediction is unused (and finite)
+        return ops.chebyshev_forecast(self.hist, self.taus, self.tau(st.step), fc.degree, fc.lam, count=cnt,
+                                      blend=fc.blend, validate=False)
+
+    def reset(self) -> None:
+        self.count.zero_()
+
+    def tensors(self):
+        return [self.hist, self.taus, self.count]
+
+
+def dct_matrix(n: int, device, dtype=torch.float32) -> torch.Tensor:
+    """Orthonormal DCT-II matrix C (n x n): X = C x."""
+    k = torch.arange(n, dtype=torch.float64).unsqueeze(1)
+    i = torch.arange(n, dtype=torch.float64).unsqueeze(0)
+    c = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    c[0] /= math.sqrt(2.0)
+    return c.to(device=device, dtype=dtype)
+
+
+class FreqCaState:
+    """Low band of the token grid's orthonormal DCT (radial index <= cutoff * max over (frames, height, width))
+    reused; high band forecast with Hermite-weighted differences. The DCT is separable: one small matrix per grid
+    axis, applied along that axis (a 2-D image grid is the case frames = 1)."""
+
+    def __init__(self, fc: FreqCa, shape, dtype, device, grid):
+        N = shape[-2]
+        if grid is None:
+            side = int(round(math.sqrt(N)))
+            if side * side != N:
+                raise ValueError(f"FreqCa needs the token grid for {N} tokens; pass grid=(H, W) or (F, H, W) to "
+                                 "enable()")
+            grid = (1, side, side)
+        grid = tuple(int(g) for g in grid)
+        if len(grid) == 2:
+            grid = (1, *grid)
+        if math.prod(grid) != N:
+            raise ValueError(f"grid: {' x '.join(map(str, grid))} != {N} tokens")
+        self.fc, self.grid = fc, grid
+        self.K = fc.order + 1
+        self.low = torch.zeros(shape, dtype=dtype, device=device)
+        self.diffs = torch.zeros((self.K, *shape), dtype=dtype, device=device)
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self.mats = [dct_matrix(n, device) for n in grid]
+        axes = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in grid], indexing="ij")
+        radius = torch.sqrt(sum(a * a for a in axes))
+        self.mask = (radius <= fc.cutoff * radius.max()).to(torch.float32).to(device)
+
+    def lowpass(self, v: torch.Tensor) -> torch.Tensor:
+        F, H, W = self.grid
+        lead = v.shape[:-2]
+        x = v.float().reshape(-1, F, H, W, v.shape[-1])
+        x = self._along(x, False) * self.mask[None, ..., None]  # the spectrum, low band kept
+        return self._along(x, True).reshape(*lead, F * H * W, v.shape[-1]).to(v.dtype)
+
+    def _along(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:
+        """The separable DCT (or its inverse), one grid axis at a time; axes of length 1 are the identity."""
+        for axis, c in zip((1, 2, 3), self.mats):
+            if c.shape[0] == 1:
+                continue
+            x = torch.tensordot(c.t() if inverse else c, x.movedim(axis, 0), dims=1).movedim(0, axis)
+        return x
+
+    def record(self, st, v, compute) -> None:
+        lo = self.lowpass(v)
+        self.low.copy_(_masked(compute, lo, self.low))
+        TaylorState._update(self, self.diffs, v - lo, st, compute)
+
+    def predict(self, st) -> torch.Tensor:
+        x = (st.step - st.last_full).float()
+        return self.low + ops.hermite_forecast(self.diffs, x, scale=self.fc.scale)
+
+    def reset(self) -> None:
+        self.count.zero_()
+
+    def tensors(self):
+        return [self.low, self.diffs, self.count, self.mask, *self.mats]

@@ -1,8 +1,11 @@
-"""Gates: when to run the transformer. Validated dataclasses; the runtime turns each into device-side logic.
+"""Gates: when to run the transformer. Each gate is a validated config dataclass with ``make_state(num_steps,
+device, coeffs)`` returning its state object, which implements the protocol below; the controller knows nothing
+else of a gate. A new gate is one class here (or in any module) plus its name in ``GATES``.
 
-Every gate decides on the device and keeps its state on the device. Schedule gates (every step, fixed interval,
-Spectrum's adaptive interval) are a precomputed boolean mask over the run's steps; signal gates (TeaCache,
-SpectralCache, FBCache) go through the fused ``gate_step`` op; MagCache through its calibrated ratio table.
+Schedule gates (every step, fixed interval, Spectrum's adaptive interval, MagCache with calibrated ratios) depend
+only on the step index: their compute mask is known before the run, so in eager mode they decide on the host with
+no device op and no read. Signal gates (TeaCache, SpectralCache, FBCache) decide on the device in one fused
+``gate_step`` launch.
 """
 
 from __future__ import annotations
@@ -10,7 +13,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ._validate import check, check_coeffs
+import torch
+
+from .. import ops
+from ..ops import layout as L
+from ._validate import check, check_coeffs, is_int, is_number
 
 FLUX_TEACACHE_COEFFS = (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861)
 
@@ -19,10 +26,13 @@ FLUX_TEACACHE_COEFFS = (498.651651, -283.781631, 55.8554382, -3.82021401, 0.2642
 class EveryStep:
     """Run the transformer at every step (no caching): the baseline."""
 
-    kind = "schedule"
+    probe = None
 
     def schedule(self, num_steps: int) -> list[bool]:
         return [True] * num_steps
+
+    def make_state(self, num_steps: int, device, coeffs=None):
+        return ScheduleState(self.schedule(num_steps), device)
 
 
 @dataclass(frozen=True)
@@ -32,14 +42,16 @@ class FixedInterval:
 
     interval: int = 3
     warmup: int = 1
-    kind = "schedule"
+    probe = None
 
     def __post_init__(self):
-        check(self, "interval", isinstance(self.interval, int) and self.interval >= 1, "an int >= 1")
-        check(self, "warmup", isinstance(self.warmup, int) and self.warmup >= 1, "an int >= 1 (step 0 must run)")
+        check(self, "interval", is_int(self.interval) and self.interval >= 1, "an int >= 1")
+        check(self, "warmup", is_int(self.warmup) and self.warmup >= 1, "an int >= 1 (step 0 must run)")
 
     def schedule(self, num_steps: int) -> list[bool]:
         return [s < self.warmup or (s - self.warmup + 1) % self.interval == 0 for s in range(num_steps)]
+
+    make_state = EveryStep.make_state
 
 
 @dataclass(frozen=True)
@@ -50,13 +62,12 @@ class SpectrumSchedule:
     interval: float = 2.0
     alpha: float = 0.75
     warmup: int = 5
-    kind = "schedule"
+    probe = None
 
     def __post_init__(self):
-        check(self, "interval", isinstance(self.interval, (int, float)) and self.interval >= 1, "a number >= 1")
-        check(self, "alpha", isinstance(self.alpha, (int, float)) and self.alpha >= 0 and math.isfinite(self.alpha),
-              "a finite number >= 0")
-        check(self, "warmup", isinstance(self.warmup, int) and self.warmup >= 1, "an int >= 1")
+        check(self, "interval", is_number(self.interval) and self.interval >= 1, "a finite number >= 1")
+        check(self, "alpha", is_number(self.alpha) and self.alpha >= 0, "a finite number >= 0")
+        check(self, "warmup", is_int(self.warmup) and self.warmup >= 1, "an int >= 1")
 
     def schedule(self, num_steps: int) -> list[bool]:
         out = [False] * num_steps
@@ -71,20 +82,26 @@ class SpectrumSchedule:
             out[s] = True
         return out
 
+    make_state = EveryStep.make_state
+
 
 @dataclass(frozen=True)
 class TeaCacheGate:
     """TeaCache: relative L1 change of the modulated input (first block's norm1), rescaled by a per-model polynomial
-    (highest power first) and accumulated; compute when the sum reaches ``threshold``. First and last steps run."""
+    (highest power first) and accumulated; compute when the sum reaches ``threshold``. First and last steps run.
+    ``coeffs=None``: the model family's published coefficients (identity where none are published)."""
 
     threshold: float = 0.6
-    coeffs: tuple[float, ...] = FLUX_TEACACHE_COEFFS
-    kind = "signal"
+    coeffs: tuple[float, ...] | None = None
     probe = "modulated"
 
     def __post_init__(self):
         check(self, "threshold", _pos(self.threshold), "a finite number > 0")
-        object.__setattr__(self, "coeffs", check_coeffs(self, "coeffs", self.coeffs))
+        if self.coeffs is not None:
+            object.__setattr__(self, "coeffs", check_coeffs(self, "coeffs", self.coeffs))
+
+    def make_state(self, num_steps: int, device, coeffs=None):
+        return SignalState("modulated", self.threshold, num_steps, device, coeffs=self.coeffs or coeffs or (1.0, 0.0))
 
 
 @dataclass(frozen=True)
@@ -94,25 +111,30 @@ class SpectralCacheGate:
     threshold multipliers ``gammas``)."""
 
     threshold: float = 0.6
-    coeffs: tuple[float, ...] = FLUX_TEACACHE_COEFFS
+    coeffs: tuple[float, ...] | None = None
     tads: tuple[float, float] = (0.5, 1.5)
     max_cached: int = 2
     split: float = 0.5
     gammas: tuple[float, float] = (0.8, 1.5)
-    kind = "signal"
     probe = "modulated"
 
     def __post_init__(self):
         check(self, "threshold", _pos(self.threshold), "a finite number > 0")
-        object.__setattr__(self, "coeffs", check_coeffs(self, "coeffs", self.coeffs))
-        t = tuple(self.tads)
-        check(self, "tads", len(t) == 2 and all(_pos(v) for v in t) and t[0] <= t[1], "(s_min, s_max), 0 < s_min <= s_max")
-        object.__setattr__(self, "tads", (float(t[0]), float(t[1])))
-        check(self, "max_cached", isinstance(self.max_cached, int) and self.max_cached >= 1, "an int >= 1")
-        check(self, "split", isinstance(self.split, (int, float)) and 0 < self.split < 1, "a fraction in (0, 1)")
-        g = tuple(self.gammas)
-        check(self, "gammas", len(g) == 2 and all(_pos(v) for v in g), "two finite numbers > 0")
-        object.__setattr__(self, "gammas", (float(g[0]), float(g[1])))
+        if self.coeffs is not None:
+            object.__setattr__(self, "coeffs", check_coeffs(self, "coeffs", self.coeffs))
+        t = _pair(self, "tads")
+        check(self, "tads", t is not None and all(_pos(v) for v in t) and t[0] <= t[1],
+              "(s_min, s_max) with 0 < s_min <= s_max")
+        object.__setattr__(self, "tads", t)
+        check(self, "max_cached", is_int(self.max_cached) and self.max_cached >= 1, "an int >= 1")
+        check(self, "split", is_number(self.split) and 0 < self.split < 1, "a fraction in (0, 1)")
+        g = _pair(self, "gammas")
+        check(self, "gammas", g is not None and all(_pos(v) for v in g), "two finite numbers > 0")
+        object.__setattr__(self, "gammas", g)
+
+    def make_state(self, num_steps: int, device, coeffs=None):
+        return SignalState("modulated", self.threshold, num_steps, device, coeffs=self.coeffs or coeffs or (1.0, 0.0),
+                           tads=self.tads, max_cached=self.max_cached, split=self.split, gammas=self.gammas)
 
 
 @dataclass(frozen=True)
@@ -122,12 +144,15 @@ class FBCacheGate:
 
     threshold: float = 0.05
     blocks: int = 1
-    kind = "signal"
     probe = "first_blocks"
 
     def __post_init__(self):
         check(self, "threshold", _pos(self.threshold), "a finite number > 0")
-        check(self, "blocks", isinstance(self.blocks, int) and self.blocks >= 1, "an int >= 1")
+        check(self, "blocks", is_int(self.blocks) and self.blocks >= 1, "an int >= 1")
+
+    def make_state(self, num_steps: int, device, coeffs=None):
+        return SignalState("first_blocks", self.threshold, num_steps, device, coeffs=(1.0, 0.0), accumulate=False,
+                           against_last_computed=True)
 
 
 @dataclass(frozen=True)
@@ -136,31 +161,38 @@ class MagCacheGate:
     skip while ``err <= threshold`` and at most ``max_skip`` steps since the last full one; the first
     ``round(retention * S)`` steps run. ``ratios`` come from a calibration run (``calibrate=True`` computes every
     step and leaves the measured ratios in ``fastcache_rt.stats(target)["mag_ratios"]``) and are interpolated
-    (nearest) to the run's step count."""
+    (nearest) to the run's step count. The rule reads only the step index, so the whole schedule is computed once
+    per generation on the host."""
 
     threshold: float = 0.24
     max_skip: int = 5
     retention: float = 0.1
     ratios: tuple[float, ...] | None = None
     calibrate: bool = False
-    kind = "magcache"
+    probe = None
 
     def __post_init__(self):
         check(self, "threshold", _pos(self.threshold), "a finite number > 0")
-        check(self, "max_skip", isinstance(self.max_skip, int) and self.max_skip >= 1, "an int >= 1")
-        check(self, "retention", isinstance(self.retention, (int, float)) and 0 <= self.retention < 1,
-              "a fraction in [0, 1)")
-        if self.ratios is not None:
-            r = tuple(float(v) for v in self.ratios)
-            check(self, "ratios", len(r) >= 1 and all(math.isfinite(v) and v > 0 for v in r),
-                  "a non-empty sequence of finite numbers > 0")
-            object.__setattr__(self, "ratios", r)
+        check(self, "max_skip", is_int(self.max_skip) and self.max_skip >= 1, "an int >= 1")
+        check(self, "retention", is_number(self.retention) and 0 <= self.retention < 1, "a fraction in [0, 1)")
         check(self, "calibrate", isinstance(self.calibrate, bool), "a bool")
+        if self.ratios is not None:
+            try:
+                r = tuple(_num(v) for v in self.ratios)
+            except (TypeError, ValueError):
+                r = ()
+            check(self, "ratios", len(r) >= 1 and all(math.isfinite(v) and v > 0 for v in r),
+                  "a non-empty sequence of finite numbers > 0 (from a calibrate=True run)")
+            object.__setattr__(self, "ratios", r)
+
+    def check_ready(self) -> None:
+        """Called by ``enable``: MagCache cannot run without ratios (the preset has none)."""
+        if self.ratios is None and not self.calibrate:
+            raise ValueError("MagCacheGate.ratios: MagCache needs calibrated ratios; run one generation with "
+                             "fastcache_rt.enable(target, 'magcache', calibrate=True), then pass "
+                             "fastcache_rt.stats(target)['mag_ratios'] as ratios=...")
 
     def table(self, num_steps: int) -> list[float]:
-        if self.ratios is None:
-            raise ValueError("MagCacheGate.ratios: MagCache needs calibrated ratios; run one generation with "
-                             "calibrate=True and pass stats(target)['mag_ratios'] as ratios=...")
         src = self.ratios
         if len(src) == num_steps:
             return list(src)
@@ -169,9 +201,48 @@ class MagCacheGate:
         scale = (len(src) - 1) / (num_steps - 1)
         return [src[int(math.floor(i * scale + 0.5))] for i in range(num_steps)]
 
+    def schedule(self, num_steps: int) -> list[bool]:
+        table = self.table(num_steps)
+        keep = int(math.floor(self.retention * num_steps + 0.5))
+        ratio, err, since, has = 1.0, 0.0, 0, False
+        out = []
+        for s in range(num_steps):
+            compute = True
+            if s >= keep:
+                ratio *= table[s]
+                since += 1
+                err += abs(1.0 - ratio)
+                if has and err <= self.threshold and since <= self.max_skip:
+                    compute = False
+                else:
+                    ratio, err, since = 1.0, 0.0, 0
+            has = has or compute
+            out.append(compute)
+        return out
+
+    def make_state(self, num_steps: int, device, coeffs=None):
+        self.check_ready()
+        if self.calibrate:
+            return MagCacheCalibration(num_steps, device)
+        return ScheduleState(self.schedule(num_steps), device)
+
 
 def _pos(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    return is_number(v) and v > 0
+
+
+def _num(v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError
+    return float(v)
+
+
+def _pair(obj, name: str):
+    try:
+        t = tuple(_num(v) for v in getattr(obj, name))
+    except (TypeError, ValueError):
+        return None
+    return t if len(t) == 2 else None
 
 
 GATES = {
@@ -183,3 +254,126 @@ GATES = {
     "fbcache": FBCacheGate,
     "magcache": MagCacheGate,
 }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device state of each gate, behind one protocol (the controller calls only these methods):
+#   probe                      None, "modulated" (the family's probe) or "first_blocks" (FBCache's residual)
+#   decide(step) -> compute    a host bool (eager, decided from the host step index) or a 0-dim device bool
+#   after(step, compute, residual) after the branch: update state (``residual()``: this step's residual)
+#   reset()                    a new generation (host side, between generations)
+#   tensors()                  device memory held (for ``cache_bytes``)
+# ``step`` is a ``fastcache_rt.stream.Step``: host index (None under torch.compile), device index, probe.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _masked_copy_(dst: torch.Tensor, src: torch.Tensor, compute) -> None:
+    """dst = src where ``compute``: a plain copy for a host True, nothing for a host False, ``where`` on the device."""
+    if compute is True:
+        dst.copy_(src)
+    elif compute is not False:
+        dst.copy_(torch.where(compute, src, dst))
+
+
+class ScheduleState:
+    """A compute mask over the run's steps, known before the run: decided on the host in eager mode (no device op,
+    no read), by one gather under torch.compile. Steps past the mask's end compute."""
+
+    probe = None
+
+    def __init__(self, mask: list[bool], device):
+        self.mask = list(mask)
+        self.device_mask = torch.tensor(self.mask + [True], dtype=torch.bool, device=device)
+
+    def decide(self, step) -> bool | torch.Tensor:
+        if step.index is not None:
+            return step.index >= len(self.mask) or self.mask[step.index]
+        idx = step.tensor.clamp(max=len(self.mask)).view(1)
+        return self.device_mask.gather(0, idx).reshape(())
+
+    def after(self, step, compute, residual) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def tensors(self):
+        return [self.device_mask]
+
+
+class MagCacheCalibration(ScheduleState):
+    """MagCache calibration: every step computes; the mean over tokens of ||r_s|| / ||r_{s-1}|| of the residual
+    is measured at every step (the same code eager and compiled)."""
+
+    def __init__(self, num_steps: int, device):
+        super().__init__([True] * num_steps, device)
+        self.measured = torch.full((num_steps + 1,), float("nan"), device=device)
+        self.prev_norm: torch.Tensor | None = None
+        self.seen = torch.zeros((), dtype=torch.bool, device=device)
+
+    def after(self, step, compute, residual) -> None:
+        norm = torch.linalg.vector_norm(residual().float(), dim=-1)
+        if self.prev_norm is None:
+            self.prev_norm = torch.ones_like(norm)
+        ratio = torch.where(self.seen, (norm / (self.prev_norm + 1e-8)).mean(), torch.ones((), device=norm.device))
+        self.prev_norm.copy_(norm)
+        self.seen.fill_(True)
+        self.measured.index_copy_(0, step.tensor.clamp(max=self.measured.shape[0] - 1).view(1), ratio.view(1))
+
+    def reset(self) -> None:
+        self.seen.fill_(False)
+        self.measured.fill_(float("nan"))
+
+    def ratios(self, n: int) -> list[float]:
+        return [float(v) for v in self.measured[:n].tolist()]
+
+    def tensors(self):
+        return super().tensors() + [self.measured, self.seen] + ([self.prev_norm] if self.prev_norm is not None
+                                                                 else [])
+
+
+class SignalState:
+    """TeaCache / SpectralCache / FBCache: the fused ``gate_step`` op (band sums + decision in one launch), its
+    state on the device."""
+
+    def __init__(self, probe: str, threshold: float, num_steps: int, device, *, coeffs, tads=(1.0, 1.0),
+                 max_cached=math.inf, split=None, gammas=None, accumulate=True, against_last_computed=False):
+        self.probe = probe
+        self.split, self.accumulate, self.against_last = split, accumulate, against_last_computed
+        self.params = ops.gate_params(threshold, num_steps, tads=tads, max_cached=max_cached,
+                                      force_last=not against_last_computed, device=device)
+        self.coeffs = torch.tensor(coeffs, dtype=torch.float32, device=device)
+        self.gammas = None if gammas is None else torch.tensor(gammas, dtype=torch.float32, device=device)
+        self.state = ops.gate_state(device)
+        self.prev: torch.Tensor | None = None
+        self.bounds: list[int] | None = None
+        self.fresh = True
+
+    def decide(self, step) -> torch.Tensor:
+        probe = step.probe
+        if self.prev is None or self.prev.shape != probe.shape:
+            self.prev = probe.detach().clone()
+            D = probe.shape[-1]
+            self.bounds = [0, D] if self.split is None else [0, max(1, min(D - 1, round(self.split * D))), D]
+        elif self.fresh:  # a new generation: the first probe is its own predecessor (d = 0; step 0 computes)
+            self.prev.copy_(probe)
+        self.fresh = False
+        if not self.accumulate:  # FBCache: plain relative change, no accumulator
+            self.state[L.S_ACC] = 0.0
+        compute, new_state, _ = ops.gate_step(probe, self.prev, self.state, self.params, self.coeffs,
+                                              bounds=self.bounds, gammas=self.gammas)
+        self.state.copy_(new_state)
+        if not self.against_last:  # TeaCache compares with the previous step, cached or not
+            self.prev.copy_(probe)
+        return compute
+
+    def after(self, step, compute, residual) -> None:
+        if self.against_last:  # FBCache compares with the last *computed* step
+            _masked_copy_(self.prev, step.probe, compute)
+
+    def reset(self) -> None:
+        self.state.zero_()
+        self.fresh = True
+
+    def tensors(self):
+        return [t for t in (self.params, self.coeffs, self.state, self.prev, self.gammas) if t is not None]

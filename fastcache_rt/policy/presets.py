@@ -34,16 +34,23 @@ class Policy:
     name: str = "custom"
 
     def __post_init__(self):
-        if type(self.gate) not in GATES.values():
-            raise ValueError(f"Policy.gate: must be one of {[c.__name__ for c in GATES.values()]}, got {self.gate!r}")
-        if type(self.forecaster) not in FORECASTERS.values():
-            raise ValueError(
-                f"Policy.forecaster: must be one of {[c.__name__ for c in FORECASTERS.values()]}, got {self.forecaster!r}"
-            )
-        if self.site not in SITES:
+        if not callable(getattr(self.gate, "make_state", None)) or isinstance(self.gate, type):
+            raise ValueError(f"Policy.gate: must be a gate instance such as {', '.join(c.__name__ + '()' for c in GATES.values())}; "
+                             f"got {self.gate!r}")
+        if not callable(getattr(self.forecaster, "make_state", None)) or isinstance(self.forecaster, type) or \
+                type(self.forecaster) in GATES.values():
+            raise ValueError(f"Policy.forecaster: must be a forecaster instance such as "
+                             f"{', '.join(c.__name__ + '()' for c in FORECASTERS.values())}; got {self.forecaster!r}")
+        if not isinstance(self.site, str) or self.site not in SITES:
             raise ValueError(f"Policy.site: must be one of {SITES}, got {self.site!r}")
         if isinstance(self.gate, FBCacheGate) and self.site != "residual":
             raise ValueError("Policy.site: the FBCache gate runs the first blocks every step; use site='residual'")
+
+    def check_ready(self) -> None:
+        """What can only be checked once the policy is about to run (e.g. MagCache's calibrated ratios)."""
+        for part in (self.gate, self.forecaster):
+            if callable(getattr(part, "check_ready", None)):
+                part.check_ready()
 
     def with_overrides(self, **overrides) -> "Policy":
         """Change fields by name: a gate field, a forecaster field, or gate=/forecaster=/site=."""
@@ -54,6 +61,8 @@ class Policy:
             fc = overrides.pop("forecaster")
         if "site" in overrides:
             site = overrides.pop("site")
+        # a swapped part is checked here, before its fields are read: the error names the field
+        Policy(gate=gate, forecaster=fc, site=site, name=self.name)
         g_fields = {f.name for f in dataclasses.fields(gate)}
         f_fields = {f.name for f in dataclasses.fields(fc)}
         g_new, f_new = {}, {}

@@ -7,7 +7,6 @@ import torch
 
 from fastcache_rt import ops
 from fastcache_rt.ops import _backend
-from fastcache_rt.ops._common import resolve_backend
 from tests.conftest import available_fast_backends
 
 OPS = ["band_l1", "gate_step", "gate_decide", "chebyshev_forecast", "chebyshev_weights", "taylor_forecast",

@@ -64,9 +64,9 @@ def _run_cfg(pipe, steps, seed=0):
 
 
 def test_true_cfg_branches_keep_separate_state_eager_and_compiled():
-    """Separate cond / uncond calls per step: each branch its own gate and cache, in eager mode (told apart by the
-    text embedding) and under torch.compile(fullgraph=True) (told apart by the call's position within the step);
-    the compiled pipeline gives the eager result and compiles once per branch."""
+    """Separate cond / uncond calls per step: each branch its own gate and cache, told apart by the pipeline's
+    cache context ("cond" / "uncond"), in eager mode and under torch.compile(fullgraph=True); the compiled pipeline
+    gives the eager result, compiles once per branch, and stats() reports both branches."""
     from torch._dynamo.utils import counters
 
     from fastcache_rt.policy import Policy, TeaCacheGate
@@ -95,7 +95,75 @@ def test_true_cfg_branches_keep_separate_state_eager_and_compiled():
     finally:
         pipe.transformer = original
     assert st_c["streams"] == 2 and st_c["per_stream_computed"] == per_branch, (st_c, per_branch)
+    assert {p["branch"] for p in st_c["per_stream"]} == {"cond", "uncond"}
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(again, eager, rtol=1e-4, atol=1e-5)
     fastcache_rt.disable(pipe)
     assert "step" not in pipe.scheduler.__dict__
+
+
+def test_negative_embeddings_that_are_the_positive_tensor_keep_their_own_state():
+    """True CFG whose negative embeddings are the very same tensor objects as the positive ones: still two
+    branches (the cache context names them), the same images as with equal copies."""
+    from fastcache_rt.policy import Policy, TeaCacheGate
+
+    pipe = tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    fastcache_rt.enable(pipe, Policy(TeaCacheGate(threshold=0.3, coeffs=(1.0, 0.0))))
+    g = torch.Generator().manual_seed(0)
+    pe, pp = torch.randn(1, 5, 32, generator=g), torch.randn(1, 32, generator=g)
+    kw = dict(prompt_embeds=pe, pooled_prompt_embeds=pp, true_cfg_scale=2.0, num_inference_steps=10, height=32,
+              width=32, guidance_scale=1.0, output_type="pt")
+    same = pipe(negative_prompt_embeds=pe, negative_pooled_prompt_embeds=pp,
+                generator=torch.Generator().manual_seed(0), **kw).images
+    st_same = fastcache_rt.stats(pipe)
+    copy = pipe(negative_prompt_embeds=pe.clone(), negative_pooled_prompt_embeds=pp.clone(),
+                generator=torch.Generator().manual_seed(0), **kw).images
+    st_copy = fastcache_rt.stats(pipe)
+    fastcache_rt.disable(pipe)
+    assert st_same["streams"] == 2 and st_same["per_stream"] == st_copy["per_stream"]
+    assert torch.equal(same, copy)
+
+
+def test_a_callback_that_returns_the_embeddings_does_not_restart_the_cache():
+    """``callback_on_step_end`` returning ``prompt_embeds`` (a new tensor each step) mid-generation: the same
+    decisions and images as without the callback."""
+    pipe = tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    fastcache_rt.enable(pipe, "spectrum")
+    ref = _run(pipe, 20)
+    ref_computed = fastcache_rt.stats(pipe)["computed"]
+    g = torch.Generator().manual_seed(0)
+    pe, pp = torch.randn(1, 5, 32, generator=g), torch.randn(1, 32, generator=g)
+    got = pipe(prompt_embeds=pe, pooled_prompt_embeds=pp, num_inference_steps=20, height=32, width=32,
+               guidance_scale=1.0, output_type="pt", generator=torch.Generator().manual_seed(0),
+               callback_on_step_end=lambda p, i, t, kw: {"prompt_embeds": kw["prompt_embeds"].clone()},
+               callback_on_step_end_tensor_inputs=["prompt_embeds"]).images
+    computed = fastcache_rt.stats(pipe)["computed"]
+    fastcache_rt.disable(pipe)
+    assert computed == ref_computed == [0, 1, 2, 3, 4, 6, 8, 11, 15]
+    assert torch.equal(got, ref)
+
+
+def test_a_scheduler_replaced_after_enable_announces_its_steps():
+    """``pipe.scheduler`` replaced after ``enable`` and more steps run: the new count is used (not the old one
+    clamped), as a fresh enable would."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    fastcache_rt.enable(pipe, "spectrum")
+    _run(pipe, 10)
+    assert fastcache_rt.stats(pipe)["num_steps"] == 10
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler()
+    got = _run(pipe, 30)
+    st = fastcache_rt.stats(pipe)
+    fastcache_rt.disable(pipe)
+    fastcache_rt.enable(pipe, "spectrum")
+    fresh = _run(pipe, 30)
+    fresh_st = fastcache_rt.stats(pipe)
+    fastcache_rt.disable(pipe)
+    assert st["num_steps"] == 30 and st["computed"] == fresh_st["computed"]
+    assert st["computed"] == [0, 1, 2, 3, 4, 6, 8, 11, 15, 20, 25]
+    assert torch.equal(got, fresh)
+    assert "set_timesteps" not in pipe.scheduler.__dict__

@@ -1,0 +1,68 @@
+"""What fastcache_rt knows of one model family, declared as data: the block lists it takes over, how a block takes
+and returns the hidden (image) and text tokens, the probe for signal gates, the token grid, and the published
+TeaCache coefficients. The runtime (``fastcache_rt.hooks``) reads nothing else of the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+# Probe kinds for signal gates (TeaCache, SpectralCache), computed at the first block of the span:
+#   "norm1"  the first block's modulated input, ``block.norm1(hidden, emb=temb)[0]`` (TeaCache's own probe)
+#   "temb"   the block's conditioning argument itself (the timestep-modulation vector; TeaCache's probe for Wan)
+#   "hidden" the hidden tokens entering the first block (the documented fallback where no AdaLN norm1 exists)
+PROBES = ("norm1", "temb", "hidden")
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """One block list, run in execution order. ``hidden`` / ``encoder`` are the block's argument names for the
+    image and text tokens (``encoder`` None: the block takes no text tokens, or they are joined into ``hidden``);
+    ``returns`` the order of the returned tuple ("hidden", "encoder"; ``("hidden",)`` = a single tensor)."""
+
+    attr: str
+    hidden: str = "hidden_states"
+    encoder: str | None = "encoder_hidden_states"
+    returns: tuple[str, ...] = ("encoder", "hidden")
+    # how the model joined the text tokens into ``hidden`` before this list: None (not joined), "text_first" (text
+    # tokens first: the image tokens are the last N) or "image_first" (image tokens are the first N)
+    joined: str | None = None
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family. ``classes``: the transformer class names it covers (``type(model).__name__``);
+    ``lists``: its block lists in execution order; ``temb``: the block argument with the conditioning embedding;
+    ``grid(model, kwargs)``: (frames, height, width) of the image-token grid from the forward's arguments (shapes
+    only, no device reads), or None; ``teacache``: published TeaCache coefficients per checkpoint (highest power
+    first; the first entry is the default), with ``teacache_source``; ``uncached_kwargs``: forward arguments that,
+    when given, put model code between blocks (e.g. ControlNet residuals): such calls run uncached, with one
+    warning."""
+
+    name: str
+    classes: tuple[str, ...]
+    lists: tuple[Blocks, ...]
+    temb: str | None = "temb"
+    probe: str = "norm1"
+    grid: Callable | None = None
+    teacache: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    teacache_source: str = ""
+    uncached_kwargs: tuple[str, ...] = ()
+    hidden_arg: str = "hidden_states"  # the model forward's latent input (for ``grid``)
+    notes: str = ""
+
+    def __post_init__(self):
+        if not self.lists:
+            raise ValueError(f"Family {self.name}: lists must name at least one block list")
+        if self.probe not in PROBES:
+            raise ValueError(f"Family {self.name}: probe must be one of {PROBES}, got {self.probe!r}")
+        for b in self.lists:
+            if "hidden" not in b.returns:
+                raise ValueError(f"Family {self.name}: {b.attr}.returns must name 'hidden'")
+            if b.joined not in (None, "text_first", "image_first"):
+                raise ValueError(f"Family {self.name}: {b.attr}.joined must be None, 'text_first' or 'image_first'")
+
+
+def patch_grid(shape_attr_dims: tuple[int, ...], patch: tuple[int, ...]) -> tuple[int, ...]:
+    """Token grid of a latent whose spatial dims are ``shape_attr_dims`` after patchifying by ``patch``."""
+    return tuple(max(1, d // p) for d, p in zip(shape_attr_dims, patch))

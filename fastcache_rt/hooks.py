@@ -1,0 +1,109 @@
+"""Installation on diffusers' hook system (``diffusers.hooks.HookRegistry`` / ``ModelHook``), as diffusers' own
+cache methods are, so fastcache_rt composes with diffusers' other hooks (group offloading, layerwise casting,
+context parallelism): a stateful hook on the transformer (whose ``StateManager`` receives the pipeline's
+``cache_context``) and one hook on every block of the family's block lists."""
+
+from __future__ import annotations
+
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+
+from .controller import Controller, _bind
+
+MODEL_HOOK = "fastcache_rt"
+BLOCK_HOOK = "fastcache_rt_block"
+
+
+class _NoState(BaseState):
+    def reset(self, *args, **kwargs) -> None:
+        pass
+
+
+class _Manager(StateManager):
+    """diffusers' StateManager; the pipeline sets its cache context before each denoiser call, outside any
+    compiled region: the controller does its per-call host bookkeeping there."""
+
+    def __init__(self, controller: Controller):
+        super().__init__(_NoState)
+        self.controller = controller
+
+    def set_context(self, context) -> None:
+        super().set_context(context)
+        if context is not None:
+            self.controller.before_call()
+
+
+class TransformerHook(ModelHook):
+    """On the transformer: opens and closes each call; the pipeline's cache context (CFG branch) arrives through
+    ``state_manager``; the pipeline's end of generation through ``reset_state``."""
+
+    _is_stateful = True
+
+    def __init__(self, controller: Controller):
+        super().__init__()
+        self.controller = controller
+        self.state_manager = _Manager(controller)
+
+    def new_forward(self, module, *args, **kwargs):
+        ctl = self.controller
+        # no try/except here: under torch.compile a try block around the blocks' torch.cond changes how dynamo
+        # traces exceptions raised and handled inside them (diffusers' attention inspects its processor's
+        # signature), and fails; a call that raised leaves ``ctl.call`` set until the next call replaces it
+        ctl.begin_call(_bind(module, args, kwargs), self.state_manager._context)
+        return ctl.end_call(self.fn_ref.original_forward(*args, **kwargs))
+
+    def reset_state(self, module):
+        self.controller.end_generation()
+        return module
+
+
+class BlockHook(ModelHook):
+    """On every block of the family's lists: the first block of a list runs (or skips) the whole list, calling
+    each block through its module call, so other hooks on the blocks run as they would without caching."""
+
+    def __init__(self, controller: Controller, li: int, j: int):
+        super().__init__()
+        self.controller, self.li, self.j = controller, li, j
+
+    def new_forward(self, module, *args, **kwargs):
+        return self.controller.block(self.li, self.j, module, self.fn_ref.original_forward, args, kwargs)
+
+
+def _register(module, hook: ModelHook, name: str, created: list) -> None:
+    if not hasattr(module, "_diffusers_hook"):
+        created.append(module)
+    if "forward" not in module.__dict__:
+        created.append((module, "forward"))
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+
+
+def install(model, controller: Controller) -> list:
+    """Register the hooks; returns the modules that had no hook registry before (``uninstall`` removes those)."""
+    created: list = []
+    for li, blocks in enumerate(controller.lists):
+        for j, block in enumerate(blocks):
+            _register(block, BlockHook(controller, li, j), BLOCK_HOOK, created)
+    _register(model, TransformerHook(controller), MODEL_HOOK, created)
+    model._diffusers_hook.invalidate_child_registries_cache()
+    return created
+
+
+def uninstall(model, controller: Controller, created: list) -> None:
+    """Remove the hooks; a module that had no other hook is left exactly as it was (no registry, no instance
+    ``forward``)."""
+    model._diffusers_hook.remove_hook(MODEL_HOOK, recurse=False)
+    for blocks in controller.lists:
+        for block in blocks:
+            block._diffusers_hook.remove_hook(BLOCK_HOOK, recurse=False)
+    model._diffusers_hook.invalidate_child_registries_cache()
+    had_no_forward = {id(entry[0]) for entry in created if isinstance(entry, tuple)}
+    for module in [model, *(b for blocks in controller.lists for b in blocks)]:
+        reg = module.__dict__.get("_diffusers_hook")
+        if reg is None or reg.hooks:
+            continue
+        # the registry put the original bound forward back as an instance attribute: remove it where there was none
+        fwd = module.__dict__.get("forward")
+        if id(module) in had_no_forward and getattr(fwd, "__func__", None) is type(module).forward:
+            del module.forward
+        if any(m is module for m in created if not isinstance(m, tuple)):
+            del module._diffusers_hook

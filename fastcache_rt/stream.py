@@ -1,0 +1,90 @@
+"""One stream of steps (one CFG branch at one shape, of one transformer): the step counters, the gate's state and
+the forecaster's buffers. Every buffer is allocated once per stream; a step only writes into them.
+
+Steps are counted twice, in step: on the host (``index``, eager mode: schedule gates decide from it with no device
+op) and on the device (``step``: the forecasters' distances and times, and every decision under torch.compile,
+where a host counter would be a recompilation per step)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Step:
+    """What a gate sees of one step."""
+
+    index: int | None  # the host step index (None under torch.compile)
+    tensor: torch.Tensor  # the device step index, int64 0-dim
+    probe: torch.Tensor | None = None
+
+
+class StreamState:
+    def __init__(self, policy, num_steps: int, site_shape, site_dtype, device, grid=None, coeffs=None):
+        self.num_steps = num_steps
+        self.step = torch.zeros((), dtype=torch.int64, device=device)
+        self.last_full = torch.zeros((), dtype=torch.int64, device=device)
+        self.has_cache = torch.zeros((), dtype=torch.bool, device=device)  # compiled mode: a step was computed
+        self.log = torch.zeros(num_steps + 1, dtype=torch.bool, device=device)  # compiled mode's record (+ overflow)
+        self.events = torch.zeros(1, dtype=torch.int64, device=device)  # computed steps with a non-finite value
+        self.gate = policy.gate.make_state(num_steps, device, coeffs)
+        self.shape = tuple(site_shape)
+        self.fc = policy.forecaster.make_state(self.shape, site_dtype, device, num_steps, grid)
+        self.index = 0  # host step index (eager)
+        self.host_log: list[bool] = []  # eager mode's record of decisions
+        self.compiled = False  # any step of this generation ran under torch.compile
+        self.last_use = 0
+
+    def reset(self) -> None:
+        """A new generation (host side; the buffers stay allocated)."""
+        self.step.zero_()
+        self.last_full.zero_()
+        self.has_cache.zero_()
+        self.log.zero_()
+        self.events.zero_()
+        self.gate.reset()
+        self.fc.reset()
+        self.index = 0
+        self.host_log = []
+        self.compiled = False
+
+    def end_step(self, compute, value: torch.Tensor) -> None:
+        """After the branch: the forecaster records a computed value; the counters advance."""
+        if compute is True:
+            self.fc.record(self, value, True)
+            self.events.add_((~torch.isfinite(value).all()).long())
+            self.last_full.copy_(self.step)
+        elif compute is not False:
+            self.fc.record(self, value, compute)
+            self.events.add_((compute & ~torch.isfinite(value).all()).long())
+            self.last_full.copy_(torch.where(compute, self.step, self.last_full))
+            self.has_cache.copy_(self.has_cache | compute)
+            self.log.index_copy_(0, self.step.clamp(max=self.num_steps).view(1), compute.view(1))
+            self.compiled = True
+        if not isinstance(compute, torch.Tensor):
+            self.host_log.append(bool(compute))
+            self.index += 1
+        self.step.add_(1)
+
+    @property
+    def host_has_cache(self) -> bool:
+        return any(self.host_log)
+
+    def decisions(self) -> list[bool]:
+        """The decisions of this generation so far (one read of the device log under torch.compile)."""
+        if self.compiled:
+            n = min(int(self.step), self.num_steps)
+            return [bool(v) for v in self.log[:n].tolist()]
+        return list(self.host_log)
+
+    def cache_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in self.fc.tensors() + self.gate.tensors() + [self.step, self.last_full, self.has_cache, self.log,
+                                                            self.events]:
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
