@@ -68,6 +68,7 @@ class Controller:
         self.streams: dict[tuple, StreamState] = {}
         self.call: Call | None = None
         self.calls_this_step = 0  # fallback branch identity: the call's position between scheduler steps
+        self.gen_steps = 0  # scheduler steps of this generation so far
         self.scheduler = None  # the pipeline's scheduler, when it announces generations and steps
         self.pipe = None
         self.rewatch = None  # set by the API: watch the pipeline's current scheduler
@@ -93,6 +94,7 @@ class Controller:
         for st in self.streams.values():
             st.reset()
         self.calls_this_step = 0
+        self.gen_steps = 0
         self.generation += 1
         self.controller_seconds = 0.0
         self.calls = 0
@@ -100,14 +102,14 @@ class Controller:
     def end_generation(self) -> None:
         """The pipeline finished a generation (diffusers resets stateful hooks at the end of every pipeline call):
         keep what ``stats`` reports of it, warn about what it saw, and start the next one clean."""
-        if any(st.index or st.compiled for st in self.streams.values()):
+        if any(st.ran for st in self.streams.values()):
             self._last = self._stream_stats()
             self.new_generation(None)
 
     def report_events(self) -> None:
         """Warnings for what the device saw (read at the end of a generation, never inside a step)."""
         for st in self.streams.values():
-            if st.index or st.compiled:
+            if st.ran:
                 bad = int(st.events[0])
                 if bad:
                     logger.warning("fastcache_rt: %d computed step(s) of this generation had a non-finite result "
@@ -117,6 +119,7 @@ class Controller:
     def step_done(self) -> None:
         """The pipeline's scheduler finished a step: the next transformer call is the first branch of the next."""
         self.calls_this_step = 0
+        self.gen_steps += 1
 
     def _warn_once(self, key: str, msg: str, *args) -> None:
         if key not in self._warned:
@@ -184,40 +187,48 @@ class Controller:
             return original(*args, **kwargs)
         spec = self.family.lists[li]
         kw = _bind(module, args, kwargs)
-        if j > 0:  # the list's head ran the whole list: hand its result on
+        if spec.per_block:  # the model's own loop runs this list: each block runs or hands on by itself
+            return self.segment(call, li, j, j + 1, original, kw)
+        if j > 0:  # the list's first block ran the whole list: hand its result on
             return _pack(spec, kw[spec.hidden], kw.get(spec.encoder) if spec.encoder else None)
-        return self.list_head(call, li, original, kw)
+        return self.segment(call, li, 0, len(self.lists[li]), original, kw)
 
-    def list_head(self, call: Call, li: int, original, kw: dict):
+    def segment(self, call: Call, li: int, start: int, stop: int, original, kw: dict):
+        """Blocks [start, stop) of list ``li``: the whole list (taken over by its first block), or one block of a
+        list the model's loop runs block by block (``Blocks.per_block``)."""
         spec = self.family.lists[li]
         hidden = kw[spec.hidden]
         enc = kw.get(spec.encoder) if spec.encoder else None
-        last = li == len(self.lists) - 1
-        start = 0
+        last = li == len(self.lists) - 1 and stop == len(self.lists[li])
         t0 = self._clock()
-        if li == 0:
-            # 1. the stream, the probe, the decision
-            base = self._image_part(call, spec, hidden)
-            st = call.st = self._stream(call, base)
+        if li == 0 and start == 0:  # 1. the stream (and, for FBCache, the tokens its probe compares against)
+            call.base = self._image_part(call, spec, hidden)
+            st = call.st = self._stream(call, call.base)
             call.step = Step(st.index if not torch.compiler.is_compiling() else None, st.step)
-            if self.probe_blocks:  # FBCache: the first blocks always run (model time); their residual is the probe
+            call.compute = None
+            if self.probe_blocks and not spec.per_block:  # the first blocks always run (model time)
                 self._tick(t0)
-                first = hidden
                 hidden, enc = self._run(li, original, kw, hidden, enc, 0, self.probe_blocks)
                 start = self.probe_blocks
                 t0 = self._clock()
-                call.step.probe = hidden - first
+        if li == 0 and call.compute is None:
+            if start < self.probe_blocks:  # FBCache's probe blocks of a block-by-block list: they just run
+                self._tick(t0)
+                return original(**kw)
+            # 2. the probe and the decision
+            if self.probe_blocks:
+                img = self._image_part(call, spec, hidden)
+                call.step.probe = img - call.base
+                call.base = img
             elif self.policy.gate.probe == "modulated":
                 call.step.probe = self._probe(kw, hidden)
-            call.base = base if not start else self._image_part(call, spec, hidden)
-            call.compute = self._decide(st, call.step)
-        st, compute = call.st, call.compute
-        site = self.policy.site
+            call.compute = self._decide(call.st, call.step)
+        compute, site = call.compute, self.policy.site
 
-        # 2. the branch: run this list's blocks, or hand on the inputs (the last list: the forecast)
+        # 3. the branch: run the blocks, or hand on the inputs (the last block of all: the forecast)
         def full(h, *e):
             self._tick(t0)
-            out = self._run(li, original, kw, h, e[0] if e else None, start, None)
+            out = self._run(li, original, kw, h, e[0] if e else None, start, stop)
             if not e:
                 return out[:1]
             # a last block that returns no text tokens (SD3's context_pre_only): hand the input's on
@@ -229,16 +240,16 @@ class Controller:
             return (h, *e)
 
         if not isinstance(compute, bool):
-            _signatures_outside_cond(self.lists[li])
+            _signatures_outside_cond(self.lists[li][start:stop])
         out = branch(compute, full, skip, (hidden,) if enc is None else (hidden, enc))
         t1 = self._clock()
         h = out[0]
         e = out[1] if len(out) > 1 else None
 
-        # 3. the last list: record the site value (the "output" site records in end_call)
+        # 4. after the last block: record the site value (the "output" site records in end_call)
         if last and site != "output":
             img = self._image(spec, h, call.base)
-            value = img - call.base if site == "residual" else img
+            value = None if compute is False else img - call.base if site == "residual" else img
             self._finish(call, value, lambda: img - call.base)
         self._tick(t1)
         return _pack(spec, h, e)
@@ -264,6 +275,8 @@ class Controller:
         if not torch.compiler.is_compiling():
             st.last_use = self.calls
             self.calls += 1
+            if not st.ran and self.gen_steps:  # first called mid-generation (Wan 2.2's low-noise expert)
+                st.start_at(self.gen_steps)
         return st
 
     def _num_steps(self) -> int:
@@ -301,20 +314,20 @@ class Controller:
         return call.base + pred if self.policy.site == "residual" else pred
 
     def _run(self, li, original, kw, hidden, enc, start, stop):
-        """Blocks [start, stop) of list ``li``, each called through the module (so every hook on it runs: group
-        offloading, layerwise casting, ...), with the arguments the list's first block got and the previous
-        block's hidden / text tokens."""
+        """Blocks [start, stop) of list ``li`` (the first is the block whose hook calls this), each with the
+        arguments the first got and the previous block's hidden / text tokens; every hook on a block runs (group
+        offloading, layerwise casting, ...)."""
         spec = self.family.lists[li]
         blocks = self.lists[li]
-        stop = len(blocks) if stop is None else min(stop, len(blocks))
-        for j in range(start, stop):
+        first = start
+        for j in range(start, min(stop, len(blocks))):
             kw = dict(kw)
             kw[spec.hidden] = hidden
             if spec.encoder is not None:
                 kw[spec.encoder] = enc
-            # through the module's call, as the model calls it; the marker tells fastcache_rt's own hook on the
-            # block to run the block (it is removed there)
-            out = blocks[j](**kw, **{RUN: True})
+            # the block whose hook this is runs through the rest of its hook chain; the others through their
+            # module call, as the model calls them (the marker tells fastcache_rt's hook on them to run the block)
+            out = original(**kw) if j == first else blocks[j](**kw, **{RUN: True})
             hidden, enc = _unpack(spec, out, enc)
         return hidden, enc
 
@@ -378,13 +391,13 @@ class Controller:
             "policy_spec": repr(self.policy),
             "family": self.family.name,
             "num_steps": self.num_steps,
-            "streams": len(streams),
             "cache_bytes": sum(s.cache_bytes() for s in streams),
             "controller_seconds": self.controller_seconds,
             "calls": self.calls,
         }
-        live = [s for s in streams if s.index or s.compiled]
+        live = [s for s in streams if s.ran]
         per = self._stream_stats() if live or not self._last else self._last
+        out["streams"] = len(per)
         out["per_stream"] = per
         out["per_stream_computed"] = [p["computed"] for p in per]
         first = per[0] if per else {"computed": [], "cached": []}
@@ -400,11 +413,13 @@ class Controller:
     def _stream_stats(self) -> list[dict]:
         per = []
         for key, s in self.streams.items():
+            if not s.ran:  # a stream of another shape or branch, idle in this generation
+                continue
             log = s.decisions()
-            row = {"branch": key[0][1], "shape": list(key[1]), "computed": [i for i, c in enumerate(log) if c],
-                   "cached": [i for i, c in enumerate(log) if not c], "nonfinite": int(s.events[0])}
+            row = {"branch": key[0][1], "shape": list(key[1]), "computed": [i for i, c in enumerate(log) if c is True],
+                   "cached": [i for i, c in enumerate(log) if c is False], "nonfinite": int(s.events[0])}
             if hasattr(s.gate, "ratios"):
-                row["mag_ratios"] = s.gate.ratios(len(log))
+                row["mag_ratios"] = s.gate.ratios(len(log))[sum(c is None for c in log):]  # its own steps
             per.append(row)
         return per
 

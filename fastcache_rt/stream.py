@@ -32,8 +32,10 @@ class StreamState:
         self.gate = policy.gate.make_state(num_steps, device, coeffs)
         self.shape = tuple(site_shape)
         self.fc = policy.forecaster.make_state(self.shape, site_dtype, device, num_steps, grid)
+        # eager mode advances the device counters only where a gate or the forecaster reads them
+        self.uses_step = bool(self.fc.uses_step or self.gate.uses_step)
         self.index = 0  # host step index (eager)
-        self.host_log: list[bool] = []  # eager mode's record of decisions
+        self.host_log: list[bool | None] = []  # eager mode's record of decisions
         self.compiled = False  # any step of this generation ran under torch.compile
         self.last_use = 0
 
@@ -50,12 +52,22 @@ class StreamState:
         self.host_log = []
         self.compiled = False
 
-    def end_step(self, compute, value: torch.Tensor) -> None:
-        """After the branch: the forecaster records a computed value; the counters advance."""
+    def start_at(self, index: int) -> None:
+        """The stream's first call comes at step ``index`` of its generation (the second expert of a two-transformer
+        pipeline such as Wan 2.2 A14B): count from there, so that the step schedule is the generation's."""
+        self.index = index
+        self.host_log = [None] * index  # steps of the generation before this stream's first call
+        self.step.fill_(index)
+        self.gate.start_at(index)
+
+    def end_step(self, compute, value: torch.Tensor | None) -> None:
+        """After the branch: the forecaster records a computed value (``value`` is None on a step skipped in eager
+        mode); the counters advance."""
         if compute is True:
             self.fc.record(self, value, True)
             self.events.add_((~torch.isfinite(value).all()).long())
-            self.last_full.copy_(self.step)
+            if self.uses_step:
+                self.last_full.copy_(self.step)
         elif compute is not False:
             self.fc.record(self, value, compute)
             self.events.add_((compute & ~torch.isfinite(value).all()).long())
@@ -66,14 +78,22 @@ class StreamState:
         if not isinstance(compute, torch.Tensor):
             self.host_log.append(bool(compute))
             self.index += 1
+            if not self.uses_step:
+                return
         self.step.add_(1)
 
     @property
     def host_has_cache(self) -> bool:
-        return any(self.host_log)
+        return any(c is True for c in self.host_log)
 
-    def decisions(self) -> list[bool]:
-        """The decisions of this generation so far (one read of the device log under torch.compile)."""
+    @property
+    def ran(self) -> bool:
+        """A step of the current (or just finished) generation ran on this stream."""
+        return bool(self.host_log) or self.compiled
+
+    def decisions(self) -> list[bool | None]:
+        """The decisions of this generation so far, None for steps before the stream's first call (one read of
+        the device log under torch.compile)."""
         if self.compiled:
             n = min(int(self.step), self.num_steps)
             return [bool(v) for v in self.log[:n].tolist()]

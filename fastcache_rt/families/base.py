@@ -27,6 +27,10 @@ class Blocks:
     # how the model joined the text tokens into ``hidden`` before this list: None (not joined), "text_first" (text
     # tokens first: the image tokens are the last N) or "image_first" (image tokens are the first N)
     joined: str | None = None
+    # True where the model's loop gives each block its own arguments (a slice of the conditioning, other text
+    # states): the list is not taken over by its first block; each block runs or hands on in the model's loop
+    # (under torch.compile: one torch.cond per block instead of one per list)
+    per_block: bool = False
 
 
 @dataclass(frozen=True)

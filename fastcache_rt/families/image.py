@@ -205,12 +205,38 @@ FAMILIES: list[Family] = [
     ),
 ]
 
-# Not declared: their block loops break the list-takeover contract (diffusers 0.42.1, models/transformers/).
-# - chroma (ChromaTransformer2DModel): every block gets its own `temb`, sliced from pooled_temb in the loop
-#   (transformer_chroma.py:545-556 for transformer_blocks, :585-587 for single_transformer_blocks), so
-#   blocks 1..n-1 would run with block 0's modulation (checked: the takeover output differs).
-# - hidream (HiDreamImageTransformer2DModel): each double block gets a different encoder_hidden_states (the
-#   T5/llama tokens joined with a per-block llama layer, transformer_hidream_image.py:877-881) and the model
-#   slices the returned text tokens between blocks (:899); each single block's input is re-joined with a
-#   per-block llama layer and sliced after it (:913-915, :933). TeaCache coefficients exist
-#   (ali-vilab/TeaCache TeaCache4HiDream-I1) but need a whole-forward adapter.
+# Block by block (``per_block``): the model's loop gives each block its own arguments, so no block can run a whole
+# list; each block runs or hands its inputs on where the model calls it (diffusers 0.42.1, models/transformers/).
+FAMILIES += [
+    # Chroma: every block gets its own ``temb``, sliced from pooled_temb in the loop (transformer_chroma.py:545-556,
+    # :585-587); the model joins [text, image] before the single list (:583) and slices the text off after it.
+    # The block's temb packs image and text modulations, which norm1 alone does not take -> probe "hidden".
+    Family(
+        name="chroma",
+        classes=("ChromaTransformer2DModel",),
+        lists=(
+            Blocks("transformer_blocks", per_block=True),
+            Blocks("single_transformer_blocks", encoder=None, returns=("hidden",), joined="text_first",
+                   per_block=True),
+        ),
+        probe="hidden",
+        grid=_grid_from_ids,
+        uncached_kwargs=("controlnet_block_samples", "controlnet_single_block_samples"),
+    ),
+    # HiDream-I1: each double block gets the T5/llama text joined with its own llama layer
+    # (transformer_hidream_image.py:877-881) and the model slices the returned text (:899); each single block's
+    # input is re-joined with its own llama layer, image tokens first, and sliced after it (:913-915, :933).
+    # Blocks are HiDreamBlock wrappers (no norm1 of their own) -> probe "hidden". TeaCache4HiDream-I1 (ali-vilab)
+    # fits its coefficients on the inner block's modulated input, not this probe: none declared.
+    Family(
+        name="hidream",
+        classes=("HiDreamImageTransformer2DModel",),
+        lists=(
+            Blocks("double_stream_blocks", returns=("hidden", "encoder"), per_block=True),
+            Blocks("single_stream_blocks", encoder=None, returns=("hidden",), joined="image_first", per_block=True),
+        ),
+        temb="temb",
+        probe="hidden",
+        grid=_grid_nchw,
+    ),
+]

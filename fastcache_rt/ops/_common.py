@@ -126,6 +126,8 @@ def rows_view(t: torch.Tensor, n: int) -> torch.Tensor:
 def three_d(t: torch.Tensor) -> torch.Tensor:
     """(..., D) -> (B, R, D): B = shape[0] (1 for a 1-D tensor); a view when possible."""
     D = t.shape[-1]
+    if t.dim() == 3:  # already (B, R, D): no view op (a skipped step counts its dispatched ops)
+        return t
     if t.dim() == 1:
         return t.view(1, 1, D)
     B = t.shape[0]

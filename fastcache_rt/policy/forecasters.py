@@ -5,6 +5,7 @@ device, num_steps, grid)`` returning its device state, which implements:
                                 (eager: called only on computed steps) or a device bool (compiled: the write is
                                 masked by it, touching only the rows it would change)
     predict(st) -> tensor       the site value for the current step (``st.step`` / ``st.last_full`` on the device)
+    uses_step                   reads ``st.step`` / ``st.last_full`` (else eager mode need not advance them)
     reset()                     a new generation
     tensors()                   device memory held (for ``cache_bytes``)
 
@@ -96,6 +97,8 @@ FORECASTERS = {"reuse": Reuse, "taylor": Taylor, "chebyshev": Chebyshev, "freqca
 
 
 class ReuseState:
+    uses_step = False
+
     def __init__(self, shape, dtype, device):
         self.buf = torch.zeros(shape, dtype=dtype, device=device)
 
@@ -113,6 +116,8 @@ class ReuseState:
 
 
 class TaylorState:
+    uses_step = True
+
     def __init__(self, order: int, shape, dtype, device):
         self.K = order + 1
         self.diffs = torch.zeros((self.K, *shape), dtype=dtype, device=device)
@@ -143,6 +148,8 @@ class TaylorState:
 
 class ChebyshevState:
     """A ring buffer of the last ``history`` full steps' values and their times; the forecast is one fused op."""
+
+    uses_step = True
 
     def __init__(self, fc: Chebyshev, shape, dtype, device, num_steps: int):
         self.fc = fc
@@ -189,6 +196,8 @@ class FreqCaState:
     """Low band of the token grid's orthonormal DCT (radial index <= cutoff * max over (frames, height, width))
     reused; high band forecast with Hermite-weighted differences. The DCT is separable: one small matrix per grid
     axis, applied along that axis (a 2-D image grid is the case frames = 1)."""
+
+    uses_step = True
 
     def __init__(self, fc: FreqCa, shape, dtype, device, grid):
         N = shape[-2]

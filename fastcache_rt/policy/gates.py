@@ -262,6 +262,8 @@ GATES = {
 #   decide(step) -> compute    a host bool (eager, decided from the host step index) or a 0-dim device bool
 #   after(step, compute, residual) after the branch: update state (``residual()``: this step's residual)
 #   reset()                    a new generation (host side, between generations)
+#   start_at(index)            the stream's first call comes at step ``index`` of the generation (a second expert)
+#   uses_step                  reads the device step counter (else eager mode need not advance it)
 #   tensors()                  device memory held (for ``cache_bytes``)
 # ``step`` is a ``fastcache_rt.stream.Step``: host index (None under torch.compile), device index, probe.
 # ---------------------------------------------------------------------------------------------------------------
@@ -280,6 +282,7 @@ class ScheduleState:
     no read), by one gather under torch.compile. Steps past the mask's end compute."""
 
     probe = None
+    uses_step = False
 
     def __init__(self, mask: list[bool], device):
         self.mask = list(mask)
@@ -297,6 +300,9 @@ class ScheduleState:
     def reset(self) -> None:
         pass
 
+    def start_at(self, index: int) -> None:
+        pass
+
     def tensors(self):
         return [self.device_mask]
 
@@ -304,6 +310,8 @@ class ScheduleState:
 class MagCacheCalibration(ScheduleState):
     """MagCache calibration: every step computes; the mean over tokens of ||r_s|| / ||r_{s-1}|| of the residual
     is measured at every step (the same code eager and compiled)."""
+
+    uses_step = True
 
     def __init__(self, num_steps: int, device):
         super().__init__([True] * num_steps, device)
@@ -334,7 +342,9 @@ class MagCacheCalibration(ScheduleState):
 
 class SignalState:
     """TeaCache / SpectralCache / FBCache: the fused ``gate_step`` op (band sums + decision in one launch), its
-    state on the device."""
+    state on the device (with its own step counter)."""
+
+    uses_step = False
 
     def __init__(self, probe: str, threshold: float, num_steps: int, device, *, coeffs, tads=(1.0, 1.0),
                  max_cached=math.inf, split=None, gammas=None, accumulate=True, against_last_computed=False):
@@ -345,6 +355,11 @@ class SignalState:
         self.coeffs = torch.tensor(coeffs, dtype=torch.float32, device=device)
         self.gammas = None if gammas is None else torch.tensor(gammas, dtype=torch.float32, device=device)
         self.state = ops.gate_state(device)
+        # FBCache has no accumulator: the new state's accumulator is zeroed by one multiply
+        self.keep = None
+        if not accumulate:
+            self.keep = torch.ones(L.STATE_LEN, device=device)
+            self.keep[L.S_ACC] = 0.0
         self.prev: torch.Tensor | None = None
         self.bounds: list[int] | None = None
         self.fresh = True
@@ -358,11 +373,14 @@ class SignalState:
         elif self.fresh:  # a new generation: the first probe is its own predecessor (d = 0; step 0 computes)
             self.prev.copy_(probe)
         self.fresh = False
-        if not self.accumulate:  # FBCache: plain relative change, no accumulator
-            self.state[L.S_ACC] = 0.0
         compute, new_state, _ = ops.gate_step(probe, self.prev, self.state, self.params, self.coeffs,
                                               bounds=self.bounds, gammas=self.gammas)
-        self.state.copy_(new_state)
+        if self.keep is not None:  # FBCache: a plain relative change each step, nothing accumulated
+            new_state = new_state * self.keep
+        if step.index is not None:  # eager: the op's fresh output becomes the state (no copy)
+            self.state = new_state
+        else:  # compiled: the state buffer keeps its address (CUDA graphs)
+            self.state.copy_(new_state)
         if not self.against_last:  # TeaCache compares with the previous step, cached or not
             self.prev.copy_(probe)
         return compute
@@ -375,5 +393,8 @@ class SignalState:
         self.state.zero_()
         self.fresh = True
 
+    def start_at(self, index: int) -> None:
+        self.state[L.S_STEP] = float(index)
+
     def tensors(self):
-        return [t for t in (self.params, self.coeffs, self.state, self.prev, self.gammas) if t is not None]
+        return [t for t in (self.params, self.coeffs, self.state, self.prev, self.gammas, self.keep) if t is not None]

@@ -246,7 +246,53 @@ def _nchw_grid(size):
     return (1, *_GRID[size])
 
 
+# ----------------------------------------------------------------------- per-block arguments (Chroma, HiDream)
+def _chroma():
+    from diffusers import ChromaTransformer2DModel
+
+    return _built(
+        ChromaTransformer2DModel, patch_size=1, in_channels=4, num_layers=2, num_single_layers=2,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 4, 8],
+        approximator_num_channels=8, approximator_hidden_dim=16, approximator_layers=1,
+    )
+
+
+def _chroma_inputs(seed, B, size):
+    h, w = _GRID[size]
+    g = _g(seed)
+    return dict(
+        hidden_states=torch.randn(B, h * w, 4, generator=g), encoder_hidden_states=torch.randn(B, TXT, 32, generator=g),
+        img_ids=_ids(h, w), txt_ids=torch.zeros(TXT, 3), return_dict=False,
+    )
+
+
+def _hidream():
+    from diffusers import HiDreamImageTransformer2DModel
+
+    # one llama layer per block (2 double + 2 single); the model joins the last two text states as the first
+    return _built(
+        HiDreamImageTransformer2DModel, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+        num_single_layers=2, attention_head_dim=8, num_attention_heads=4, caption_channels=[8, 4], text_emb_dim=8,
+        num_routed_experts=2, num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32),
+        llama_layers=(0, 1, 2, 3), force_inference_output=True,
+    )
+
+
+def _hidream_inputs(seed, B, size):
+    h, w = _GRID[size]
+    g = _g(seed)
+    return dict(
+        hidden_states=torch.randn(B, 4, 2 * h, 2 * w, generator=g),
+        encoder_hidden_states_t5=torch.randn(B, TXT, 8, generator=g),
+        encoder_hidden_states_llama3=torch.randn(4, B, TXT, 4, generator=g),
+        pooled_embeds=torch.randn(B, 8, generator=g), return_dict=False,
+    )
+
+
 TINY: dict[str, Tiny] = {
+    "chroma": Tiny(build=_chroma(), inputs=_chroma_inputs, timestep=_sigma),
+    "hidream": Tiny(build=_hidream(), inputs=_hidream_inputs, timestep=_t1000, grid=_nchw_grid,
+                    timestep_arg="timesteps"),
     "flux": Tiny(build=_flux(), inputs=_flux_inputs, timestep=_sigma),
     "flux2": Tiny(build=_flux2(), inputs=_flux2_inputs, timestep=_sigma),
     "sd3": Tiny(build=_sd3(), inputs=_sd3_inputs, timestep=_t1000, grid=_nchw_grid),
