@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-scale", type=float, default=None)
     g.add_argument("--max-sequence-length", type=_int("--max-sequence-length"), default=None,
                    help="text tokens per prompt (default: the shipped model's, or the pipeline's)")
+    g.add_argument("--num-frames", type=_int("--num-frames"), default=None,
+                   help="video pipelines: frames to generate (the PNG shows them side by side)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
@@ -178,6 +180,25 @@ def _check_out_file(path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------------------------
 # generate
 # ---------------------------------------------------------------------------------------------------------------------
+def _picture(result):
+    """The first image of an image pipeline's result, or the first video's frames side by side."""
+    images = getattr(result, "images", None)
+    if images is not None:
+        return images[0]
+    frames = getattr(result, "frames", None)
+    if frames is None:
+        raise UsageError(f"--model: the pipeline returned {type(result).__name__} with neither images nor frames")
+    from PIL import Image
+
+    video = list(frames[0])
+    strip = Image.new("RGB", (sum(f.width for f in video), max(f.height for f in video)))
+    x = 0
+    for f in video:
+        strip.paste(f.convert("RGB"), (x, 0))
+        x += f.width
+    return strip
+
+
 def cmd_generate(a) -> int:
     import torch
 
@@ -209,6 +230,8 @@ def cmd_generate(a) -> int:
         kw["guidance_scale"] = a.guidance_scale
     if a.max_sequence_length is not None:
         kw["max_sequence_length"] = a.max_sequence_length
+    if a.num_frames is not None:
+        kw["num_frames"] = a.num_frames
     try:
         fastcache_rt.enable(pipe, a.policy, **overrides)
     except (ValueError, TypeError) as e:
@@ -223,7 +246,7 @@ def cmd_generate(a) -> int:
     seconds = time.perf_counter() - t0
     st = fastcache_rt.stats(pipe)
     fastcache_rt.disable(pipe)
-    image = result.images[0]
+    image = _picture(result)
     import io
 
     from .bench.report import write_atomic
@@ -231,7 +254,9 @@ def cmd_generate(a) -> int:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     write_atomic(out, buf.getvalue())
-    print(f"wrote {out} ({image.width}x{image.height})")
+    frames = getattr(result, "frames", None)
+    what = f", {len(frames[0])} frames side by side" if frames is not None else ""
+    print(f"wrote {out} ({image.width}x{image.height}{what})")
     print(f"policy {st['policy']}: NFE {len(st['computed'])}/{st['num_steps']} (cached {len(st['cached'])}), "
           f"{seconds:.2f} s, cache {st['cache_bytes'] / 2**20:.2f} MiB, controller "
           f"{1e3 * st['controller_seconds_per_call']:.2f} ms/step")

@@ -92,3 +92,20 @@ def test_bench_bad_input(tiny_folder, tmp_path, capsys, blocked):
     pytest.importorskip("fastcache_rt.models")
     _bad(["bench", "--classes", "purple elephant", "--out", str(out)], capsys, "--classes", "purple elephant")
     assert not out.exists() or not list(out.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["sd3", "wan"])
+def test_generate_with_other_pipeline_folders(kind, tmp_path, capsys):
+    """``--model FOLDER`` with any supported pipeline: SD3 (three text encoders, CFG) and Wan (video: the frames
+    side by side in one PNG), saved as diffusers folders and loaded by path."""
+    from tests.bench.tiny import tiny_sd3_pipeline, tiny_wan_pipeline
+
+    folder = tmp_path / kind
+    (tiny_sd3_pipeline if kind == "sd3" else tiny_wan_pipeline)().save_pretrained(folder)
+    out = tmp_path / f"{kind}.png"
+    extra = ["--num-frames", "5"] if kind == "wan" else []
+    main(["generate", "--model", str(folder), "--policy", "fora", "--prompt", "red circle", "--steps", "6",
+          "--height", "32", "--width", "32", "--max-sequence-length", "8", "--out", str(out), *extra])
+    printed = capsys.readouterr().out
+    assert Image.open(out).size == ((5 * 32, 32) if kind == "wan" else (32, 32))
+    assert "NFE 2/6 (cached 4)" in printed, printed  # FORA interval 3: steps 0 and 3
