@@ -77,7 +77,8 @@ class Controller:
         self.calls = 0
         self._warned: set[str] = set()
         self._norm1_emb: bool | None = None  # the probe's norm1 takes the conditioning as ``emb=``
-        self._last: list[StreamState] = []  # streams of the last generation (for stats)
+        self._last: list[dict] = []  # what stats() reports of the last finished generation
+        self._last_time = (0.0, 0)  # its controller seconds and calls
 
     # ----------------------------------------------------------------------------------------------------------
     # generations
@@ -104,6 +105,7 @@ class Controller:
         keep what ``stats`` reports of it, warn about what it saw, and start the next one clean."""
         if any(st.ran for st in self.streams.values()):
             self._last = self._stream_stats()
+            self._last_time = (self.controller_seconds, self.calls)
             self.new_generation(None)
 
     def report_events(self) -> None:
@@ -200,6 +202,7 @@ class Controller:
         hidden = kw[spec.hidden]
         enc = kw.get(spec.encoder) if spec.encoder else None
         last = li == len(self.lists) - 1 and stop == len(self.lists[li])
+        own = start  # the block whose hook called this (``original`` is its forward)
         t0 = self._clock()
         if li == 0 and start == 0:  # 1. the stream (and, for FBCache, the tokens its probe compares against)
             call.base = self._image_part(call, spec, hidden)
@@ -208,7 +211,7 @@ class Controller:
             call.compute = None
             if self.probe_blocks and not spec.per_block:  # the first blocks always run (model time)
                 self._tick(t0)
-                hidden, enc = self._run(li, original, kw, hidden, enc, 0, self.probe_blocks)
+                hidden, enc = self._run(li, original, own, kw, hidden, enc, 0, self.probe_blocks)
                 start = self.probe_blocks
                 t0 = self._clock()
         if li == 0 and call.compute is None:
@@ -228,7 +231,7 @@ class Controller:
         # 3. the branch: run the blocks, or hand on the inputs (the last block of all: the forecast)
         def full(h, *e):
             self._tick(t0)
-            out = self._run(li, original, kw, h, e[0] if e else None, start, stop)
+            out = self._run(li, original, own, kw, h, e[0] if e else None, start, stop)
             if not e:
                 return out[:1]
             # a last block that returns no text tokens (SD3's context_pre_only): hand the input's on
@@ -270,7 +273,7 @@ class Controller:
                                      f"{self.family.name} passes {type(latent).__name__}: use site='hidden'")
                 shape, dtype = tuple(latent.shape), latent.dtype
             grid = self.grid or (self.family.grid(self.model, call.kwargs) if self.family.grid else None)
-            st = StreamState(self.policy, num_steps, shape, dtype, hidden.device, grid, self.coeffs)
+            st = StreamState(self.policy, num_steps, shape, dtype, hidden.device, grid, self.coeffs, tuple(hidden.shape))
             self.streams[key] = st
         if not torch.compiler.is_compiling():
             st.last_use = self.calls
@@ -313,13 +316,12 @@ class Controller:
         pred = call.st.fc.predict(call.st)
         return call.base + pred if self.policy.site == "residual" else pred
 
-    def _run(self, li, original, kw, hidden, enc, start, stop):
+    def _run(self, li, original, own, kw, hidden, enc, start, stop):
         """Blocks [start, stop) of list ``li`` (the first is the block whose hook calls this), each with the
         arguments the first got and the previous block's hidden / text tokens; every hook on a block runs (group
         offloading, layerwise casting, ...)."""
         spec = self.family.lists[li]
         blocks = self.lists[li]
-        first = start
         for j in range(start, min(stop, len(blocks))):
             kw = dict(kw)
             kw[spec.hidden] = hidden
@@ -327,7 +329,7 @@ class Controller:
                 kw[spec.encoder] = enc
             # the block whose hook this is runs through the rest of its hook chain; the others through their
             # module call, as the model calls them (the marker tells fastcache_rt's hook on them to run the block)
-            out = original(**kw) if j == first else blocks[j](**kw, **{RUN: True})
+            out = original(**kw) if j == own else blocks[j](**kw, **{RUN: True})
             hidden, enc = _unpack(spec, out, enc)
         return hidden, enc
 
@@ -397,6 +399,8 @@ class Controller:
         }
         live = [s for s in streams if s.ran]
         per = self._stream_stats() if live or not self._last else self._last
+        if not live and self._last:
+            out["controller_seconds"], out["calls"] = self._last_time
         out["streams"] = len(per)
         out["per_stream"] = per
         out["per_stream_computed"] = [p["computed"] for p in per]
@@ -406,7 +410,7 @@ class Controller:
         ratios = [p["mag_ratios"] for p in per if "mag_ratios" in p]
         if ratios:
             out["mag_ratios"] = ratios[0]
-        out["controller_seconds_per_call"] = self.controller_seconds / max(self.calls, 1)
+        out["controller_seconds_per_call"] = out["controller_seconds"] / max(out["calls"], 1)
         return out
 
 

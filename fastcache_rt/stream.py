@@ -22,14 +22,14 @@ class Step:
 
 
 class StreamState:
-    def __init__(self, policy, num_steps: int, site_shape, site_dtype, device, grid=None, coeffs=None):
+    def __init__(self, policy, num_steps: int, site_shape, site_dtype, device, grid=None, coeffs=None, tokens=None):
         self.num_steps = num_steps
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         self.last_full = torch.zeros((), dtype=torch.int64, device=device)
         self.has_cache = torch.zeros((), dtype=torch.bool, device=device)  # compiled mode: a step was computed
         self.log = torch.zeros(num_steps + 1, dtype=torch.bool, device=device)  # compiled mode's record (+ overflow)
         self.events = torch.zeros(1, dtype=torch.int64, device=device)  # computed steps with a non-finite value
-        self.gate = policy.gate.make_state(num_steps, device, coeffs)
+        self.gate = policy.gate.make_state(num_steps, device, coeffs, tokens or site_shape)
         self.shape = tuple(site_shape)
         self.fc = policy.forecaster.make_state(self.shape, site_dtype, device, num_steps, grid)
         # eager mode advances the device counters only where a gate or the forecaster reads them

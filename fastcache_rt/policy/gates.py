@@ -31,7 +31,7 @@ class EveryStep:
     def schedule(self, num_steps: int) -> list[bool]:
         return [True] * num_steps
 
-    def make_state(self, num_steps: int, device, coeffs=None):
+    def make_state(self, num_steps: int, device, coeffs=None, tokens=None):
         return ScheduleState(self.schedule(num_steps), device)
 
 
@@ -100,7 +100,7 @@ class TeaCacheGate:
         if self.coeffs is not None:
             object.__setattr__(self, "coeffs", check_coeffs(self, "coeffs", self.coeffs))
 
-    def make_state(self, num_steps: int, device, coeffs=None):
+    def make_state(self, num_steps: int, device, coeffs=None, tokens=None):
         return SignalState("modulated", self.threshold, num_steps, device, coeffs=self.coeffs or coeffs or (1.0, 0.0))
 
 
@@ -132,7 +132,7 @@ class SpectralCacheGate:
         check(self, "gammas", g is not None and all(_pos(v) for v in g), "two finite numbers > 0")
         object.__setattr__(self, "gammas", g)
 
-    def make_state(self, num_steps: int, device, coeffs=None):
+    def make_state(self, num_steps: int, device, coeffs=None, tokens=None):
         return SignalState("modulated", self.threshold, num_steps, device, coeffs=self.coeffs or coeffs or (1.0, 0.0),
                            tads=self.tads, max_cached=self.max_cached, split=self.split, gammas=self.gammas)
 
@@ -150,7 +150,7 @@ class FBCacheGate:
         check(self, "threshold", _pos(self.threshold), "a finite number > 0")
         check(self, "blocks", is_int(self.blocks) and self.blocks >= 1, "an int >= 1")
 
-    def make_state(self, num_steps: int, device, coeffs=None):
+    def make_state(self, num_steps: int, device, coeffs=None, tokens=None):
         return SignalState("first_blocks", self.threshold, num_steps, device, coeffs=(1.0, 0.0), accumulate=False,
                            against_last_computed=True)
 
@@ -220,10 +220,10 @@ class MagCacheGate:
             out.append(compute)
         return out
 
-    def make_state(self, num_steps: int, device, coeffs=None):
+    def make_state(self, num_steps: int, device, coeffs=None, tokens=None):
         self.check_ready()
         if self.calibrate:
-            return MagCacheCalibration(num_steps, device)
+            return MagCacheCalibration(num_steps, device, tokens)
         return ScheduleState(self.schedule(num_steps), device)
 
 
@@ -257,7 +257,8 @@ GATES = {
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Device state of each gate, behind one protocol (the controller calls only these methods):
+# Device state of each gate, made by ``make_state(num_steps, device, coeffs, tokens)`` (``tokens``: the shape of the
+# image tokens the stream caches) and behind one protocol (the controller calls only these methods):
 #   probe                      None, "modulated" (the family's probe) or "first_blocks" (FBCache's residual)
 #   decide(step) -> compute    a host bool (eager, decided from the host step index) or a 0-dim device bool
 #   after(step, compute, residual) after the branch: update state (``residual()``: this step's residual)
@@ -313,16 +314,16 @@ class MagCacheCalibration(ScheduleState):
 
     uses_step = True
 
-    def __init__(self, num_steps: int, device):
+    def __init__(self, num_steps: int, device, tokens):
         super().__init__([True] * num_steps, device)
         self.measured = torch.full((num_steps + 1,), float("nan"), device=device)
-        self.prev_norm: torch.Tensor | None = None
+        # every buffer is made here: under torch.compile a stream is created inside the first traced call, and an
+        # attribute set later on an object made in the trace does not survive it
+        self.prev_norm = torch.ones(tuple(tokens)[:-1], device=device)
         self.seen = torch.zeros((), dtype=torch.bool, device=device)
 
     def after(self, step, compute, residual) -> None:
         norm = torch.linalg.vector_norm(residual().float(), dim=-1)
-        if self.prev_norm is None:
-            self.prev_norm = torch.ones_like(norm)
         ratio = torch.where(self.seen, (norm / (self.prev_norm + 1e-8)).mean(), torch.ones((), device=norm.device))
         self.prev_norm.copy_(norm)
         self.seen.fill_(True)
@@ -336,8 +337,7 @@ class MagCacheCalibration(ScheduleState):
         return [float(v) for v in self.measured[:n].tolist()]
 
     def tensors(self):
-        return super().tensors() + [self.measured, self.seen] + ([self.prev_norm] if self.prev_norm is not None
-                                                                 else [])
+        return super().tensors() + [self.measured, self.seen, self.prev_norm]
 
 
 class SignalState:

@@ -46,3 +46,36 @@ def test_compiled_matches_eager(name):
     assert st["computed"] == eager_computed
     torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
 
+
+
+PRESETS = {
+    "spectrum": {}, "teacache": {"threshold": 0.3, "coeffs": (1.0, 0.0)},
+    "spectralcache": {"threshold": 0.3, "coeffs": (1.0, 0.0)}, "freqca": {"interval": 3, "grid": (1, 4, 4)},
+    "taylorseer": {"interval": 3}, "fora": {}, "fbcache": {"threshold": 0.5}, "magcache": None,
+}
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_preset_compiled_matches_eager(preset):
+    """The same step path in both modes: every preset on FLUX, eager vs torch.compile(fullgraph=True)."""
+    name = "flux"
+    m = model(name)
+    kw = PRESETS[preset]
+    if kw is None:  # MagCache: its calibration in both modes, then a run with the eager ratios
+        runs = {}
+        for mode in ("eager", "compiled"):
+            torch._dynamo.reset()
+            with fastcache_rt.cached(m, "magcache", num_steps=S, calibrate=True):
+                denoise(m if mode == "eager" else torch.compile(m, fullgraph=True), name, S)
+                runs[mode] = fastcache_rt.stats(m)["mag_ratios"]
+        torch.testing.assert_close(runs["compiled"], runs["eager"], rtol=1e-4, atol=1e-6)
+        kw = {"ratios": runs["eager"], "threshold": 0.5, "retention": 0.2}
+    with fastcache_rt.cached(m, preset, num_steps=S, **kw):
+        eager = denoise(m, name, S)
+        eager_computed = fastcache_rt.stats(m)["computed"]
+    torch._dynamo.reset()
+    with fastcache_rt.cached(m, preset, num_steps=S, **kw):
+        got = denoise(torch.compile(m, fullgraph=True), name, S)
+        computed = fastcache_rt.stats(m)["computed"]
+    assert computed == eager_computed and len(computed) < S
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)

@@ -63,6 +63,21 @@ def test_every_step_is_bitwise_and_disable_restores(name):
     assert torch.equal(denoise(m, name, 6), ref)
 
 
+@pytest.mark.parametrize("preset", ["teacache", "spectralcache", "fbcache"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_signal_gate_that_computes_every_step_is_bitwise(name, preset):
+    """At a threshold no step stays under, a signal gate computes every step, and the run is bitwise the
+    unpatched model's: the probe, the first blocks FBCache runs for it, and the blocks after them are each run
+    exactly once, in order."""
+    m = model(name)
+    ref = denoise(m, name, 6)
+    kw = {"threshold": 1e-12} if preset == "fbcache" else {"threshold": 1e-12, "coeffs": (1.0, 0.0)}
+    with fastcache_rt.cached(m, preset, num_steps=6, **kw):
+        out = denoise(m, name, 6)
+        assert fastcache_rt.stats(m)["computed"] == list(range(6))
+    assert torch.equal(out, ref)
+
+
 @pytest.mark.parametrize("preset", list(PRESETS))
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_preset_runs(name, preset):

@@ -351,3 +351,23 @@ def test_output_site_forecasts_stay_close(model, policy):
         assert len(fastcache_rt.stats(model)["computed"]) < 20
     assert torch.isfinite(out).all()
     assert (out - ref).norm() < 0.2 * ref.norm()
+
+
+def test_composes_with_diffusers_layerwise_casting():
+    """diffusers' layerwise casting (weights stored in bf16, cast to fp32 for each layer's compute: hooks on the
+    layers inside the blocks) together with fastcache_rt's hooks on the blocks: the every-step policy is bitwise the
+    casting model alone, a cached run stays close to it, and each can be removed without disturbing the other."""
+    from diffusers.hooks import apply_layerwise_casting
+
+    m = tiny_flux(seed=1)
+    apply_layerwise_casting(m, storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    assert m.transformer_blocks[0].ff.net[2].weight.dtype == torch.bfloat16
+    ref = denoise(m, 12)
+    with fastcache_rt.cached(m, "none", num_steps=12):
+        assert torch.equal(denoise(m, 12), ref)
+    with fastcache_rt.cached(m, "taylorseer", num_steps=12, interval=3):
+        out = denoise(m, 12)
+        assert len(fastcache_rt.stats(m)["computed"]) < 12
+    assert torch.isfinite(out).all() and (out - ref).norm() < 0.2 * ref.norm()
+    assert torch.equal(denoise(m, 12), ref)  # fastcache_rt removed, the casting hooks still in place
+    assert m.transformer_blocks[0].ff.net[2].weight.dtype == torch.bfloat16

@@ -41,6 +41,8 @@ def test_pipeline_announces_generations_and_step_counts():
     a = _run(pipe, 50)
     st = fastcache_rt.stats(pipe)
     assert st["num_steps"] == 50 and st["computed"] == [0, 1, 2, 3, 4, 6, 8, 11, 15, 20, 25, 31, 38, 46]
+    # the finished generation's timing is reported too (the pipeline's end closes the generation)
+    assert st["calls"] == 50 and st["controller_seconds"] > 0
     b = _run(pipe, 20, size=48)  # a new call: new step count and size, announced by the scheduler
     st = fastcache_rt.stats(pipe)
     assert st["num_steps"] == 20 and st["computed"] == [0, 1, 2, 3, 4, 6, 8, 11, 15]
