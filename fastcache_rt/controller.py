@@ -1,9 +1,10 @@
 """One cached denoising step, read top to bottom. The controller knows policies and nothing of models (the family
 declaration does the model); the ops know tensors and nothing of either.
 
-A model call goes: ``begin_call`` (the transformer's hook: which branch, which stream) -> ``list_head`` for each
-block list, where the first list's head probes, decides, and every list runs its blocks or skips them through
-``branch`` (the one point where eager and compiled differ: a host ``if`` or ``torch.cond``) -> ``end_call``.
+A model call goes: ``begin_call`` (the transformer's hook: which branch) -> ``segment`` for each block list (or
+each block of a list the model runs block by block): the first one picks the stream, probes and decides, and every
+segment runs its blocks or hands its inputs on through ``branch`` (the one point where eager and compiled differ: a
+host ``if`` or ``torch.cond``); the last records the value its forecaster keeps -> ``end_call``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ MAX_STREAMS = 8
 class Call:
     """What one model call carries from its first block to its end."""
 
-    __slots__ = ("branch", "kwargs", "off", "st", "step", "compute", "base", "probe")
+    __slots__ = ("branch", "kwargs", "off", "st", "step", "compute", "base")
 
     def __init__(self, branch, kwargs, off):
         self.branch, self.kwargs, self.off = branch, kwargs, off
@@ -37,7 +38,6 @@ class Call:
         self.step: Step | None = None
         self.compute = True
         self.base = None
-        self.probe = None
 
 
 def branch(compute, full, skip, operands: tuple):
@@ -64,6 +64,8 @@ class Controller:
         self.grid = grid
         self.coeffs = coeffs
         self.lists = [list(getattr(model, b.attr)) for b in family.lists]
+        for m in [model, *(b for blocks in self.lists for b in blocks)]:
+            _signature(type(m))  # read here, not while torch.compile traces a call (it cannot trace inspect)
         self.probe_blocks = getattr(policy.gate, "blocks", 0) if policy.gate.probe == "first_blocks" else 0
         self.streams: dict[tuple, StreamState] = {}
         self.call: Call | None = None
@@ -72,7 +74,6 @@ class Controller:
         self.scheduler = None  # the pipeline's scheduler, when it announces generations and steps
         self.pipe = None
         self.rewatch = None  # set by the API: watch the pipeline's current scheduler
-        self.generation = 0
         self.controller_seconds = 0.0
         self.calls = 0
         self._warned: set[str] = set()
@@ -96,7 +97,6 @@ class Controller:
             st.reset()
         self.calls_this_step = 0
         self.gen_steps = 0
-        self.generation += 1
         self.controller_seconds = 0.0
         self.calls = 0
 
@@ -448,17 +448,22 @@ def _signatures_outside_cond(blocks) -> None:
 _SIGNATURES: dict[type, list[str]] = {}
 
 
+def _signature(cls) -> list[str]:
+    """The names of ``cls.forward``'s parameters after ``self``."""
+    names = _SIGNATURES.get(cls)
+    if names is None:
+        import inspect
+
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]
+        names = _SIGNATURES[cls] = [p.name for p in params]
+    return names
+
+
 def _bind(module, args, kwargs) -> dict:
     """The call's arguments by name (blocks are called positionally by some models, by keyword by others)."""
     if not args:
         return dict(kwargs)
-    names = _SIGNATURES.get(type(module))
-    if names is None:
-        import inspect
-
-        params = list(inspect.signature(type(module).forward).parameters.values())[1:]
-        names = _SIGNATURES[type(module)] = [p.name for p in params]
-    kw = dict(zip(names, args))
+    kw = dict(zip(_signature(type(module)), args))
     kw.update(kwargs)
     return kw
 

@@ -79,3 +79,28 @@ def test_every_preset_compiled_matches_eager(preset):
         computed = fastcache_rt.stats(m)["computed"]
     assert computed == eager_computed and len(computed) < S
     torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("name", [n for n in COMPILED if n != "flux"])
+def test_every_preset_traces_fullgraph_on_every_family(name, preset):
+    """Every preset x the other families, compiled first (nothing warmed up in eager before), traced with
+    fullgraph=True and run on dynamo's eager backend (inductor is covered above): the eager decisions, the eager
+    result."""
+    from fastcache_rt import controller
+
+    m = model(name)
+    steps = 6
+    magcache = {"ratios": [1.0, 0.99, 0.98, 0.99, 1.01, 1.0], "threshold": 0.5}
+    kw = dict(PRESETS[preset] if PRESETS[preset] is not None else magcache)
+    kw.pop("grid", None)
+    with fastcache_rt.cached(m, preset, num_steps=steps, **kw):
+        eager = denoise(m, name, steps)
+        eager_computed = fastcache_rt.stats(m)["computed"]
+    torch._dynamo.reset()
+    controller._SIGNATURES.clear()  # as in a fresh process: enable reads what tracing cannot
+    with fastcache_rt.cached(m, preset, num_steps=steps, **kw):
+        got = denoise(torch.compile(m, fullgraph=True, backend="eager"), name, steps)
+        computed = fastcache_rt.stats(m)["computed"]
+    assert computed == eager_computed
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
