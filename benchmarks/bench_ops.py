@@ -1,22 +1,27 @@
-"""Kernel-tier benchmark: each fast backend against the eager torch reference and against a same-size tensor copy
-(the memory-bandwidth roof), measured side by side in one run, interleaved so that machine noise hits all alike.
+"""Kernel-tier benchmark, interleaved: each op through a fast backend beside the eager torch reference, the eager
+way peers compute the same thing and a same-bytes tensor copy (the memory-bandwidth roof), timed side by side in
+one run, round-robin, so that machine noise hits all alike. The same calls as the pytest-benchmark suite
+(``benchmarks/test_kernels.py``; both take their cases from ``benchmarks/kernel_cases.py``).
 
     python benchmarks/bench_ops.py                 # FLUX-like size (1, 4096, 3072), fp32 and bf16, backend cpu
     python benchmarks/bench_ops.py --quick         # fewer repeats
     python benchmarks/bench_ops.py --csv out.csv   # also append rows (machine, commit, version) to a CSV
 
-Reported per op: ratios of best-of-R interleaved times (never bare seconds as a claim): the speedup over the
-reference, and the fraction of the copy's bytes/s reached, where the op's bytes are what it must read + write and the
-copy moves the same bytes. The copy writes into a preallocated tensor, so the forecasts are timed writing into a
-preallocated ``out=`` for that column; "allocating" is the same fraction when the forecast allocates its result (on
-the CPU a fresh feature-sized allocation costs page faults, often more than the op itself).
-Refuses to report when the backend disagrees with the reference on the benchmark inputs.
+Reported per op: ratios of best-of-R interleaved times (never bare seconds as a claim), the columns of
+``benchmarks/bench_table.py``: the speedup over the peer's eager way and over the reference, and the fraction of
+the copy's bytes/s reached, where the op's bytes are what it must read + write and the copy moves the same bytes
+into a preallocated tensor; the forecasts write into a preallocated ``out=`` for that column, "allocating" is the
+same fraction when the forecast allocates its result (on the CPU a fresh feature-sized allocation costs page
+faults, often more than the op itself). Timed calls pass device tensors for every scalar and read nothing back
+(the peers do what they do: FBCache reads its ratio back with ``.item()``).
+Refuses to report when the backend or a peer disagrees with the reference on the benchmark inputs.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import os
 import platform
 import subprocess
@@ -26,13 +31,31 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for _p in (str(ROOT), str(HERE)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
-from fastcache_rt import __version__, ops  # noqa: E402
+from bench_table import format_text
+from kernel_cases import (
+    ALL_OPS,
+    FLUX_SHAPE,
+    FORECASTS,
+    HOST,
+    PEERS,
+    SMALL,
+    TARGET_ROOF,
+    TARGET_SPEEDUP,
+    Workload,
+    copy_roof,
+    parse_shape,
+    ratios,
+    shape_str,
+    targets,
+)
 
-TARGET_SPEEDUP = 3.0
-TARGET_ROOF = 0.70
+from fastcache_rt import __version__, ops
 
 
 def _time_interleaved(fns: dict, repeats: int) -> dict[str, float]:
@@ -49,130 +72,93 @@ def _time_interleaved(fns: dict, repeats: int) -> dict[str, float]:
     return {k: min(v) for k, v in samples.items()}
 
 
-def _cases(shape, dtype, n_hist):
-    g = torch.Generator().manual_seed(0)
-    cur = torch.randn(shape, generator=g).to(dtype)
-    prev = (cur.float() + 0.05 * torch.randn(shape, generator=g)).to(dtype)
-    hist = torch.randn((n_hist, *shape), generator=g).to(dtype)
-    taus = torch.linspace(-1, 0.7, n_hist)
-    diffs = torch.randn((3, *shape), generator=g).to(dtype)
-    state = torch.tensor([5, 0.1, 0, 1, 1, 0.1, 0, 3], dtype=torch.float32)
-    params = ops.gate_params(0.6, 50, tads=(0.5, 1.5), max_cached=2)
-    coeffs = torch.tensor([498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861])
-    gammas = torch.tensor([0.8, 1.5])
-    D = shape[-1]
-    el = cur.element_size()
-    numel = cur.numel()
-    out = torch.empty(shape, dtype=dtype)  # the forecasts' preallocated output (the copy's dst is preallocated too)
-    # name: (fn(backend, out) -> result, bytes the op must read + write); out=None = allocate the result
-    return {
-        "band_l1": (
-            lambda b, o: ops.band_l1(cur, prev, [0, D // 2, D], backend=b),
-            2 * numel * el,
-        ),
-        "gate_step": (
-            lambda b, o: ops.gate_step(cur, prev, state, params, coeffs, bounds=[0, D // 2, D], gammas=gammas,
-                                       backend=b),
-            2 * numel * el,
-        ),
-        f"chebyshev_forecast(n={n_hist})": (
-            lambda b, o: ops.chebyshev_forecast(hist, taus, 0.75, 4, 0.1, backend=b, out=o),
-            (n_hist + 1) * numel * el,
-        ),
-        "taylor_forecast(order=2)": (
-            lambda b, o: ops.taylor_forecast(diffs, 2.0, backend=b, out=o),
-            4 * numel * el,
-        ),
-    }, out
-
-
-def _check(a, b, name):
-    a = a if isinstance(a, tuple) else (a,)
-    b = b if isinstance(b, tuple) else (b,)
-    for x, y in zip(a, b):
-        if x.dtype == torch.bool:
-            ok = bool(x == y)
-        else:
-            ok = torch.allclose(x.float(), y.float(), rtol=2e-2 if x.dtype == torch.bfloat16 else 1e-4, atol=1e-3)
-        if not ok:
-            raise SystemExit(f"refusing to report: {name} disagrees with the reference on the benchmark inputs")
-
-
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
+                              timeout=10, check=False).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def measure(backend: str, shape, dtype: torch.dtype, history: int, repeats: int, op_names=None) -> list[dict]:
+    """Rows (the ratios of ``kernel_cases.ratios`` + identification) of every op at one dtype."""
+    w = Workload(shape, dtype, "cpu", history=history)
+    names = [o for o in (op_names or ALL_OPS) if o not in HOST]
+    if dtype != torch.float32:
+        names = [o for o in names if o not in SMALL]  # float32 inputs whatever the feature dtype: once
+    rows = []
+    for op in names:
+        case = w.cases((op,))[op]
+        try:
+            case.check(backend)
+            if case.peer is not None:
+                case.check("reference", peer=True)
+        except AssertionError as exc:
+            raise SystemExit(f"refusing to report: {exc}") from None
+        fns = {backend: case.timed(backend), "reference": case.timed("reference")}
+        if case.nbytes is not None:
+            fns["copy"] = copy_roof(case.nbytes, "cpu")
+        if case.peer is not None:
+            fns["peer"] = case.peer[2]
+        if op in FORECASTS:
+            fns[f"alloc:{backend}"] = case.alloc(backend)
+        t = _time_interleaved(fns, repeats)
+        r = ratios(t, backend)
+        r.update(op=case.label, op_name=op, dtype=str(dtype).replace("torch.", ""), backend=backend,
+                 shape=shape_str(shape), device="cpu", bytes=case.nbytes, peer=PEERS.get(op, (None,))[0])
+        r["targets"] = targets(op, r)
+        rows.append(r)
+        del fns
+    del w
+    gc.collect()
+    return rows
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="cpu", help="fast backend to measure (default cpu)")
-    ap.add_argument("--shape", default="1,4096,3072", help="feature shape (default FLUX-like 1,4096,3072)")
+    ap.add_argument("--shape", default=",".join(map(str, FLUX_SHAPE)), help="feature shape (default 1,4096,3072)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--history", type=int, default=14, help="Chebyshev history rows (default 14)")
+    ap.add_argument("--ops", default=None, help="comma list of ops (default all but the host-side packers)")
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
     ap.add_argument("--csv", default=None, help="append the rows to this CSV file")
     args = ap.parse_args(argv)
 
     info = ops.backends()[args.backend]
-    if not info["available"]:
-        print(f"backend {args.backend!r} unavailable: {info['reason']}", file=sys.stderr)
+    if not info["available"] or "cpu" not in info["devices"]:
+        print(f"backend {args.backend!r} unavailable on CPU tensors: {info['reason']}", file=sys.stderr)
         return 2
-    shape = tuple(int(s) for s in args.shape.split(","))
+    shape = parse_shape(args.shape)
     repeats = 7 if args.quick else 15
-    rows = []
+    op_names = [o.strip() for o in args.ops.split(",")] if args.ops else None
+    if op_names and set(op_names) - set(ALL_OPS):
+        ap.error(f"--ops: unknown {sorted(set(op_names) - set(ALL_OPS))}")
     print(f"fastcache_rt {__version__} ({_commit()}), backend {args.backend}, shape {shape}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    header = (f"{'op':28s} {'dtype':9s} {'vs reference':>13s} {'of copy roof':>13s} {'allocating':>10s} "
-              f"{'ref of roof':>12s}  targets")
-    print(header)
-    print("-" * len(header))
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; best of {repeats} "
+          f"interleaved rounds")
+    rows = []
     for dname in args.dtypes.split(","):
-        dtype = getattr(torch, dname)
-        cases, out = _cases(shape, dtype, args.history)
-        for name, (fn, nbytes) in cases.items():
-            _check(fn(args.backend, None), fn("reference", None), f"{name} {dname}")
-            forecast = "forecast" in name
-            if forecast:
-                out.fill_(float("nan"))
-                _check(fn(args.backend, out), fn("reference", None), f"{name} out= {dname}")
-            src = torch.empty(nbytes // 2, dtype=torch.uint8)
-            src.random_(0, 255)
-            dst = torch.empty_like(src)
-            fns = {"fast": lambda: fn(args.backend, None), "ref": lambda: fn("reference", None),
-                   "copy": lambda: dst.copy_(src)}
-            if forecast:
-                fns["fast_out"] = lambda: fn(args.backend, out)
-            t = _time_interleaved(fns, repeats)
-            speedup = t["ref"] / t["fast"]
-            # bandwidth: both the op and the copy write into memory that exists already (out= for the forecasts)
-            roof = t["copy"] / t["fast_out" if forecast else "fast"]
-            alloc = f"{t['copy'] / t['fast'] * 100:9.0f}%" if forecast else f"{'-':>10s}"
-            targets = ""
-            if name.startswith(("band_l1", "chebyshev")):
-                ok = speedup >= TARGET_SPEEDUP and roof >= TARGET_ROOF
-                targets = "met" if ok else "MISSED"
-            print(f"{name:28s} {dname:9s} {speedup:12.2f}x {roof * 100:12.0f}% {alloc} "
-                  f"{t['copy'] / t['ref'] * 100:11.0f}%  {targets}")
-            rows.append(dict(machine=platform.node(), cpu=platform.processor() or platform.machine(),
-                             threads=torch.get_num_threads(), commit=_commit(), version=__version__,
-                             backend=args.backend, op=name, dtype=dname, shape="x".join(map(str, shape)),
-                             speedup_vs_reference=round(speedup, 3), fraction_of_copy_roof=round(roof, 3),
-                             fraction_of_copy_roof_allocating=round(t["copy"] / t["fast"], 3) if forecast else "",
-                             bytes=nbytes, targets=targets))
+        rows += measure(args.backend, shape, getattr(torch, dname.strip()), args.history, repeats, op_names)
+    print(format_text(rows))
     print(f"\ntargets (band_l1, chebyshev_forecast): >= {TARGET_SPEEDUP:.0f}x the eager reference and >= "
-          f"{TARGET_ROOF * 100:.0f}% of the copy's bytes/s")
+          f"{TARGET_ROOF * 100:.0f}% of the copy's bytes/s; peers: "
+          + "; ".join(f"{op} {name}" for op, (name, _e) in PEERS.items()))
     if args.csv:
         path = Path(args.csv)
         new = not path.exists()
         path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"machine": platform.node(), "cpu": platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads(), "commit": _commit(), "version": __version__}
+        fields = list(meta) + ["backend", "op", "dtype", "shape", "bytes", "peer", "vs_peer", "of_copy_roof",
+                               "allocating_of_roof", "vs_reference", "peer_of_roof", "reference_of_roof",
+                               "targets"]
         with path.open("a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            wr = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
             if new:
-                w.writeheader()
-            w.writerows(rows)
+                wr.writeheader()
+            for r in rows:
+                wr.writerow({**meta, **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}})
         print(f"appended {len(rows)} rows to {path}")
     return 0
 
