@@ -4,6 +4,9 @@
 // and element strides; the stream is torch.cuda.current_stream().cuda_stream. Every function enqueues one kernel
 // (or nothing when there is nothing to write), never synchronises, and raises on a launch error. Argument checks
 // that need no device data (dtype codes, limits of the kernels) raise ValueError; CUDA errors raise RuntimeError.
+// A scalar argument is a pair (pointer, value): a nonzero pointer is a 0-dim device tensor the kernel reads, else
+// the value (a Python float, rounded to float32 here; a Python int, or None = all rows, for count) is passed to the
+// kernel by value.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -64,6 +67,23 @@ fc::GateParams as_gate(const GateTuple& g) {
   return p;
 }
 
+// (pointer, value) -> the launchers' scalar. The value is rounded to float32 to nearest (IEEE conversion; Python
+// floats beyond the float32 range become +-Inf, NaN stays NaN).
+fc::ScalarF32 f32_arg(uintptr_t ptr, double value) {
+  fc::ScalarF32 s;
+  s.ptr = as_ptr<const float>(ptr);
+  s.value = static_cast<float>(value);
+  return s;
+}
+
+// count: a device int64 (ptr != 0), else the Python int, else None = `rows` (every row valid).
+fc::ScalarI64 count_arg(uintptr_t ptr, const std::optional<int64_t>& value, int64_t rows) {
+  fc::ScalarI64 s;
+  s.ptr = as_ptr<const int64_t>(ptr);
+  s.value = value.has_value() ? *value : rows;
+  return s;
+}
+
 void check_chebyshev_size(int64_t n_in_smem, int64_t degree, const char* op) {
   int64_t need = 0;
   int64_t limit = 0;
@@ -86,13 +106,12 @@ PYBIND11_MODULE(_C_cuda, m) {
 
   m.def(
       "reduction_workspace_doubles",
-      [](int64_t num_slots) {
-        cudaError_t err = cudaSuccess;
-        const int64_t n = fc::reduction_workspace_doubles(num_slots, &err);
-        check(err, "reduction_workspace_doubles");
-        return n;
+      [](int64_t B, int64_t R, int64_t D, int64_t nb, bool per_sample) {
+        return fc::reduction_workspace_doubles(B, R, D, nb, per_sample);
       },
-      "Doubles the band_l1 / gate_step partials workspace needs for num_slots output slots (current device).");
+      py::arg("B"), py::arg("R"), py::arg("D"), py::arg("nb"), py::arg("per_sample"),
+      "Doubles of the band_l1 / gate_step partials workspace for a (B, R, D) input with nb bands: a function of the "
+      "sizes only (no device query).");
 
   m.def(
       "probe_device",
@@ -141,11 +160,12 @@ PYBIND11_MODULE(_C_cuda, m) {
 
   m.def(
       "chebyshev_weights",
-      [](uintptr_t taus, int64_t n, uintptr_t tau_query, uintptr_t count, int64_t degree, double lam, double blend,
-         uintptr_t out, uintptr_t stream) {
+      [](uintptr_t taus, int64_t n, uintptr_t tau_query, double tau_query_value, uintptr_t count,
+         std::optional<int64_t> count_value, int64_t degree, double lam, double blend, uintptr_t out,
+         uintptr_t stream) {
         check_chebyshev_size(0, degree, "chebyshev_weights");
-        check(fc::chebyshev_weights(as_ptr<const float>(taus), n, as_ptr<const float>(tau_query),
-                                    as_ptr<const int64_t>(count), degree, lam, blend, as_ptr<float>(out),
+        check(fc::chebyshev_weights(as_ptr<const float>(taus), n, f32_arg(tau_query, tau_query_value),
+                                    count_arg(count, count_value, n), degree, lam, blend, as_ptr<float>(out),
                                     as_stream(stream)),
               "chebyshev_weights");
       },
@@ -154,12 +174,12 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def(
       "chebyshev_forecast",
       [](int dtype, uintptr_t history, int64_t n, int64_t N, int64_t hs0, int64_t hs1, uintptr_t taus,
-         uintptr_t tau_query, uintptr_t count, int64_t degree, double lam, double blend, uintptr_t out,
-         uintptr_t stream) {
+         uintptr_t tau_query, double tau_query_value, uintptr_t count, std::optional<int64_t> count_value,
+         int64_t degree, double lam, double blend, uintptr_t out, uintptr_t stream) {
         check_chebyshev_size(n, degree, "chebyshev_forecast");
         check(fc::chebyshev_forecast(as_dtype(dtype), as_ptr<const void>(history), n, N, hs0, hs1,
-                                     as_ptr<const float>(taus), as_ptr<const float>(tau_query),
-                                     as_ptr<const int64_t>(count), degree, lam, blend, as_ptr<void>(out),
+                                     as_ptr<const float>(taus), f32_arg(tau_query, tau_query_value),
+                                     count_arg(count, count_value, n), degree, lam, blend, as_ptr<void>(out),
                                      as_stream(stream)),
               "chebyshev_forecast");
       },
@@ -168,13 +188,13 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def(
       "taylor_forecast",
       [](int dtype, uintptr_t diffs, int64_t K, int64_t N, int64_t ds0, int64_t ds1, uintptr_t distance,
-         uintptr_t out, uintptr_t stream) {
+         double distance_value, uintptr_t out, uintptr_t stream) {
         if (K < 1 || K > fc::kMaxOrders) {
           throw py::value_error("fastcache_rt._C_cuda.taylor_forecast: 1 <= K <= " + std::to_string(fc::kMaxOrders) +
                                 " rows, got " + std::to_string(K));
         }
         check(fc::taylor_forecast(as_dtype(dtype), as_ptr<const void>(diffs), K, N, ds0, ds1,
-                                  as_ptr<const float>(distance), as_ptr<void>(out), as_stream(stream)),
+                                  f32_arg(distance, distance_value), as_ptr<void>(out), as_stream(stream)),
               "taylor_forecast");
       },
       py::call_guard<py::gil_scoped_release>());
@@ -182,13 +202,13 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def(
       "hermite_forecast",
       [](int dtype, uintptr_t diffs, int64_t K, int64_t N, int64_t ds0, int64_t ds1, uintptr_t distance,
-         double scale, uintptr_t out, uintptr_t stream) {
+         double distance_value, double scale, uintptr_t out, uintptr_t stream) {
         if (K < 1 || K > fc::kMaxOrders) {
           throw py::value_error("fastcache_rt._C_cuda.hermite_forecast: 1 <= K <= " +
                                 std::to_string(fc::kMaxOrders) + " rows, got " + std::to_string(K));
         }
         check(fc::hermite_forecast(as_dtype(dtype), as_ptr<const void>(diffs), K, N, ds0, ds1,
-                                   as_ptr<const float>(distance), scale, as_ptr<void>(out), as_stream(stream)),
+                                   f32_arg(distance, distance_value), scale, as_ptr<void>(out), as_stream(stream)),
               "hermite_forecast");
       },
       py::call_guard<py::gil_scoped_release>());
@@ -196,9 +216,9 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def(
       "taylor_update",
       [](int dtype, uintptr_t diffs, int64_t K, int64_t N, int64_t ds0, int64_t ds1, uintptr_t feature, int64_t fs,
-         uintptr_t gap, uintptr_t count, uintptr_t stream) {
+         uintptr_t gap, double gap_value, uintptr_t count, std::optional<int64_t> count_value, uintptr_t stream) {
         check(fc::taylor_update(as_dtype(dtype), as_ptr<void>(diffs), K, N, ds0, ds1, as_ptr<const void>(feature),
-                                fs, as_ptr<const float>(gap), as_ptr<const int64_t>(count), as_stream(stream)),
+                                fs, f32_arg(gap, gap_value), count_arg(count, count_value, K), as_stream(stream)),
               "taylor_update");
       },
       py::call_guard<py::gil_scoped_release>());

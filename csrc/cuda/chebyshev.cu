@@ -3,7 +3,8 @@
 // Design: the forecast is linear in the history, out = sum_j w_j history[j] with
 // w = Phi (Phi^T Phi + lam I)^-1 phi(q). Every block first computes the tiny weight vector itself, in fp64 and in
 // shared memory (no second launch, no host read of count / tau_query):
-//   1. count (device int64, clamped to [0, n]) and tau_query are read by thread 0; rows j < cnt are valid.
+//   1. count (int64, clamped to [0, n]) and tau_query are read by thread 0 (from device memory, or the values the
+//      host passed in the kernel arguments); rows j < cnt are valid.
 //   2. Gram G[a][b] = sum_{valid j} T_a(t_j) T_b(t_j) (+ lam on the diagonal): one thread per lower-triangle entry,
 //      basis by the recurrence T_m = (2t) T_{m-1} - T_{m-2} with the reference's rounding (__d*_rn).
 //   3. Right-looking Cholesky with the block (3 barriers per column). A pivot that is not > 0 (or NaN) fails it as
@@ -39,8 +40,8 @@ constexpr int64_t kDefaultSmem = 48 * 1024;
 struct ChebArgs {
   const float* taus;  // (n,) contiguous
   int64_t n;
-  const float* tau_query;  // scalar
-  const int64_t* count;    // scalar or nullptr (= n)
+  ScalarF32 tau_query;
+  ScalarI64 count;         // None (all rows) arrives as n
   int m;                   // degree + 1
   double lam;
   double blend;
@@ -163,13 +164,9 @@ __device__ void solve_weights(const ChebArgs& a, SolveShared& s, double* A, doub
   const int tid = threadIdx.x;
   const int m = a.m;
   if (tid == 0) {
-    int64_t cnt = a.n;
-    if (a.count != nullptr) {
-      const int64_t c = *a.count;
-      cnt = c < 0 ? 0 : (c < a.n ? c : a.n);
-    }
-    s.cnt = cnt;
-    s.q = static_cast<double>(*a.tau_query);
+    const int64_t c = read_scalar(a.count);
+    s.cnt = c < 0 ? 0 : (c < a.n ? c : a.n);
+    s.q = static_cast<double>(read_scalar(a.tau_query));
     s.fail = 0;
     s.poison = 0;
     s.t_last = 0.0f;
@@ -313,9 +310,9 @@ cudaError_t prepare_smem(K kernel, int64_t need) {
                               static_cast<int>(need));
 }
 
-bool make_args(const float* taus, int64_t n, const float* tau_query, const int64_t* count, int64_t degree,
-               double lam, double blend, ChebArgs* a) {
-  if (taus == nullptr || tau_query == nullptr || n < 1 || n > INT_MAX || degree < 0 || degree > 4096) return false;
+bool make_args(const float* taus, int64_t n, ScalarF32 tau_query, ScalarI64 count, int64_t degree, double lam,
+               double blend, ChebArgs* a) {
+  if (taus == nullptr || n < 1 || n > INT_MAX || degree < 0 || degree > 4096) return false;
   a->taus = taus;
   a->n = n;
   a->tau_query = tau_query;
@@ -335,8 +332,8 @@ cudaError_t chebyshev_smem(int64_t n, int64_t degree, int64_t* need_bytes, int64
   return smem_limit(max_bytes);
 }
 
-cudaError_t chebyshev_weights(const float* taus, int64_t n, const float* tau_query, const int64_t* count,
-                              int64_t degree, double lam, double blend, float* out, cudaStream_t stream) {
+cudaError_t chebyshev_weights(const float* taus, int64_t n, ScalarF32 tau_query, ScalarI64 count, int64_t degree,
+                              double lam, double blend, float* out, cudaStream_t stream) {
   ChebArgs a;
   if (!make_args(taus, n, tau_query, count, degree, lam, blend, &a)) return cudaErrorInvalidValue;
   const int64_t need = smem_bytes(0, degree);
@@ -347,8 +344,8 @@ cudaError_t chebyshev_weights(const float* taus, int64_t n, const float* tau_que
 }
 
 cudaError_t chebyshev_forecast(DType dtype, const void* history, int64_t n, int64_t N, int64_t hs0, int64_t hs1,
-                               const float* taus, const float* tau_query, const int64_t* count, int64_t degree,
-                               double lam, double blend, void* out, cudaStream_t stream) {
+                               const float* taus, ScalarF32 tau_query, ScalarI64 count, int64_t degree, double lam,
+                               double blend, void* out, cudaStream_t stream) {
   ChebArgs a;
   if (!make_args(taus, n, tau_query, count, degree, lam, blend, &a) || N < 0) return cudaErrorInvalidValue;
   if (N == 0) return cudaSuccess;

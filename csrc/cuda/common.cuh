@@ -28,6 +28,10 @@ __device__ __forceinline__ bool is_nan(double x) { return x != x; }
 __device__ __forceinline__ bool is_finite(float x) { return fabsf(x) <= FLT_MAX; }
 __device__ __forceinline__ bool is_finite(double x) { return fabs(x) <= DBL_MAX; }
 
+// ---- scalar arguments: a device pointer, or the value passed by the host -------------------------------------------
+__device__ __forceinline__ float read_scalar(const ScalarF32& s) { return s.ptr != nullptr ? *s.ptr : s.value; }
+__device__ __forceinline__ int64_t read_scalar(const ScalarI64& s) { return s.ptr != nullptr ? *s.ptr : s.value; }
+
 // ---- element conversions ------------------------------------------------------------------------------------------
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }

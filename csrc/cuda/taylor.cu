@@ -1,7 +1,8 @@
 // taylor_forecast, hermite_forecast, taylor_update: forecasts from finite differences and their update.
 //
 // Design:
-//  - Forecasts (one launch): thread 0 of every block turns the device scalar `distance` into the K <= kMaxOrders
+//  - Forecasts (one launch): thread 0 of every block turns the scalar `distance` (read from device memory, or the
+//    float32 value the host passed in the kernel arguments) into the K <= kMaxOrders
 //    float32 weights in shared memory, exactly as the reference's torch ops round them:
 //      taylor   c_i = x^i / i!  with x^0 = 1, x^1 = x, x^2 = x*x, x^3 = x*x*x, else powf(x, i) (torch.pow's special
 //               cases), divided by float32(i!);
@@ -13,7 +14,7 @@
 //  - Update (in place, one launch): each thread owns one 16-byte pack of columns (or one column on the strided
 //    path) and walks the K rows: it reads old[i] before writing new[i], keeps new[i] in fp32 (the reference
 //    stacks fp32 rows and rounds once at the end), and reads no row i >= count (a ring buffer may hold garbage
-//    there). count and gap are read from device memory.
+//    there). count and gap are read from device memory, or passed by value (ScalarF32 / ScalarI64).
 
 #include <cmath>
 
@@ -29,7 +30,7 @@ constexpr int kThreads = 256;
 constexpr int kBlocksPerSm = 8;
 
 struct TaylorArgs {
-  const float* distance;  // scalar
+  ScalarF32 distance;
   int K;
   float scale;                   // hermite: float32(scale)
   float fact[kMaxOrders];        // float32(i!)
@@ -50,7 +51,7 @@ __global__ void __launch_bounds__(kThreads)
       s_fact[i] = a.fact[i];
       s_pow[i] = a.scale_pow[i];
     }
-    const float x = *a.distance;
+    const float x = read_scalar(a.distance);
     if (kHermite) {
       const float y = __fmul_rn(x, a.scale);
       const float two_y = __fmul_rn(2.0f, y);
@@ -94,10 +95,10 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads)
     taylor_update_kernel(T* d, int64_t K, int64_t N, int64_t ds0, int64_t ds1, const T* f, int64_t fs,
-                         const float* gap, const int64_t* count) {
+                         const ScalarF32 gap, const ScalarI64 count) {
   constexpr int kV = Pack<T>::kN;
-  const float g = *gap;
-  const int64_t cnt = (count != nullptr) ? *count : K;
+  const float g = read_scalar(gap);
+  const int64_t cnt = read_scalar(count);
   // Rows 0..nd-1 take a difference (i < count and i + 1 < K): read old[i], write new[i], new[i+1] =
   // (new[i] - old[i]) / gap. Row nd gets the last new value, the rows after it 0. Rows >= nd are never read.
   const int64_t nd = cnt < 0 ? 0 : (cnt < K - 1 ? cnt : K - 1);
@@ -142,8 +143,8 @@ __global__ void __launch_bounds__(kThreads)
 // ---- host side ------------------------------------------------------------------------------------------------
 
 cudaError_t launch_forecast(DType dtype, const void* diffs, int64_t K, int64_t N, int64_t ds0, int64_t ds1,
-                            const float* distance, bool hermite, double scale, void* out, cudaStream_t stream) {
-  if (diffs == nullptr || distance == nullptr || K < 1 || K > kMaxOrders || N < 0) return cudaErrorInvalidValue;
+                            ScalarF32 distance, bool hermite, double scale, void* out, cudaStream_t stream) {
+  if (diffs == nullptr || K < 1 || K > kMaxOrders || N < 0) return cudaErrorInvalidValue;
   if (N == 0) return cudaSuccess;
   TaylorArgs a;
   a.distance = distance;
@@ -183,19 +184,18 @@ cudaError_t launch_forecast(DType dtype, const void* diffs, int64_t K, int64_t N
 }  // namespace
 
 cudaError_t taylor_forecast(DType dtype, const void* diffs, int64_t K, int64_t N, int64_t ds0, int64_t ds1,
-                            const float* distance, void* out, cudaStream_t stream) {
+                            ScalarF32 distance, void* out, cudaStream_t stream) {
   return launch_forecast(dtype, diffs, K, N, ds0, ds1, distance, false, 1.0, out, stream);
 }
 
 cudaError_t hermite_forecast(DType dtype, const void* diffs, int64_t K, int64_t N, int64_t ds0, int64_t ds1,
-                             const float* distance, double scale, void* out, cudaStream_t stream) {
+                             ScalarF32 distance, double scale, void* out, cudaStream_t stream) {
   return launch_forecast(dtype, diffs, K, N, ds0, ds1, distance, true, scale, out, stream);
 }
 
 cudaError_t taylor_update(DType dtype, void* diffs, int64_t K, int64_t N, int64_t ds0, int64_t ds1,
-                          const void* feature, int64_t fs, const float* gap, const int64_t* count,
-                          cudaStream_t stream) {
-  if (diffs == nullptr || feature == nullptr || gap == nullptr || K < 1 || N < 0) return cudaErrorInvalidValue;
+                          const void* feature, int64_t fs, ScalarF32 gap, ScalarI64 count, cudaStream_t stream) {
+  if (diffs == nullptr || feature == nullptr || K < 1 || N < 0) return cudaErrorInvalidValue;
   if (N == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);

@@ -1,11 +1,28 @@
 """The CUDA C++ backend: kernels of ``csrc/cuda`` in the extension ``fastcache_rt._C_cuda``, one launch per op.
 
 Every function hands the kernels raw device pointers (``data_ptr()``), sizes and element strides plus the current
-stream of the tensors' device; no device value is read back on the host. The reductions (band_l1, gate_step) keep
-their per-block partials in a workspace cached per (device, stream), and each such pair owns one of the module's
-self-resetting block counters (zero at module load, put back to zero by the last block of every launch): no memset
-per call, and safe inside CUDA graphs. Canonical signatures and semantics: ``_backend.py``; the spec:
-``_reference.py``.
+stream of the tensors' device; no device value is read back on the host. Canonical signatures and semantics:
+``_backend.py``; the spec: ``_reference.py``.
+
+Scalars. tau_query / distance / gap are a float32 0-dim device tensor (its pointer goes to the kernel, which reads
+it) or a Python float (passed by value in the kernel arguments, rounded to float32); count is an int64 0-dim device
+tensor, a Python int (clamped to [0, rows] here, which the kernels do anyway) or None (= every row). No Python value
+ever becomes a device tensor: that would be a host-to-device copy per call, and illegal in a CUDA-graph capture.
+
+band_l1 / gate_step sum in the order of ``_reference.band_l1_gpu_order`` (tiles of 64 rows x 256 channels, exact
+group sums; ``csrc/cuda/band_l1.cu``): bitwise the same on every GPU, and the same as the Triton backend. Their
+float64 partials live in a workspace cached per (device index, stream), sized from the input's sizes only
+(``_C.reduction_workspace_doubles(B, R, D, nb, per_sample)``, no device query); each (device, stream) pair also owns
+one of the module's self-resetting ticket counters (a ``__device__`` array, zero at module load, put back to zero by
+the last block of every launch). So there is no memset per call, nothing to initialise (every partial the last block
+reads is written in the same launch), and launches on different streams never share scratch.
+
+CUDA graphs. A workspace that must be allocated or grown while the stream is being captured
+(``torch.cuda.is_current_stream_capturing()``) comes from the graph's private memory pool; it is cached like any
+other (the graph's kernels point at it, and later launches on that stream reuse it: the pool keeps the memory while
+the tensor lives). A workspace that is outgrown is retired, never freed, since a captured graph may still point at
+it. Replay a graph on the stream it was captured on (or order it with that stream's other work): its launches use
+that stream's counter and workspace.
 """
 
 from __future__ import annotations
@@ -68,11 +85,15 @@ def _on(device: torch.device):
 _lock = threading.Lock()
 # (device index, stream) -> (float64 partials buffer, counter slot)
 _workspaces: dict[tuple[int | None, int], tuple[torch.Tensor, int]] = {}
+# Outgrown workspaces: kept alive, since a captured CUDA graph may still point at them.
+_retired: list[torch.Tensor] = []
 _slots_used: dict[int | None, int] = {}
+_MIN_WORKSPACE = 4096  # doubles (32 KiB): most calls never need to grow it
 
 
-def _workspace(device: torch.device, stream: int, num_slots: int) -> tuple[torch.Tensor, int]:
-    need = _C.reduction_workspace_doubles(num_slots)
+def _workspace(device: torch.device, stream: int, need: int) -> tuple[torch.Tensor, int]:
+    """The (device, stream) partials buffer (at least ``need`` doubles, from ``reduction_workspace_doubles``) and the
+    pair's counter slot. A buffer allocated during a stream capture comes from the graph's pool and stays cached."""
     key = (device.index, stream)
     ws = _workspaces.get(key)
     if ws is not None and ws[0].numel() >= need:
@@ -86,12 +107,13 @@ def _workspace(device: torch.device, stream: int, num_slots: int) -> tuple[torch
             n = _slots_used.get(device.index, 0)
             _slots_used[device.index] = n + 1
             slot = n % _C.COUNTER_SLOTS
-            size = need
+            size = max(need, _MIN_WORKSPACE)
         else:
             slot = ws[1]
             size = max(need, 2 * ws[0].numel())
-        # Uninitialised is fine: every block writes its partials before the last block reads them. Allocated on
-        # the stream that uses it, so the caching allocator orders any later reuse after the pending kernels.
+            _retired.append(ws[0])
+        # Uninitialised is fine: every partial the last block reads is written in the same launch. Allocated on the
+        # stream that uses it, so the caching allocator orders any later reuse after the pending kernels.
         ws = (torch.empty(size, dtype=torch.float64, device=device), slot)
         _workspaces[key] = ws
         return ws
@@ -115,12 +137,29 @@ def _opt_ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _count(count: torch.Tensor | None) -> torch.Tensor | None:
-    return None if count is None else _as(count, torch.int64)
+def _f32(x: torch.Tensor | float, keep: list) -> tuple[int, float]:
+    """(pointer, value) of a float32 scalar: a 0-dim device tensor's pointer, or 0 and the Python number."""
+    if isinstance(x, torch.Tensor):
+        if x.device.type != "cuda":  # a host tensor: its value (a host read, no device sync)
+            return 0, float(x)
+        t = _as(x, torch.float32)
+        keep.append(t)
+        return t.data_ptr(), 0.0
+    return 0, float(x)
 
 
-def _scalar_f32(t: torch.Tensor) -> torch.Tensor:
-    return _as(t, torch.float32)
+def _count(count: torch.Tensor | int | None, rows: int, keep: list) -> tuple[int, int | None]:
+    """(pointer, value) of count: an int64 0-dim device tensor's pointer, or 0 and the Python int clamped to
+    [0, rows] (the kernels clamp the same way; this keeps any Python int within int64), or (0, None) = all rows."""
+    if count is None:
+        return 0, None
+    if isinstance(count, torch.Tensor) and count.device.type != "cuda":
+        count = int(count)
+    if isinstance(count, torch.Tensor):
+        t = _as(count, torch.int64)
+        keep.append(t)
+        return t.data_ptr(), None
+    return 0, min(max(int(count), 0), rows)
 
 
 def _stride0(t: torch.Tensor) -> int:
@@ -167,7 +206,8 @@ def band_l1(
     with _on(dev):
         stream = _stream(dev)
         dst = _dense_out(out)
-        buf, slot = _workspace(dev, stream, (B if per_sample else 1) * nb)
+        need = _C.reduction_workspace_doubles(B, R, D, nb, bool(per_sample))
+        buf, slot = _workspace(dev, stream, need)
         _C.band_l1(
             _code(cur), cur.data_ptr(), cur.stride(), prev.data_ptr(), prev.stride(), B, R, D,
             bounds.data_ptr(), nb, bool(per_sample), dst.data_ptr(), buf.data_ptr(), buf.numel(), slot, stream,
@@ -198,7 +238,7 @@ def gate_step(
         stream = _stream(dev)
         sums = _dense_out(sums_out)
         gate = _gate_tuple(state, params, coeffs, gammas, decision_out, state_out, keep)
-        buf, slot = _workspace(dev, stream, nb)
+        buf, slot = _workspace(dev, stream, _C.reduction_workspace_doubles(B, R, D, nb, False))
         _C.gate_step(
             _code(cur), cur.data_ptr(), cur.stride(), prev.data_ptr(), prev.stride(), B, R, D,
             bounds.data_ptr(), nb, gate, sums.data_ptr(), buf.data_ptr(), buf.numel(), slot, stream,
@@ -227,8 +267,8 @@ def gate_decide(
 
 def chebyshev_weights(
     taus: torch.Tensor,
-    tau_query: torch.Tensor,
-    count: torch.Tensor | None,
+    tau_query: torch.Tensor | float,
+    count: torch.Tensor | int | None,
     degree: int,
     lam: float,
     blend: float,
@@ -236,13 +276,15 @@ def chebyshev_weights(
 ) -> None:
     dev = taus.device
     taus = _as(taus, torch.float32).contiguous()
-    q = _scalar_f32(tau_query)
-    cnt = _count(count)
+    n = taus.shape[0]
+    keep: list = []
+    q_ptr, q_val = _f32(tau_query, keep)
+    c_ptr, c_val = _count(count, n, keep)
     with _on(dev):
         dst = _dense_out(out)
         _C.chebyshev_weights(
-            taus.data_ptr(), taus.shape[0], q.data_ptr(), _opt_ptr(cnt), int(degree), float(lam), float(blend),
-            dst.data_ptr(), _stream(dev),
+            taus.data_ptr(), n, q_ptr, q_val, c_ptr, c_val, int(degree), float(lam), float(blend), dst.data_ptr(),
+            _stream(dev),
         )  # fmt: skip
         if dst is not out:
             out.copy_(dst)
@@ -251,8 +293,8 @@ def chebyshev_weights(
 def chebyshev_forecast(
     history: torch.Tensor,
     taus: torch.Tensor,
-    tau_query: torch.Tensor,
-    count: torch.Tensor | None,
+    tau_query: torch.Tensor | float,
+    count: torch.Tensor | int | None,
     degree: int,
     lam: float,
     blend: float,
@@ -261,40 +303,45 @@ def chebyshev_forecast(
     n, N = history.shape
     dev = history.device
     taus = _as(taus, torch.float32).contiguous()
-    q = _scalar_f32(tau_query)
-    cnt = _count(count)
+    keep: list = []
+    q_ptr, q_val = _f32(tau_query, keep)
+    c_ptr, c_val = _count(count, n, keep)
     with _on(dev):
         dst = _dense_out(out)
         _C.chebyshev_forecast(
             _code(history), history.data_ptr(), n, N, history.stride(0), history.stride(1), taus.data_ptr(),
-            q.data_ptr(), _opt_ptr(cnt), int(degree), float(lam), float(blend), dst.data_ptr(), _stream(dev),
+            q_ptr, q_val, c_ptr, c_val, int(degree), float(lam), float(blend), dst.data_ptr(), _stream(dev),
         )  # fmt: skip
         if dst is not out:
             out.copy_(dst)
 
 
-def taylor_forecast(diffs: torch.Tensor, distance: torch.Tensor, out: torch.Tensor) -> None:
+def taylor_forecast(diffs: torch.Tensor, distance: torch.Tensor | float, out: torch.Tensor) -> None:
     K, N = diffs.shape
     dev = diffs.device
-    x = _scalar_f32(distance)
+    keep: list = []
+    x_ptr, x_val = _f32(distance, keep)
     with _on(dev):
         dst = _dense_out(out)
         _C.taylor_forecast(
-            _code(diffs), diffs.data_ptr(), K, N, diffs.stride(0), diffs.stride(1), x.data_ptr(), dst.data_ptr(),
+            _code(diffs), diffs.data_ptr(), K, N, diffs.stride(0), diffs.stride(1), x_ptr, x_val, dst.data_ptr(),
             _stream(dev),
         )  # fmt: skip
         if dst is not out:
             out.copy_(dst)
 
 
-def hermite_forecast(diffs: torch.Tensor, distance: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+def hermite_forecast(
+    diffs: torch.Tensor, distance: torch.Tensor | float, scale: float, out: torch.Tensor
+) -> None:
     K, N = diffs.shape
     dev = diffs.device
-    x = _scalar_f32(distance)
+    keep: list = []
+    x_ptr, x_val = _f32(distance, keep)
     with _on(dev):
         dst = _dense_out(out)
         _C.hermite_forecast(
-            _code(diffs), diffs.data_ptr(), K, N, diffs.stride(0), diffs.stride(1), x.data_ptr(), float(scale),
+            _code(diffs), diffs.data_ptr(), K, N, diffs.stride(0), diffs.stride(1), x_ptr, x_val, float(scale),
             dst.data_ptr(), _stream(dev),
         )  # fmt: skip
         if dst is not out:
@@ -302,16 +349,17 @@ def hermite_forecast(diffs: torch.Tensor, distance: torch.Tensor, scale: float, 
 
 
 def taylor_update(
-    diffs: torch.Tensor, feature: torch.Tensor, gap: torch.Tensor, count: torch.Tensor | None
+    diffs: torch.Tensor, feature: torch.Tensor, gap: torch.Tensor | float, count: torch.Tensor | int | None
 ) -> None:
     K, N = diffs.shape
     dev = diffs.device
-    g = _scalar_f32(gap)
-    cnt = _count(count)
     if feature.dtype != diffs.dtype:
         raise TypeError(f"cuda backend: feature dtype {feature.dtype} differs from diffs' {diffs.dtype}")
+    keep: list = []
+    g_ptr, g_val = _f32(gap, keep)
+    c_ptr, c_val = _count(count, K, keep)
     with _on(dev):
         _C.taylor_update(
             _code(diffs), diffs.data_ptr(), K, N, diffs.stride(0), diffs.stride(1), feature.data_ptr(),
-            _stride0(feature), g.data_ptr(), _opt_ptr(cnt), _stream(dev),
+            _stride0(feature), g_ptr, g_val, c_ptr, c_val, _stream(dev),
         )  # fmt: skip
