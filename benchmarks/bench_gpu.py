@@ -514,12 +514,12 @@ def capture_python_scalars(case, backend, device, eager_t=None):
     if eager_t is None:
         case.reset("A")
         eager_t = _clone(case.call("A", backend))
-    case.reset("A")
     got = []
-    res["host_value_tensors_per_call"] = host_value_tensors(lambda: got.append(_clone(case.call("A", backend,
-                                                                                              py=True))))
+    for key in ("host_value_tensors_first_call", "host_value_tensors_per_call"):  # the 2nd: steady state
+        case.reset("A")
+        res[key] = host_value_tensors(lambda: got.append(_clone(case.call("A", backend, py=True))))
     eager_py = got[0]
-    res["python_scalars_equal_tensor_scalars"] = _equal(eager_t, eager_py)
+    res["python_scalars_equal_tensor_scalars"] = _equal(eager_t, eager_py) and _equal(got[1], eager_py)
     if device.type != "cuda":
         res.update(ran=False, capture_ok=None, reason="no CUDA device (smoke): CUDA-graph capture not run; the "
                    "eager Python-scalar call is compared with the device-tensor call instead")

@@ -147,7 +147,8 @@ def run_suite(json_path: Path, quick: bool, extra: list[str]) -> int:
         cmd += ["--kernel-quick", "--benchmark-max-time=0.05"]
     cmd += extra
     print("running:", " ".join(cmd), file=sys.stderr)
-    return subprocess.run(cmd, cwd=ROOT, check=False).returncode
+    # pytest's own report goes to stderr: stdout is the table alone
+    return subprocess.run(cmd, cwd=ROOT, check=False, stdout=sys.stderr).returncode
 
 
 def main(argv=None) -> int:
