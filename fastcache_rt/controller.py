@@ -305,7 +305,7 @@ class Controller:
             return c or not st.host_has_cache
         c = gate.decide(step)
         if isinstance(c, bool):
-            c = torch.tensor(c, device=st.step.device)
+            c = torch.full((), c, dtype=torch.bool, device=st.step.device)  # a constant of the graph
         return c | ~st.has_cache | (st.step >= st.num_steps)
 
     def _finish(self, call: Call, value: torch.Tensor, residual) -> None:

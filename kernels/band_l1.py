@@ -1,16 +1,20 @@
 """Band-wise relative-L1 sums and the cache gate, in Triton.
 
 band_l1:     out[b, k] = (sum |cur - prev|, sum |prev|) over the channels of band k (and all rows; all samples unless
-             per_sample). One launch: a grid of (channel block, row chunk, sample) programs writes per-band partial sums
-             to a cached workspace; the last program to finish (atomic counter) reduces them in a fixed order.
+             per_sample). One launch: a grid of (channel block, row chunk, sample) tiles, fixed by the input's size;
+             each program writes per-band partial sums to a per-stream workspace, the last program to finish (atomic
+             ticket) reduces them. The order is ``_reference.band_l1_gpu_order``: float32 per channel and row chunk,
+             sequential; then order-free exact group sums. The bits depend on the input only, not on the GPU, the
+             grid or the order in which programs run, and equal the CUDA backend's.
 gate_step:   the same launch with the gate epilogue (``gate_decide``) run by that last program.
 gate_decide: the gate epilogue alone on given band sums: one program.
 
 The launchers take the canonical protocol arguments (see ``fastcache_rt/ops/_backend.py``) and read no device value
-on the host.
-"""
+on the host."""
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import triton
@@ -18,7 +22,7 @@ import triton.language as tl
 
 from fastcache_rt.ops import layout
 
-from . import cdiv, launch_options, next_pow2, num_sms
+from . import cdiv, launch_options
 
 # Gate layouts (constexpr so that @triton.jit code may read them).
 S_STEP = tl.constexpr(layout.S_STEP)
@@ -37,9 +41,6 @@ P_MAX_CACHED = tl.constexpr(layout.P_MAX_CACHED)
 P_FORCE_LAST = tl.constexpr(layout.P_FORCE_LAST)
 TWO_PI = tl.constexpr(6.283185307179586)
 
-# Each accumulator element adds at most this many rows sequentially (fp32); more rows -> more row chunks (programs).
-# Keeps the relative error of the fp32 part far below 1e-5 at 2^24 elements (the rest is tree-summed, then fp64).
-MAX_SEQ_ROWS = 64
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,11 +186,11 @@ def gate_decide_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# band sums (+ fused gate)
+# band sums (+ fused gate), in the GPU order of ``_reference.band_l1_gpu_order``
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["n_d", "n_c", "n_b", "R", "nb", "P", "rows_per_prog", "num_slots", "B_OUT"])
+@triton.jit(do_not_specialize=["n_d", "n_c", "n_b", "R", "nb", "P", "num_slots", "B_OUT"])
 def band_l1_fwd_kernel(
     p_cur,
     p_prev,
@@ -221,49 +222,47 @@ def band_l1_fwd_kernel(
     s_prev_b,
     s_prev_r,
     s_prev_d,
-    rows_per_prog,
     num_slots,
     B_OUT,
     PER_SAMPLE: tl.constexpr,
     FUSE_GATE: tl.constexpr,
     HAS_GAMMAS: tl.constexpr,
-    BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    CHUNK_R: tl.constexpr,
+    UNROLL: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """1-D grid of n_d x n_c x n_b programs (channel block, row chunk, sample; channel block fastest).
-    Workspace p_ws: float32 [2 (diff, mag), n_b, num_slots, n_c]; the partial of program (j, c, b) for band k goes
+    """1-D grid of n_d x n_c x n_b programs: tile (channel block j of BLOCK_D channels, row chunk c of CHUNK_R rows,
+    sample b), channel block fastest. The grid depends on the input's size only.
+    Workspace p_ws: float64 [2 (diff, mag), n_b, num_slots, n_c]; the level-1 sum of tile (j, c, b) for band k goes
     to slot j + k. The (block, band) pairs that overlap form a staircase on which j + k strictly increases, so slots
     are unique (num_slots = J + nb - 1) and band k's partials of one sample are one contiguous run
-    [j_first + k, j_last + k] x n_c: the reduction streams it with vector loads."""
+    [j_first + k, j_last + k] x n_c: the last program streams it with vector loads."""
     i_p = tl.program_id(0)
     i_d = i_p % n_d
     i_c = (i_p // n_d) % n_c
     i_b = i_p // (n_d * n_c)
 
-    # ---- this program's tile sums: rows [r_lo, r_hi) x channels [d_lo, d_lo + BLOCK_D) of sample i_b ----
+    # ---- level 0: each channel's float32 sum over the chunk's rows, sequential in row order ----
     d_lo = i_d.to(tl.int64) * BLOCK_D
     o_d = d_lo + tl.arange(0, BLOCK_D).to(tl.int64)  # [BLOCK_D]
     m_d = o_d < D
-    r_lo = i_c.to(tl.int64) * rows_per_prog
-    r_hi = tl.minimum(r_lo + rows_per_prog, R)
-    p_cur_b = p_cur + i_b.to(tl.int64) * s_cur_b
-    p_prev_b = p_prev + i_b.to(tl.int64) * s_prev_b
-    b_acc_diff = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)  # [BLOCK_R, BLOCK_D]
-    b_acc_mag = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)  # [BLOCK_R, BLOCK_D]
-    for r0 in range(r_lo, r_hi, BLOCK_R):
-        o_r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)  # [BLOCK_R]
-        m_rd = (o_r < r_hi)[:, None] & m_d[None, :]  # [BLOCK_R, BLOCK_D]
-        p_x = p_cur_b + o_r[:, None] * s_cur_r + o_d[None, :] * s_cur_d
-        p_y = p_prev_b + o_r[:, None] * s_prev_r + o_d[None, :] * s_prev_d
-        b_x = tl.load(p_x, mask=m_rd, other=0.0).to(tl.float32)
-        b_y = tl.load(p_y, mask=m_rd, other=0.0).to(tl.float32)
-        b_acc_diff += tl.abs(b_x - b_y)
-        b_acc_mag += tl.abs(b_y)
-    b_diff = tl.sum(b_acc_diff, axis=0)  # [BLOCK_D] per-channel sums
-    b_mag = tl.sum(b_acc_mag, axis=0)  # [BLOCK_D]
+    r_lo = i_c.to(tl.int64) * CHUNK_R
+    r_hi = tl.minimum(r_lo + CHUNK_R, R)
+    p_x = p_cur + i_b.to(tl.int64) * s_cur_b + o_d * s_cur_d
+    p_y = p_prev + i_b.to(tl.int64) * s_prev_b + o_d * s_prev_d
+    b_diff = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    b_mag = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for r0 in range(r_lo, r_hi, UNROLL):
+        for u in tl.static_range(UNROLL):  # UNROLL independent row loads in flight, added in row order
+            r = r0 + u
+            m = m_d & ((o_d * 0 + r) < r_hi)  # [BLOCK_D]
+            b_x = tl.load(p_x + r * s_cur_r, mask=m, other=0.0).to(tl.float32)
+            b_y = tl.load(p_y + r * s_prev_r, mask=m, other=0.0).to(tl.float32)
+            b_diff += tl.abs(b_x - b_y)  # masked rows add +0: exact
+            b_mag += tl.abs(b_y)
 
-    # ---- split the channel sums by band: first band ending after d_lo (binary search), then while overlapping ----
+    # ---- level 1: per band overlapping the block, the order-free sum of its channels (first band: binary search) --
     d_hi = tl.minimum(d_lo + BLOCK_D, D)
     k_lo = tl.zeros((), dtype=tl.int32)
     k_hi = tl.maximum(nb - 1, 0)
@@ -275,17 +274,30 @@ def band_l1_fwd_kernel(
         k_lo = tl.where(go_left, k_lo, k_mid + 1)
     n_region = n_b.to(tl.int64) * num_slots * n_c  # size of the diff (then the mag) region of the workspace
     o_part = (i_b.to(tl.int64) * num_slots) * n_c + i_c
+    b_diff64 = b_diff.to(tl.float64)
+    b_mag64 = b_mag.to(tl.float64)
     i_k = k_lo
     b_band_lo = tl.load(p_bounds + i_k)
     while (i_k < nb) & (b_band_lo < d_hi):
         b_band_hi = tl.load(p_bounds + i_k + 1)
         m_band = m_d & (o_d >= b_band_lo) & (o_d < b_band_hi)  # [BLOCK_D]
         # where(), not a multiply: NaN/Inf of other bands' channels stay out of this band.
-        b_band_diff = tl.sum(tl.where(m_band, b_diff, 0.0), axis=0)
-        b_band_mag = tl.sum(tl.where(m_band, b_mag, 0.0), axis=0)
         o_slot = o_part + (i_d + i_k).to(tl.int64) * n_c
-        tl.store(p_ws + o_slot, b_band_diff)
-        tl.store(p_ws + n_region + o_slot, b_band_mag)
+        # the order-free exact sum of ``exact_group_sum`` (log2_n = 8), written out for diff and mag together:
+        # [BLOCK_D, 2] columns, three reductions (the interpreter pays per call)
+        v = tl.join(tl.where(m_band, b_diff64, 0.0), tl.where(m_band, b_mag64, 0.0))  # [BLOCK_D, 2]
+        code = (v != v).to(tl.int32) * 2 + (v == float("inf")).to(tl.int32)  # 2 NaN, 1 Inf, 0 finite
+        fin = tl.where(code > 0, 0.0, v)
+        m = tl.max(fin, axis=0)  # [2]
+        q_bits = tl.maximum(((m.to(tl.int64, bitcast=True) >> 52) & 0x7FF) + 8 - 52, 1)
+        q = (q_bits << 52).to(tl.float64, bitcast=True)
+        inv_q = ((2046 - q_bits) << 52).to(tl.float64, bitcast=True)
+        part = tl.sum(tl.floor(fin * inv_q[None, :]) * q[None, :], axis=0)  # [2], exact
+        verdict = tl.max(code, axis=0)
+        part = tl.where(verdict == 2, float("nan"), tl.where(verdict == 1, float("inf"), part))
+        p_diff, p_mag = tl.split(part)
+        tl.store(p_ws + o_slot, p_diff)
+        tl.store(p_ws + n_region + o_slot, p_mag)
         i_k += 1
         b_band_lo = tl.load(p_bounds + i_k)
 
@@ -315,22 +327,58 @@ def band_l1_fwd_kernel(
                 j_last = (b_hi - 1) // BLOCK_D
                 o_seg = (j_first + i_kk) * n_c
                 n_seg = (j_last - j_first + 1) * n_c
-                b_red_diff = tl.zeros((BLOCK_P,), dtype=tl.float64)  # [BLOCK_P]
-                b_red_mag = tl.zeros((BLOCK_P,), dtype=tl.float64)  # [BLOCK_P]
-                # fixed order: the result does not depend on which program finished last.
+                # level 2, pass 1: the group's finite maximum and NaN/Inf code (2 NaN, 1 Inf: the max is the
+                # verdict), kept per lane and reduced once (few reductions: the interpreter pays per call)
+                vmax_d = tl.zeros((BLOCK_P,), dtype=tl.float64)
+                vmax_m = tl.zeros((BLOCK_P,), dtype=tl.float64)
+                vcode_d = tl.zeros((BLOCK_P,), dtype=tl.int32)
+                vcode_m = tl.zeros((BLOCK_P,), dtype=tl.int32)
                 for i_bb in range(b_first, b_end):
                     p_seg = p_ws + tl.cast(i_bb, tl.int64) * num_slots * n_c + o_seg
                     for p0 in range(0, n_seg, BLOCK_P):
                         m_p = (p0 + o_p) < n_seg
                         # .cg: read at L2, where the other programs' writes are (never a stale L1 line).
-                        b_red_diff += tl.load(p_seg + p0 + o_p, mask=m_p, other=0.0, cache_modifier=".cg").to(
-                            tl.float64
-                        )
-                        b_red_mag += tl.load(
-                            p_seg + n_region + p0 + o_p, mask=m_p, other=0.0, cache_modifier=".cg"
-                        ).to(tl.float64)
-                b_sum_diff = tl.sum(b_red_diff, axis=0).to(tl.float32)
-                b_sum_mag = tl.sum(b_red_mag, axis=0).to(tl.float32)
+                        v_d = tl.load(p_seg + p0 + o_p, mask=m_p, other=0.0, cache_modifier=".cg")
+                        v_m = tl.load(p_seg + n_region + p0 + o_p, mask=m_p, other=0.0, cache_modifier=".cg")
+                        c_d = (v_d != v_d).to(tl.int32) * 2 + (v_d == float("inf")).to(tl.int32)
+                        c_m = (v_m != v_m).to(tl.int32) * 2 + (v_m == float("inf")).to(tl.int32)
+                        vmax_d = tl.maximum(vmax_d, tl.where(c_d > 0, 0.0, v_d))
+                        vmax_m = tl.maximum(vmax_m, tl.where(c_m > 0, 0.0, v_m))
+                        vcode_d = tl.maximum(vcode_d, c_d)
+                        vcode_m = tl.maximum(vcode_m, c_m)
+                max_d = tl.max(vmax_d, axis=0)
+                max_m = tl.max(vmax_m, axis=0)
+                code_d = tl.max(vcode_d, axis=0)
+                code_m = tl.max(vcode_m, axis=0)
+                # log2_n = ceil(log2(values in the group)), from the float64 exponent of n - 1
+                n_vals = ((b_end - b_first) * n_seg).to(tl.int64)
+                nm1_bits = ((n_vals - 1).to(tl.float64).to(tl.int64, bitcast=True) >> 52) & 0x7FF
+                log2_n = tl.where(n_vals <= 1, 0, nm1_bits - 1022)
+                q_d_bits = tl.maximum(((max_d.to(tl.int64, bitcast=True) >> 52) & 0x7FF) + log2_n - 52, 1)
+                q_m_bits = tl.maximum(((max_m.to(tl.int64, bitcast=True) >> 52) & 0x7FF) + log2_n - 52, 1)
+                q_d = (q_d_bits << 52).to(tl.float64, bitcast=True)
+                q_m = (q_m_bits << 52).to(tl.float64, bitcast=True)
+                inv_d = ((2046 - q_d_bits) << 52).to(tl.float64, bitcast=True)
+                inv_m = ((2046 - q_m_bits) << 52).to(tl.float64, bitcast=True)
+                # pass 2: truncated multiples of q, summed exactly
+                acc_d = tl.zeros((BLOCK_P,), dtype=tl.float64)
+                acc_m = tl.zeros((BLOCK_P,), dtype=tl.float64)
+                for i_bb in range(b_first, b_end):
+                    p_seg = p_ws + tl.cast(i_bb, tl.int64) * num_slots * n_c + o_seg
+                    for p0 in range(0, n_seg, BLOCK_P):
+                        m_p = (p0 + o_p) < n_seg
+                        v_d = tl.load(p_seg + p0 + o_p, mask=m_p, other=0.0, cache_modifier=".cg")
+                        v_m = tl.load(p_seg + n_region + p0 + o_p, mask=m_p, other=0.0, cache_modifier=".cg")
+                        v_d = tl.where((v_d != v_d) | (v_d == float("inf")), 0.0, v_d)
+                        v_m = tl.where((v_m != v_m) | (v_m == float("inf")), 0.0, v_m)
+                        acc_d += tl.floor(v_d * inv_d) * q_d
+                        acc_m += tl.floor(v_m * inv_m) * q_m
+                s_d = tl.sum(acc_d, axis=0)
+                s_m = tl.sum(acc_m, axis=0)
+                s_d = tl.where(code_d == 2, float("nan"), tl.where(code_d == 1, float("inf"), s_d))
+                s_m = tl.where(code_m == 2, float("nan"), tl.where(code_m == 1, float("inf"), s_m))
+                b_sum_diff = s_d.to(tl.float32)
+                b_sum_mag = s_m.to(tl.float32)
                 o_out = (tl.cast(i_o, tl.int64) * nb + i_kk) * 2
                 tl.store(p_out + o_out, b_sum_diff)
                 tl.store(p_out + o_out + 1, b_sum_mag)
@@ -372,45 +420,54 @@ def band_l1_fwd_kernel(
 # launchers
 # ----------------------------------------------------------------------------------------------------------------
 
-# Per device: [float32 workspace, int32 counter, retired workspaces]. The counter is zero between launches (the last
-# program resets it), so it is zeroed once, when created; the workspace needs no initialisation (every slot that is
-# read is written in the same launch). A workspace that is outgrown is kept alive, not freed: a captured CUDA graph
-# may still point at it. Single-stream assumption: launches of band_l1/gate_step on one device must be ordered
-# (one stream, or synchronised streams), as two concurrent launches would share the counter and the workspace.
-_WORKSPACES: dict[torch.device, list] = {}
+BLOCK_D = 256  # == _reference.BAND_BLOCK_D
+CHUNK_R = 64  # == _reference.BAND_CHUNK_R
+UNROLL = 8  # rows in flight per step on a GPU (1 under the interpreter: its cost is per op, not per byte)
+
+# Scratch per (device, stream): [int32 ticket counter, float64 partials]. Launches on one stream are ordered, so
+# they may share it; launches on different streams (two requests served concurrently, a CFG pair on two streams)
+# never do. On CPU tensors (the interpreter) each host thread is its own stream. The counter is zero between
+# launches (the last program resets it): it is zeroed once, when created outside a capture. The partials need no
+# initialisation (every slot that is read is written in the same launch). An outgrown partials buffer is kept
+# alive, not freed: a captured CUDA graph may still point at it.
+_SCRATCH: dict[tuple, list] = {}
+_LOCK = threading.Lock()
 
 
-def _workspace(device: torch.device, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
-    entry = _WORKSPACES.get(device)
-    if entry is None:
-        entry = [
-            torch.empty(max(numel, 4096), dtype=torch.float32, device=device),
-            torch.zeros((), dtype=torch.int32, device=device),
-            [],
-        ]
-        _WORKSPACES[device] = entry
-    elif entry[0].numel() < numel:
-        entry[2].append(entry[0])
-        entry[0] = torch.empty(max(numel, 2 * entry[0].numel()), dtype=torch.float32, device=device)
-    return entry[0], entry[1]
+def _stream_key(device: torch.device) -> tuple:
+    if device.type == "cuda":
+        return (device.type, device.index, torch.cuda.current_stream(device).cuda_stream)
+    return (device.type, device.index, threading.get_ident())
 
 
-def _band_config(B: int, R: int, D: int, device: torch.device) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_D, BLOCK_R, J, C, rows_per_prog, num_warps). Tiles of 4096 elements, 256 channels wide (a warp reads
-    512 contiguous bytes of an fp16 row), row chunks so that the grid holds ~8 programs per SM (or a few under the
-    interpreter), and at least cdiv(R, BLOCK_R * MAX_SEQ_ROWS) chunks for the fp32 accuracy bound."""
-    BLOCK_D = min(256, max(16, next_pow2(D)))
-    BLOCK_R = max(1, min(64, 4096 // BLOCK_D))
-    J = max(1, cdiv(D, BLOCK_D))
-    B_grid = max(B, 1)
-    target = 8 * num_sms(device)
-    row_tiles = max(1, cdiv(R, BLOCK_R))
-    C = max(1, min(row_tiles, cdiv(target, J * B_grid)))
-    C = max(C, cdiv(R, BLOCK_R * MAX_SEQ_ROWS))
-    rows_per_prog = max(1, cdiv(cdiv(max(R, 1), C), BLOCK_R)) * BLOCK_R
-    C = max(1, cdiv(R, rows_per_prog))
-    num_warps = 8 if BLOCK_R * BLOCK_D >= 4096 else 4
-    return BLOCK_D, BLOCK_R, J, C, rows_per_prog, num_warps
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _scratch(device: torch.device, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 partials of >= numel elements, int32 counter) for the current stream of ``device``.
+
+    Inside a CUDA-graph capture on a stream that has none yet, this launch gets its own pair, not cached: the
+    counter's zeroing is then captured (a memset node that runs at every replay, before the kernel) rather than
+    executed now, so no later eager launch can meet an unzeroed counter. Warm up on the capture stream (or capture
+    after an eager call on it) to keep the graph at one node per op."""
+    key = _stream_key(device)
+    entry = _SCRATCH.get(key)
+    if entry is not None and entry[0].numel() >= numel:
+        return entry[0], entry[1]
+    if entry is None and _capturing(device):
+        return (torch.empty(numel, dtype=torch.float64, device=device),
+                torch.zeros((), dtype=torch.int32, device=device))
+    with _LOCK:
+        entry = _SCRATCH.get(key)
+        if entry is None:
+            entry = [torch.empty(max(numel, 512), dtype=torch.float64, device=device),
+                     torch.zeros((), dtype=torch.int32, device=device), []]
+            _SCRATCH[key] = entry
+        elif entry[0].numel() < numel:
+            entry[2].append(entry[0])
+            entry[0] = torch.empty(max(numel, 2 * entry[0].numel()), dtype=torch.float64, device=device)
+        return entry[0], entry[1]
 
 
 def _launch_band(cur, prev, bounds, per_sample, out, gate) -> None:
@@ -419,10 +476,11 @@ def _launch_band(cur, prev, bounds, per_sample, out, gate) -> None:
     device = cur.device
     if B == 0:
         R = 0  # nothing to read; one (empty) sample row so that the sums are still written
-    BLOCK_D, BLOCK_R, J, C, rows_per_prog, num_warps = _band_config(B, R, D, device)
+    J = max(1, cdiv(D, BLOCK_D))
+    C = max(1, cdiv(R, CHUNK_R))
     B_grid = max(B, 1)
     num_slots = max(J + nb - 1, 1)
-    ws, count = _workspace(device, 2 * num_slots * B_grid * C)
+    ws, count = _scratch(device, 2 * num_slots * B_grid * C)
     if gate is None:
         state = params = coeffs = gammas = decision = state_out = out  # unused (FUSE_GATE=False)
         s_state = s_params = s_coeffs = s_gammas = s_state_out = 0
@@ -468,16 +526,16 @@ def _launch_band(cur, prev, bounds, per_sample, out, gate) -> None:
         P,
         *cur.stride(),
         *prev.stride(),
-        rows_per_prog,
         num_slots,
         B if per_sample else 1,
         PER_SAMPLE=per_sample,
         FUSE_GATE=gate is not None,
         HAS_GAMMAS=has_gammas,
-        BLOCK_R=BLOCK_R,
         BLOCK_D=BLOCK_D,
-        BLOCK_P=512,
-        num_warps=num_warps,
+        CHUNK_R=CHUNK_R,
+        UNROLL=UNROLL if device.type == "cuda" else 1,
+        BLOCK_P=256,
+        num_warps=2,
         **launch_options(),
     )
 

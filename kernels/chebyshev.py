@@ -99,13 +99,23 @@ def _backward_substitution(b_l, b_y, o_m, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _valid_count(p_count, n, HAS_COUNT: tl.constexpr):
-    """min(count, n) clamped at 0, read from the device (count None -> n)."""
-    if HAS_COUNT:
+def _valid_count(p_count, count_value, n, COUNT_PTR: tl.constexpr):
+    """min(count, n) clamped at 0: count read from the device (COUNT_PTR) or given as an argument (None -> n)."""
+    if COUNT_PTR:
         n_valid = tl.minimum(tl.maximum(tl.load(p_count), 0), n)
     else:
-        n_valid = tl.cast(n, tl.int64)
+        n_valid = tl.minimum(tl.maximum(tl.cast(count_value, tl.int64), 0), n)
     return n_valid
+
+
+@triton.jit
+def _query(p_tau_query, tau_query_value, QUERY_PTR: tl.constexpr):
+    """tau_query as float64: read from the device, or the float32 argument."""
+    if QUERY_PTR:
+        b_q = tl.load(p_tau_query).to(tl.float64)
+    else:
+        b_q = tl.cast(tau_query_value, tl.float32).to(tl.float64)
+    return b_q
 
 
 @triton.jit
@@ -171,7 +181,8 @@ def _cheb_fit(
     b_z = _backward_substitution(b_l, b_y, o_m, BLOCK_M)
 
     if HAS_BLEND:
-        b_has_prev = tl.abs(b_t2) < float("inf")
+        # two equal largest taus give no slope: hold the last row
+        b_has_prev = (tl.abs(b_t2) < float("inf")) & (b_t2 < b_t1)
         b_k = tl.where(b_has_prev, (b_q - b_t1) / (b_t1 - tl.where(b_has_prev, b_t2, b_t1 - 1.0)), 0.0 * b_q)
     else:
         b_has_prev = tl.full((), 0, tl.int1)
@@ -209,7 +220,7 @@ def _cheb_row_weights(
     return b_w.to(tl.float32)
 
 
-@triton.jit(do_not_specialize=["n", "degree", "lam_bits", "blend_bits"])
+@triton.jit(do_not_specialize=["n", "degree", "lam_bits", "blend_bits", "tau_query_value", "count_value"])
 def chebyshev_weights_kernel(
     p_taus,
     p_tau_query,
@@ -219,15 +230,18 @@ def chebyshev_weights_kernel(
     degree,
     lam_bits,
     blend_bits,
-    HAS_COUNT: tl.constexpr,
+    tau_query_value,
+    count_value,
+    QUERY_PTR: tl.constexpr,
+    COUNT_PTR: tl.constexpr,
     HAS_BLEND: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_JF: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
     """One program: fit, then write all n weights (zero or NaN as the reference for invalid rows)."""
-    n_valid = _valid_count(p_count, n, HAS_COUNT)
-    b_q = tl.load(p_tau_query).to(tl.float64)
+    n_valid = _valid_count(p_count, count_value, n, COUNT_PTR)
+    b_q = _query(p_tau_query, tau_query_value, QUERY_PTR)
     lam = _f64_arg(lam_bits)
     blend = _f64_arg(blend_bits)
     b_z, i_last, i_prev, b_k, b_has_prev = _cheb_fit(
@@ -250,7 +264,7 @@ def _cheb_rows_tile(p_hist, o_j, o_n, m_n, n_valid, s_hist_j, s_hist_n, b_w):
     return tl.sum(tl.where(m_j[:, None], b_w[:, None] * b_h, 0.0), axis=0)
 
 
-@triton.jit(do_not_specialize=["n", "degree", "lam_bits", "blend_bits"])
+@triton.jit(do_not_specialize=["n", "degree", "lam_bits", "blend_bits", "tau_query_value", "count_value"])
 def chebyshev_forecast_fwd_kernel(
     p_hist,
     p_taus,
@@ -265,7 +279,10 @@ def chebyshev_forecast_fwd_kernel(
     degree,
     lam_bits,
     blend_bits,
-    HAS_COUNT: tl.constexpr,
+    tau_query_value,
+    count_value,
+    QUERY_PTR: tl.constexpr,
+    COUNT_PTR: tl.constexpr,
     HAS_BLEND: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_JF: tl.constexpr,
@@ -275,8 +292,8 @@ def chebyshev_forecast_fwd_kernel(
     """Persistent grid: each program fits the weights once, then loops over its column blocks of [BLOCK_N]."""
     i_p = tl.program_id(0)
     n_p = tl.num_programs(0)
-    n_valid = _valid_count(p_count, n, HAS_COUNT)
-    b_q = tl.load(p_tau_query).to(tl.float64)
+    n_valid = _valid_count(p_count, count_value, n, COUNT_PTR)
+    b_q = _query(p_tau_query, tau_query_value, QUERY_PTR)
     lam = _f64_arg(lam_bits)
     blend = _f64_arg(blend_bits)
     b_z, i_last, i_prev, b_k, b_has_prev = _cheb_fit(
@@ -321,10 +338,25 @@ def _fit_blocks(degree: int) -> tuple[int, int]:
     return BLOCK_M, max(1, min(32, 1024 // (BLOCK_M * BLOCK_M)))
 
 
+def _scalars(taus: torch.Tensor, tau_query, count, n: int) -> tuple:
+    """(tau_query pointer, count pointer, tau_query value, count value, QUERY_PTR, COUNT_PTR) for the kernels:
+    a tensor is read by the kernel, a Python number passed as an argument (no upload)."""
+    q_ptr = isinstance(tau_query, torch.Tensor)
+    c_ptr = isinstance(count, torch.Tensor)
+    return (
+        tau_query if q_ptr else taus,
+        count if c_ptr else taus,
+        0.0 if q_ptr else float(tau_query),
+        0 if c_ptr else (n if count is None else int(count)),
+        q_ptr,
+        c_ptr,
+    )
+
+
 def chebyshev_weights(
     taus: torch.Tensor,
-    tau_query: torch.Tensor,
-    count: torch.Tensor | None,
+    tau_query: torch.Tensor | float,
+    count: torch.Tensor | int | None,
     degree: int,
     lam: float,
     blend: float,
@@ -333,16 +365,20 @@ def chebyshev_weights(
     """out (float32 (n,)) = the forecast weights; taus float32 (n,) contiguous. One program, one launch."""
     n = taus.shape[0]
     BLOCK_M, BLOCK_JF = _fit_blocks(degree)
+    p_q, p_c, q_val, c_val, q_ptr, c_ptr = _scalars(taus, tau_query, count, n)
     chebyshev_weights_kernel[(1,)](
         taus,
-        tau_query,
-        count if count is not None else taus,
+        p_q,
+        p_c,
         out,
         n,
         degree,
         _f64_bits(lam),
         _f64_bits(blend),
-        HAS_COUNT=count is not None,
+        q_val,
+        c_val,
+        QUERY_PTR=q_ptr,
+        COUNT_PTR=c_ptr,
         HAS_BLEND=float(blend) != 1.0,
         BLOCK_M=BLOCK_M,
         BLOCK_JF=BLOCK_JF,
@@ -355,8 +391,8 @@ def chebyshev_weights(
 def chebyshev_forecast(
     history: torch.Tensor,
     taus: torch.Tensor,
-    tau_query: torch.Tensor,
-    count: torch.Tensor | None,
+    tau_query: torch.Tensor | float,
+    count: torch.Tensor | int | None,
     degree: int,
     lam: float,
     blend: float,
@@ -374,11 +410,12 @@ def chebyshev_forecast(
     # all the same, with fewer redundant fits).
     max_programs = 2 * num_sms(history.device) if history.device.type == "cuda" else 2
     grid = (max(1, min(cdiv(N, BLOCK_N), max_programs)),)
+    p_q, p_c, q_val, c_val, q_ptr, c_ptr = _scalars(taus, tau_query, count, n)
     chebyshev_forecast_fwd_kernel[grid](
         history,
         taus,
-        tau_query,
-        count if count is not None else taus,
+        p_q,
+        p_c,
         out,
         n,
         N,
@@ -388,7 +425,10 @@ def chebyshev_forecast(
         degree,
         _f64_bits(lam),
         _f64_bits(blend),
-        HAS_COUNT=count is not None,
+        q_val,
+        c_val,
+        QUERY_PTR=q_ptr,
+        COUNT_PTR=c_ptr,
         HAS_BLEND=float(blend) != 1.0,
         BLOCK_M=BLOCK_M,
         BLOCK_JF=BLOCK_JF,

@@ -27,7 +27,7 @@ def _f64_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-@triton.jit(do_not_specialize=["K", "scale_bits"])
+@triton.jit(do_not_specialize=["K", "scale_bits", "distance_value"])
 def weighted_rows_fwd_kernel(
     p_diffs,
     p_distance,
@@ -38,6 +38,8 @@ def weighted_rows_fwd_kernel(
     s_diffs_n,
     s_out,
     scale_bits,
+    distance_value,
+    DISTANCE_PTR: tl.constexpr,
     MODE: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -47,7 +49,10 @@ def weighted_rows_fwd_kernel(
     i_n = tl.program_id(0)
     o_n = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # [BLOCK_N]
     m_n = o_n < N
-    b_x = tl.load(p_distance).to(tl.float32)
+    if DISTANCE_PTR:
+        b_x = tl.load(p_distance).to(tl.float32)
+    else:
+        b_x = tl.cast(distance_value, tl.float32)
     b_x64 = b_x.to(tl.float64)
     b_pow = tl.full((), 1.0, tl.float64)  # x^i (Taylor) or scale^i (Hermite), float64
     b_fact = tl.full((), 1.0, tl.float64)  # i!
@@ -76,7 +81,7 @@ def weighted_rows_fwd_kernel(
     tl.store(p_out + o_n * s_out, b_acc.to(p_out.dtype.element_ty), mask=m_n)
 
 
-@triton.jit(do_not_specialize=["K"])
+@triton.jit(do_not_specialize=["K", "gap_value", "count_value"])
 def taylor_update_fwd_kernel(
     p_diffs,
     p_feature,
@@ -87,7 +92,10 @@ def taylor_update_fwd_kernel(
     s_diffs_k,
     s_diffs_n,
     s_feature,
-    HAS_COUNT: tl.constexpr,
+    gap_value,
+    count_value,
+    GAP_PTR: tl.constexpr,
+    COUNT_PTR: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """In place over columns o_n: row i is read (when i < count) before it is overwritten; the chain carries
@@ -95,11 +103,14 @@ def taylor_update_fwd_kernel(
     i_n = tl.program_id(0)
     o_n = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # [BLOCK_N]
     m_n = o_n < N
-    b_gap = tl.load(p_gap).to(tl.float32)
-    if HAS_COUNT:
+    if GAP_PTR:
+        b_gap = tl.load(p_gap).to(tl.float32)
+    else:
+        b_gap = tl.cast(gap_value, tl.float32)
+    if COUNT_PTR:
         n_old = tl.load(p_count)
     else:
-        n_old = tl.cast(K, tl.int64)
+        n_old = tl.cast(count_value, tl.int64)
     b_cur = tl.load(p_feature + o_n * s_feature, mask=m_n, other=0.0).to(tl.float32)  # [BLOCK_N] new[0]
     for i in range(K - 1):
         p_row = p_diffs + tl.cast(i, tl.int64) * s_diffs_k + o_n * s_diffs_n
@@ -125,14 +136,15 @@ NUM_WARPS = 4
 
 
 def _forecast(
-    diffs: torch.Tensor, distance: torch.Tensor, scale: float, mode: int, out: torch.Tensor
+    diffs: torch.Tensor, distance: torch.Tensor | float, scale: float, mode: int, out: torch.Tensor
 ) -> None:
     K, N = diffs.shape
     if N == 0:
         return
+    d_ptr = isinstance(distance, torch.Tensor)
     weighted_rows_fwd_kernel[(cdiv(N, BLOCK_N),)](
         diffs,
-        distance,
+        distance if d_ptr else diffs,
         out,
         K,
         N,
@@ -140,6 +152,8 @@ def _forecast(
         diffs.stride(1),
         out.stride(0),
         _f64_bits(scale),
+        0.0 if d_ptr else float(distance),
+        DISTANCE_PTR=d_ptr,
         MODE=mode,
         BLOCK_N=BLOCK_N,
         num_warps=NUM_WARPS,
@@ -147,34 +161,40 @@ def _forecast(
     )
 
 
-def taylor_forecast(diffs: torch.Tensor, distance: torch.Tensor, out: torch.Tensor) -> None:
-    """out (N,) = sum_i diffs[i] * distance^i / i!; diffs (K, N) any strides; distance float32 scalar. One launch."""
+def taylor_forecast(diffs: torch.Tensor, distance: torch.Tensor | float, out: torch.Tensor) -> None:
+    """out (N,) = sum_i diffs[i] * distance^i / i!; diffs (K, N) any strides; distance a float32 scalar tensor or a
+    Python float. One launch."""
     _forecast(diffs, distance, 1.0, 0, out)
 
 
-def hermite_forecast(diffs: torch.Tensor, distance: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+def hermite_forecast(diffs: torch.Tensor, distance: torch.Tensor | float, scale: float, out: torch.Tensor) -> None:
     """out (N,) = diffs[0] + sum_{k>=1} diffs[k] H_k(scale * distance) scale^k / k!. One launch."""
     _forecast(diffs, distance, scale, 1, out)
 
 
 def taylor_update(
-    diffs: torch.Tensor, feature: torch.Tensor, gap: torch.Tensor, count: torch.Tensor | None
+    diffs: torch.Tensor, feature: torch.Tensor, gap: torch.Tensor | float, count: torch.Tensor | int | None
 ) -> None:
     """In place on diffs (K, N): new[0] = feature, new[i+1] = (new[i] - old[i]) / gap if i < count else 0. One launch."""
     K, N = diffs.shape
     if N == 0 or K == 0:
         return
+    g_ptr = isinstance(gap, torch.Tensor)
+    c_ptr = isinstance(count, torch.Tensor)
     taylor_update_fwd_kernel[(cdiv(N, BLOCK_N),)](
         diffs,
         feature,
-        gap,
-        count if count is not None else gap,
+        gap if g_ptr else diffs,
+        count if c_ptr else diffs,
         K,
         N,
         diffs.stride(0),
         diffs.stride(1),
         feature.stride(0),
-        HAS_COUNT=count is not None,
+        0.0 if g_ptr else float(gap),
+        0 if c_ptr else (K if count is None else int(count)),
+        GAP_PTR=g_ptr,
+        COUNT_PTR=c_ptr,
         BLOCK_N=BLOCK_N,
         num_warps=NUM_WARPS,
         **launch_options(),

@@ -117,7 +117,8 @@ int64_t weights_f64(VecF taus, int64_t n, double q, const int64_t* count, int64_
     tv[j_last] = neg_inf;
     const int64_t j_prev = argmax(tv);
     const double t_prev = tv[j_prev];
-    const bool has_prev = std::isfinite(t_prev);
+    // Two equal largest taus give no slope: hold the last row (the limit of a vanishing extrapolation).
+    const bool has_prev = std::isfinite(t_prev) && t_prev < t_last;
     const double k = has_prev ? (q - t_last) / (t_last - t_prev) : 0.0 * q;
     std::vector<double> w_lin(static_cast<size_t>(n), 0.0);
     w_lin[j_last] = 1.0 + k;

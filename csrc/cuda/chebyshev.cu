@@ -229,7 +229,8 @@ __device__ void solve_weights(const ChebArgs& a, SolveShared& s, double* A, doub
   // Blend slope k = (q - t_last) / (t_last - t_prev) if a second valid row exists, else 0 * q (fp64).
   const double t_last = static_cast<double>(s.t_last);
   const double t_prev = static_cast<double>(s.t_prev);
-  const bool has_prev = is_finite(t_prev);
+  // Two equal largest taus give no slope: hold the last row (the limit of a vanishing extrapolation).
+  const bool has_prev = is_finite(t_prev) && t_prev < t_last;
   const double k = a.use_blend ? (has_prev ? __ddiv_rn(__dsub_rn(s.q, t_last), __dsub_rn(t_last, t_prev))
                                            : __dmul_rn(0.0, s.q))
                                : 0.0;

@@ -6,7 +6,15 @@ The public functions in ``fastcache_rt.ops`` validate and canonicalise the user'
 the registered ``torch.library`` ops. Every function writes its results into the given output tensors (which may hold
 garbage or NaN beforehand: every element must be written) and reads no device value back to the host.
 
-Canonical signatures (all tensors on one device; "scalar" = 0-dim tensor):
+Canonical signatures (all tensors on one device). A "scalar" argument (tau_query, distance, gap) is either a
+float32 0-dim tensor on the device, read by the kernel, or a Python float, passed to the kernel as an argument and
+rounded to float32 there; ``count`` is an int64 0-dim tensor, a Python int or None (= all rows). Nothing may turn a
+Python value into a device tensor per call (that is a host-to-device copy and a sync, and illegal in a CUDA-graph
+capture).
+
+band_l1 and gate_step on the GPU backends sum in the order of ``_reference.band_l1_gpu_order`` (partition fixed by
+the input's size, order-free exact group sums): their sums are bitwise equal to it on every GPU. Their persistent
+scratch (a ticket counter, the partials) is per (device, stream): launches on different streams never share it.
 
   band_l1(cur, prev, bounds, per_sample, out)
       cur, prev: (B, R, D), same dtype in {float32, float16, bfloat16}, any strides (element strides, may be 0 or
@@ -23,7 +31,7 @@ Canonical signatures (all tensors on one device; "scalar" = 0-dim tensor):
       (no per-band check). decision_out: bool scalar (True = compute); state_out: float32 (STATE_LEN,), may alias
       nothing. Rules: ``_reference.gate_decide``.
   chebyshev_weights(taus, tau_query, count, degree, lam, blend, out)
-      taus: float32 (n,) contiguous; tau_query: float32 scalar; count: int64 scalar or None (= n): rows
+      taus: float32 (n,) contiguous; tau_query: scalar; count: int64 scalar, int or None (= n): rows
       j < min(count, n) are valid; degree >= 0 int; lam >= 0 float; blend float (1.0 = pure Chebyshev).
       out: float32 (n,), zero for invalid rows, NaN everywhere if no row is valid.
   chebyshev_forecast(history, taus, tau_query, count, degree, lam, blend, out)
@@ -31,13 +39,13 @@ Canonical signatures (all tensors on one device; "scalar" = 0-dim tensor):
       out = sum_{valid j} w_j * history[j], fp32 accumulation, weights as chebyshev_weights. Rows j >= count are
       never read (a ring buffer may hold garbage there).
   taylor_forecast(diffs, distance, out)
-      diffs: (K, N) any strides; distance: float32 scalar; out (N,) contiguous in diffs' dtype;
+      diffs: (K, N) any strides; distance: scalar; out (N,) contiguous in diffs' dtype;
       out = sum_i diffs[i] * distance^i / i!.
   hermite_forecast(diffs, distance, scale, out)
       as taylor_forecast with weights c_0 = 1, c_k = H_k(scale*distance) * scale^k / k! (physicists' Hermite).
   taylor_update(diffs, feature, gap, count)
       in place on diffs (K, N) (any strides, float32/16/bf16); feature: (N,) any stride, same dtype;
-      gap: float32 scalar; count: int64 scalar or None (= K), the number of valid orders before the call.
+      gap: scalar; count: int64 scalar, int or None (= K), the number of valid orders before the call.
       new[0] = feature; new[i+1] = (new[i] - old[i]) / gap if i < count else 0. fp32 arithmetic.
 """
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -29,37 +30,68 @@ def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, *, sh
         raise ValueError(f"{name_b}: shape {tuple(b.shape)} differs from {name_a}'s {tuple(a.shape)}")
 
 
-def check_out(out: object, src_name: str, src: torch.Tensor) -> torch.Tensor:
-    """``out=`` of a forecast: shape ``src.shape[1:]``, src's dtype and device, not sharing memory with ``src``.
-    Returns a 1-D view of it (an element stride the kernels accept), or raises naming ``out``."""
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last) bytes ``t`` can touch (an over-estimate for interleaved views)."""
+    lo = hi = t.data_ptr()
+    for size, stride in zip(t.shape, t.stride()):
+        if size > 1:
+            if stride < 0:
+                lo += stride * (size - 1) * t.element_size()
+            else:
+                hi += stride * (size - 1) * t.element_size()
+    return lo, hi + t.element_size()
+
+
+def check_out(out: object, src_name: str, src: torch.Tensor) -> bool:
+    """``out=`` of a forecast: shape ``src.shape[1:]``, src's dtype and device, not overlapping ``src``.
+
+    Returns True when the op may write into ``out`` directly, False when it must compute into a fresh tensor and
+    copy: ``out`` and ``src`` are views of one storage whose byte ranges interleave (e.g. a column block and a row
+    of one buffer: they may or may not share elements), or ``out``'s dims do not collapse to one strided dim.
+    Raises, naming ``out``, when they certainly share memory (both dense, ranges intersect) or ``out`` is not a
+    tensor of the right shape, dtype and device. A separate row of the same buffer is written directly."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out: expected a tensor, got {type(out).__name__}")
     check_same(src_name, src, "out", out, shape=False)
     if tuple(out.shape) != tuple(src.shape[1:]):
         raise ValueError(f"out: shape {tuple(out.shape)}, expected {tuple(src.shape[1:])} (the rows of {src_name})")
+    direct = True
     if (not torch.compiler.is_compiling() and out.numel() and src.numel()
             and out.untyped_storage().data_ptr() == src.untyped_storage().data_ptr()):
-        raise ValueError(f"out: shares memory with {src_name}; the forecast would overwrite its own input")
-    try:
-        return out.view(-1)
-    except RuntimeError:
-        raise ValueError("out: its dims do not collapse to one strided dim (pass a contiguous tensor)") from None
+        a0, a1 = _byte_span(out)
+        b0, b1 = _byte_span(src)
+        if a0 < b1 and b0 < a1:  # the ranges intersect
+            if out.is_contiguous() and src.is_contiguous():  # both dense: they share elements
+                raise ValueError(f"out: overlaps {src_name} in memory; the forecast would overwrite its own input")
+            direct = False
+    if direct:
+        try:
+            out.view(-1)
+        except RuntimeError:
+            direct = False
+    return direct
 
 
 def check_bounds(bounds: Sequence[int] | torch.Tensor | None, D: int) -> list[int]:
-    """bounds: increasing channel boundaries [0, b1, ..., D]; None = one band."""
+    """bounds: increasing channel boundaries [0, b1, ..., D] as a sequence of ints or a CPU integer tensor;
+    None = one band. Checked on the host: a tensor on an accelerator would have to be read back (a sync) every
+    call, so it is refused."""
     if bounds is None:
         return [0, D]
     if isinstance(bounds, torch.Tensor):
-        if bounds.dtype.is_floating_point or bounds.dtype == torch.bool or bounds.dim() != 1:
-            raise TypeError("bounds: expected a 1-D integer tensor or a sequence of ints")
+        if bounds.dtype.is_floating_point or bounds.dtype.is_complex or bounds.dtype == torch.bool or bounds.dim() != 1:
+            raise TypeError(f"bounds: expected a 1-D integer tensor or a sequence of ints, got {bounds.dtype} "
+                            f"of shape {tuple(bounds.shape)}")
+        if bounds.device.type != "cpu":
+            raise TypeError(f"bounds: a tensor on {bounds.device} would be read back to the host (a device sync) "
+                            "every call; pass a list of ints or a CPU tensor")
         bounds = bounds.tolist()
-    try:
-        b = [int(x) for x in bounds]
-    except (TypeError, ValueError):
-        raise TypeError("bounds: expected a sequence of ints") from None
-    if any(isinstance(x, float) and not float(x).is_integer() for x in bounds):
-        raise TypeError("bounds: expected integers")
+    if isinstance(bounds, (str, bytes)) or not isinstance(bounds, Sequence):
+        raise TypeError(f"bounds: expected a sequence of ints, got {type(bounds).__name__}")
+    for x in bounds:
+        if isinstance(x, bool) or not hasattr(x, "__index__"):
+            raise TypeError(f"bounds: expected integers, got {x!r} ({type(x).__name__})")
+    b = [operator.index(x) for x in bounds]
     if len(b) < 2:
         raise ValueError(f"bounds: need at least [0, D], got {b}")
     if b[0] != 0 or b[-1] != D:
@@ -69,8 +101,10 @@ def check_bounds(bounds: Sequence[int] | torch.Tensor | None, D: int) -> list[in
     return b
 
 
-def scalar_tensor(name: str, x: float | int | torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A number or a one-element tensor -> a 0-dim tensor of ``dtype`` on ``device`` (no host read)."""
+def scalar_arg(name: str, x: float | int | torch.Tensor, device: torch.device, dtype: torch.dtype):
+    """A scalar argument as the pair the registered ops take: ``(tensor, None)`` for a one-element tensor on the
+    device (read by the kernel), ``(None, value)`` for a Python number (passed to the kernel as an argument: no
+    host-to-device copy, nothing to sync, capturable in a CUDA graph)."""
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
             raise ValueError(f"{name}: expected a single value, got shape {tuple(x.shape)}")
@@ -78,19 +112,64 @@ def scalar_tensor(name: str, x: float | int | torch.Tensor, device: torch.device
             raise ValueError(f"{name}: on {x.device}, but the data is on {device}")
         if dtype.is_floating_point and not (x.dtype.is_floating_point or x.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"{name}: dtype {x.dtype} is not a number")
-        if not dtype.is_floating_point and x.dtype.is_floating_point:
+        if not dtype.is_floating_point and (x.dtype.is_floating_point or x.dtype == torch.bool):
             raise TypeError(f"{name}: must be an integer tensor, got {x.dtype}")
-        return x.reshape(()).to(dtype)
+        return x.reshape(()).to(dtype), (0.0 if dtype.is_floating_point else None)  # the value is unused
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise TypeError(f"{name}: expected a number or a tensor, got {type(x).__name__}")
-    if dtype.is_floating_point and not math.isfinite(float(x)):
-        raise ValueError(f"{name}: must be finite, got {x}")
-    if not dtype.is_floating_point and not float(x).is_integer():
+    if dtype.is_floating_point:
+        if not math.isfinite(float(x)):
+            raise ValueError(f"{name}: must be finite, got {x}")
+        return None, float(x)
+    if isinstance(x, float) and not x.is_integer():
         raise TypeError(f"{name}: must be an integer, got {x}")
-    return torch.tensor(x, dtype=dtype, device=device)
+    return None, int(x)
 
 
-def float_vector(name: str, x: Sequence[float] | torch.Tensor, device: torch.device, length: int | None = None):
+def scalar_value(t: torch.Tensor | None, value):
+    """The canonical scalar of a registered op's (tensor, value) pair."""
+    return t if t is not None else value
+
+
+# Device copies of small constant vectors (coeffs, gammas, taus, bounds given as Python sequences), keyed by value.
+# A miss uploads through pinned memory without blocking the host; a hit costs a dict lookup. One copy per
+# (device, stream): a consumer on the stream of the copy is ordered after it.
+_const_cache: dict = {}
+_CONST_MAX = 256
+
+
+def _stream_id(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def const_tensor(name: str, values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A cached device tensor holding ``values``. Inside a CUDA-graph capture a value never seen on this stream
+    cannot be uploaded (the copy would be captured, not run): that raises and says what to do."""
+    # float.hex: 0.0 and -0.0 (equal as keys) keep their own entries
+    key = (tuple(v.hex() if isinstance(v, float) else v for v in values), dtype, str(device), _stream_id(device))
+    t = _const_cache.get(key)
+    if t is not None:
+        return t
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"{name}: a Python sequence cannot be uploaded inside a CUDA-graph capture; pass it as a tensor on "
+                f"{device}, or call the op once with these values on this stream before capturing"
+            )
+        t = torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+    else:
+        t = torch.tensor(values, dtype=dtype, device=device)
+    if len(_const_cache) >= _CONST_MAX:
+        _const_cache.pop(next(iter(_const_cache)))
+    _const_cache[key] = t
+    return t
+
+
+def float_vector(name: str, x: Sequence[float] | torch.Tensor, device: torch.device, length: int | None = None,
+                 finite: bool = False):
+    """A float32 1-D device tensor from a tensor or a sequence of numbers. Sequences are checked on the host
+    (NaN; Inf too with ``finite``) and come from ``const_tensor`` (no sync); a tensor's values are not read (that
+    would be a sync per call): a non-finite coefficient there makes the gate compute every step."""
     if isinstance(x, torch.Tensor):
         if not x.dtype.is_floating_point:
             raise TypeError(f"{name}: expected a float tensor, got {x.dtype}")
@@ -100,13 +179,24 @@ def float_vector(name: str, x: Sequence[float] | torch.Tensor, device: torch.dev
             raise ValueError(f"{name}: on {x.device}, but the data is on {device}")
         t = x.to(torch.float32).contiguous()
     else:
+        if isinstance(x, (str, bytes)):
+            raise TypeError(f"{name}: expected a sequence of numbers, got {type(x).__name__}")
         try:
-            vals = [float(v) for v in x]
-        except (TypeError, ValueError):
-            raise TypeError(f"{name}: expected a sequence of numbers") from None
+            items = list(x)
+        except TypeError:
+            raise TypeError(f"{name}: expected a tensor or a sequence of numbers") from None
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__float__") for v in items):
+            raise TypeError(f"{name}: expected numbers, got {items!r}")
+        vals = tuple(float(v) for v in items)
         if any(math.isnan(v) for v in vals):
             raise ValueError(f"{name}: contains NaN")
-        t = torch.tensor(vals, dtype=torch.float32, device=device)
+        if finite and any(math.isinf(v) for v in vals):
+            raise ValueError(f"{name}: must be finite, got {list(vals)}")
+        if length is not None and len(vals) != length:
+            raise ValueError(f"{name}: expected {length} values, got {len(vals)}")
+        if not vals:
+            raise ValueError(f"{name}: is empty")
+        return const_tensor(name, vals, torch.float32, device)
     if length is not None and t.shape[0] != length:
         raise ValueError(f"{name}: expected {length} values, got {t.shape[0]}")
     if t.shape[0] == 0:
@@ -151,16 +241,6 @@ def backend_name(device: torch.device, backend: str | None) -> str:
     return resolve_backend(device.type, backend)
 
 
-_const_cache: dict = {}
-
-
 def bounds_tensor(bounds: list[int], device: torch.device) -> torch.Tensor:
     """Cached device copy of ``bounds`` (int64) so that a step does not upload it again."""
-    key = (tuple(bounds), str(device))
-    t = _const_cache.get(key)
-    if t is None:
-        t = torch.tensor(bounds, dtype=torch.int64, device=device)
-        if len(_const_cache) > 256:
-            _const_cache.clear()
-        _const_cache[key] = t
-    return t
+    return const_tensor("bounds", tuple(bounds), torch.int64, device)

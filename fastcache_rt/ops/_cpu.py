@@ -65,6 +65,11 @@ def _scalar(op: str, name: str, t: torch.Tensor, dtype: torch.dtype) -> int:
     return t.data_ptr()
 
 
+def _host(x, dtype: torch.dtype):
+    """A canonical scalar as a CPU tensor the kernels read (a Python number: a fill, no copy from anywhere)."""
+    return x if isinstance(x, torch.Tensor) or x is None else torch.full((), x, dtype=dtype)
+
+
 def _vec(op: str, name: str, t: torch.Tensor, n: int | None, min_len: int = 0) -> tuple[int, int]:
     """(pointer, stride) of a float32 1-D tensor of n (or >= min_len) elements."""
     if t.dtype != torch.float32 or t.dim() != 1 or (n is not None and t.shape[0] != n) or t.shape[0] < min_len:
@@ -174,6 +179,7 @@ def chebyshev_weights(
     out: torch.Tensor,
 ) -> None:
     n = taus.shape[0] if taus.dim() == 1 else -1
+    tau_query, count = _host(tau_query, torch.float32), _host(count, torch.int64)
     ta, ta_s, tq, cn = _cheb_inputs("chebyshev_weights", taus, tau_query, count, n)
     _on_cpu("chebyshev_weights", out)
     o, o_s = _vec("chebyshev_weights", "out", out, n)
@@ -202,13 +208,15 @@ def chebyshev_forecast(
     _on_cpu("chebyshev_forecast", history, out)
     dt = _rows_out("chebyshev_forecast", history, out, "history")
     n, N = history.shape
+    tau_query, count = _host(tau_query, torch.float32), _host(count, torch.int64)
     ta, ta_s, tq, cn = _cheb_inputs("chebyshev_forecast", taus, tau_query, count, n)
     s_row, s_col = history.stride()
     _C.chebyshev_forecast(dt, history.data_ptr(), n, N, s_row, s_col, ta, ta_s, tq, cn, int(degree), float(lam),
                           float(blend), out.data_ptr(), out.stride(0), torch.get_num_threads())  # fmt: skip
 
 
-def taylor_forecast(diffs: torch.Tensor, distance: torch.Tensor, out: torch.Tensor) -> None:
+def taylor_forecast(diffs: torch.Tensor, distance: torch.Tensor | float, out: torch.Tensor) -> None:
+    distance = _host(distance, torch.float32)
     _on_cpu("taylor_forecast", diffs, distance, out)
     dt = _rows_out("taylor_forecast", diffs, out, "diffs")
     d = _scalar("taylor_forecast", "distance", distance, torch.float32)
@@ -218,7 +226,8 @@ def taylor_forecast(diffs: torch.Tensor, distance: torch.Tensor, out: torch.Tens
                        torch.get_num_threads())  # fmt: skip
 
 
-def hermite_forecast(diffs: torch.Tensor, distance: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+def hermite_forecast(diffs: torch.Tensor, distance: torch.Tensor | float, scale: float, out: torch.Tensor) -> None:
+    distance = _host(distance, torch.float32)
     _on_cpu("hermite_forecast", diffs, distance, out)
     dt = _rows_out("hermite_forecast", diffs, out, "diffs")
     d = _scalar("hermite_forecast", "distance", distance, torch.float32)
@@ -228,8 +237,11 @@ def hermite_forecast(diffs: torch.Tensor, distance: torch.Tensor, scale: float, 
                         torch.get_num_threads())  # fmt: skip
 
 
-def taylor_update(diffs: torch.Tensor, feature: torch.Tensor, gap: torch.Tensor, count: torch.Tensor | None) -> None:
+def taylor_update(
+    diffs: torch.Tensor, feature: torch.Tensor, gap: torch.Tensor | float, count: torch.Tensor | int | None
+) -> None:
     op = "taylor_update"
+    gap, count = _host(gap, torch.float32), _host(count, torch.int64)
     _on_cpu(op, diffs, feature, gap, count)
     dt = _code(op, diffs)
     if diffs.dim() != 2:

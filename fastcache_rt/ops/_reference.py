@@ -63,6 +63,107 @@ def _masked_band_sum(per_channel: torch.Tensor, member: torch.Tensor) -> torch.T
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# band_l1, GPU order: the exact summation order both GPU backends (triton, cuda) implement
+# ----------------------------------------------------------------------------------------------------------------
+
+# The partition is fixed by the input's size alone (never by the GPU's SM count): channel blocks of BAND_BLOCK_D
+# channels, row chunks of BAND_CHUNK_R rows, one (sample, row chunk, channel block) tile per program / block.
+BAND_BLOCK_D = 256
+BAND_CHUNK_R = 64
+# Level-1 groups hold at most BAND_BLOCK_D = 2^8 values.
+BAND_L1_LOG2 = 8
+
+
+def exact_group_sum(v: torch.Tensor, dim: int, log2_n: torch.Tensor | int) -> torch.Tensor:
+    """Order-free sum of non-negative values along ``dim`` (at most 2^log2_n of them), float64.
+
+    Each value is truncated to a multiple of q = 2^(e + 1 + log2_n - 53), e the exponent of the group's maximum
+    (a max is exact in any order); the multiples then add up exactly in float64 in any order (their total is below
+    2^53 q). So the result is a function of the set of values, not of the order or tree of the additions: both GPU
+    backends, every grid, every GPU give the same bits. Relative error <= n * 2^(log2_n - 52) (never worse than
+    2^-36 for the level-1 groups). NaN in the group -> NaN, else +Inf -> +Inf."""
+    v = v.double()
+    nan = torch.isnan(v).any(dim)
+    inf = torch.isinf(v).any(dim)
+    finite = torch.where(torch.isfinite(v), v, torch.zeros((), dtype=v.dtype, device=v.device))
+    m = finite.amax(dim, keepdim=True)
+    _, e = torch.frexp(m)  # m = f * 2^e with f in [0.5, 1): the exponent of m is e - 1
+    if isinstance(log2_n, torch.Tensor):
+        log2_n = log2_n.to(e.dtype).unsqueeze(dim)
+    q = torch.ldexp(torch.ones_like(m), e + log2_n - 53)
+    s = (torch.floor(finite / q) * q).sum(dim)
+    s = torch.where(inf, torch.full_like(s, math.inf), s)
+    return torch.where(nan, torch.full_like(s, math.nan), s)
+
+
+def ceil_log2(n: torch.Tensor) -> torch.Tensor:
+    """ceil(log2(n)) for integer n >= 1 (0 for n <= 1), int64."""
+    n = n.to(torch.int64).clamp_min(1)
+    out = torch.zeros_like(n)
+    for k in range(62):
+        out = out + (n > (1 << k)).to(torch.int64)
+    return out
+
+
+def band_l1_gpu_order(
+    cur: torch.Tensor, prev: torch.Tensor, bounds: torch.Tensor, per_sample: bool, out: torch.Tensor
+) -> None:
+    """band_l1 computed in the exact order of the GPU kernels; their results equal this bitwise.
+
+    Level 0 (sequential, float32): per sample b, row chunk c (rows [64c, 64c + 64)) and channel d, the sum of
+    fp32(|fp32(cur) - fp32(prev)|) (and of |fp32(prev)|) over the chunk's rows in increasing order, from 0.
+    Level 1 (order-free): per (b, c, channel block j of 256 channels, band k), ``exact_group_sum`` of the level-0
+    sums of the block's channels in band k (log2_n = 8), float64.
+    Level 2 (order-free): per (output row, band k), ``exact_group_sum`` of the level-1 sums of the samples of the
+    row, every chunk and every block that overlaps band k (log2_n = ceil(log2(their count))), rounded to float32."""
+    B, R, D = cur.shape
+    nb = bounds.shape[0] - 1
+    W, RC = BAND_BLOCK_D, BAND_CHUNK_R
+    dev = cur.device
+    C = -(-R // RC)
+    J = -(-D // W)
+    if B == 0 or C == 0:
+        out.zero_()
+        return
+    x = cur.float()
+    y = prev.float()
+    diff = torch.zeros((B, C * RC, J * W), dtype=torch.float32, device=dev)
+    mag = torch.zeros_like(diff)
+    diff[:, :R, :D] = (x - y).abs()
+    mag[:, :R, :D] = y.abs()
+    diff = diff.view(B, C, RC, J * W)
+    mag = mag.view(B, C, RC, J * W)
+    s_diff = torch.zeros((B, C, J * W), dtype=torch.float32, device=dev)
+    s_mag = torch.zeros_like(s_diff)
+    for i in range(RC):  # level 0: sequential over the chunk's rows (padding rows add +0: exact)
+        s_diff = s_diff + diff[:, :, i]
+        s_mag = s_mag + mag[:, :, i]
+    ch = torch.arange(J * W, device=dev)
+    lo = bounds[:-1].to(dev).view(-1, 1)
+    hi = bounds[1:].to(dev).view(-1, 1)
+    member = (ch >= lo) & (ch < hi)  # [nb, J*W]
+    zero = torch.zeros((), dtype=torch.float32, device=dev)
+
+    def level1(s):  # [B, C, J*W] -> [B, C, J, nb]
+        v = torch.where(member.view(1, 1, nb, J * W), s.unsqueeze(2), zero)  # [B, C, nb, J*W]
+        v = v.view(B, C, nb, J, W)
+        return exact_group_sum(v, 4, BAND_L1_LOG2).transpose(2, 3)
+
+    p_diff, p_mag = level1(s_diff), level1(s_mag)
+    j_first = bounds[:-1].to(dev) // W
+    j_last = (bounds[1:].to(dev) - 1) // W
+    groups = [(b, b + 1) for b in range(B)] if per_sample else [(0, B)]
+    rows = []
+    for b0, b1 in groups:
+        n = (b1 - b0) * C * (j_last - j_first + 1)  # [nb] values per band (non-overlapping blocks hold 0)
+        lg = ceil_log2(n)
+        sd = exact_group_sum(p_diff[b0:b1].permute(3, 0, 1, 2).reshape(nb, -1), 1, lg)
+        sm = exact_group_sum(p_mag[b0:b1].permute(3, 0, 1, 2).reshape(nb, -1), 1, lg)
+        rows.append(torch.stack((sd, sm), dim=-1))
+    out.copy_(torch.stack(rows).float())
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # gate: epilogue (decision + state update) and the fused step
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -155,11 +256,19 @@ def gate_step(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _valid_rows(n: int, count: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+def _scalar(x: torch.Tensor | float | int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A canonical scalar (0-dim tensor or Python number) as a 0-dim tensor of ``dtype``: a Python number is
+    rounded to ``dtype`` as the kernels round their argument (torch.full: a fill, no host-to-device copy)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype).reshape(())
+    return torch.full((), x, dtype=dtype, device=device)
+
+
+def _valid_rows(n: int, count: torch.Tensor | int | None, device: torch.device) -> torch.Tensor:
     j = torch.arange(n, device=device)
     if count is None:
         return torch.ones(n, dtype=torch.bool, device=device)
-    return j < count.to(torch.int64)
+    return j < _scalar(count, torch.int64, device)
 
 
 def chebyshev_weights(
@@ -180,7 +289,7 @@ def chebyshev_weights(
     dev = taus.device
     valid = _valid_rows(n, count, dev)
     t = torch.where(valid, taus.double(), torch.zeros((), dtype=torch.float64, device=dev))
-    q = tau_query.double().reshape(())
+    q = _scalar(tau_query, torch.float32, dev).double()
     cols_t = [torch.ones_like(t), t]
     cols_q = [torch.ones_like(q), q]
     for _ in range(2, degree + 1):
@@ -206,7 +315,8 @@ def chebyshev_weights(
         tv2[j_last] = -math.inf
         j_prev = torch.argmax(tv2)
         t_prev = tv2[j_prev]
-        has_prev = torch.isfinite(t_prev)
+        # Two equal largest taus give no slope: hold the last row (the limit of a vanishing extrapolation).
+        has_prev = torch.isfinite(t_prev) & (t_prev < t_last)
         k = torch.where(has_prev, (q - t_last) / (t_last - torch.where(has_prev, t_prev, t_last - 1.0)), 0.0 * q)
         w_lin = torch.zeros_like(w)
         w_lin[j_last] = 1.0 + k
@@ -245,19 +355,31 @@ def chebyshev_forecast(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def taylor_weights(order_plus_one: int, distance: torch.Tensor) -> torch.Tensor:
-    """c_i = distance^i / i!, float32 (K,)."""
-    x = distance.float().reshape(())
-    return torch.stack([x**i / math.factorial(i) for i in range(order_plus_one)])
+def _fact(i: int) -> float:
+    """i! as a float (inf beyond the float64 range; it is rounded to float32 where it divides)."""
+    return float(math.factorial(i)) if i <= 170 else math.inf
 
 
-def hermite_weights(order_plus_one: int, distance: torch.Tensor, scale: float) -> torch.Tensor:
+def _pow(x: float, k: int) -> float:
+    try:
+        return x**k
+    except OverflowError:
+        return math.copysign(math.inf, x) if k % 2 else math.inf
+
+
+def taylor_weights(order_plus_one: int, distance: torch.Tensor | float, device=None) -> torch.Tensor:
+    """c_i = distance^i / i!, float32 (K,). Beyond 34! the float32 factorial is inf and c_i is 0."""
+    x = _scalar(distance, torch.float32, device if device is not None else "cpu")
+    return torch.stack([x**i / _fact(i) for i in range(order_plus_one)])
+
+
+def hermite_weights(order_plus_one: int, distance: torch.Tensor | float, scale: float, device=None) -> torch.Tensor:
     """c_0 = 1, c_k = H_k(scale * distance) * scale^k / k! with physicists' Hermite H_k, float32 (K,)."""
-    y = distance.float().reshape(()) * scale
+    y = _scalar(distance, torch.float32, device if device is not None else "cpu") * scale
     h = [torch.ones_like(y), 2.0 * y]
     for k in range(2, order_plus_one):
         h.append(2.0 * y * h[-1] - 2.0 * (k - 1) * h[-2])
-    return torch.stack([h[k] * (scale**k) / math.factorial(k) for k in range(order_plus_one)])
+    return torch.stack([h[k] * _pow(scale, k) / _fact(k) for k in range(order_plus_one)])
 
 
 def _weighted_rows(diffs: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
@@ -266,26 +388,28 @@ def _weighted_rows(diffs: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> N
 
 def taylor_forecast(diffs: torch.Tensor, distance: torch.Tensor, out: torch.Tensor) -> None:
     """out = sum_i diffs[i] * distance^i / i!. diffs: (K, N) any strides; out: (N,) in diffs' dtype."""
-    _weighted_rows(diffs, taylor_weights(diffs.shape[0], distance).to(diffs.device), out)
+    _weighted_rows(diffs, taylor_weights(diffs.shape[0], distance, diffs.device).to(diffs.device), out)
 
 
 def hermite_forecast(diffs: torch.Tensor, distance: torch.Tensor, scale: float, out: torch.Tensor) -> None:
     """out = diffs[0] + sum_{k>=1} diffs[k] * H_k(scale*distance) * scale^k / k! (FreqCa's high-band forecast)."""
-    _weighted_rows(diffs, hermite_weights(diffs.shape[0], distance, scale).to(diffs.device), out)
+    _weighted_rows(diffs, hermite_weights(diffs.shape[0], distance, scale, diffs.device).to(diffs.device), out)
 
 
-def taylor_update(diffs: torch.Tensor, feature: torch.Tensor, gap: torch.Tensor, count: torch.Tensor | None) -> None:
+def taylor_update(
+    diffs: torch.Tensor, feature: torch.Tensor, gap: torch.Tensor | float, count: torch.Tensor | int | None
+) -> None:
     """In place: new[0] = feature; new[i+1] = (new[i] - old[i]) / gap while old[i] was valid (i < count), else 0.
     count = number of valid orders held before the call (None: all K). diffs: (K, N); feature: (N,)."""
     K = diffs.shape[0]
-    g = gap.float().reshape(())
+    g = _scalar(gap, torch.float32, diffs.device)
     old = diffs.float()
     rows = [feature.float()]
     for i in range(K - 1):
         if count is None:
             ok = torch.ones((), dtype=torch.bool, device=diffs.device)
         else:
-            ok = count.to(torch.int64).reshape(()) > i
+            ok = _scalar(count, torch.int64, diffs.device) > i
         nxt = torch.where(ok, (rows[i] - torch.where(ok, old[i], torch.zeros((), device=diffs.device))) / g, 0.0)
         rows.append(nxt)
     diffs.copy_(torch.stack(rows))

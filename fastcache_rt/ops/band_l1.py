@@ -12,6 +12,7 @@ from ._common import backend_name, bounds_tensor, check_bounds, check_float, che
 
 @torch.library.custom_op("fastcache_rt::band_l1", mutates_args=())
 def _band_l1_op(cur: torch.Tensor, prev: torch.Tensor, bounds: list[int], per_sample: bool, backend: str) -> torch.Tensor:
+    check_bounds(bounds, cur.shape[-1])  # the registered op checks too (it may be called directly)
     c3, p3 = three_d(cur), three_d(prev)
     nb = len(bounds) - 1
     out = torch.empty((c3.shape[0] if per_sample else 1, nb, 2), dtype=torch.float32, device=cur.device)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _backend
-from ._common import backend_name, check_float, check_out, rows_view, scalar_tensor
+from ._common import backend_name, check_float, check_out, const_tensor, rows_view, scalar_arg, scalar_value
 
 
 def _out_like(history: torch.Tensor) -> torch.Tensor:
@@ -19,8 +19,10 @@ def _out_like(history: torch.Tensor) -> torch.Tensor:
 def _chebyshev_forecast_op(
     history: torch.Tensor,
     taus: torch.Tensor,
-    tau_query: torch.Tensor,
+    tau_query: torch.Tensor | None,
+    tau_query_value: float,
     count: torch.Tensor | None,
+    count_value: int | None,
     degree: int,
     lam: float,
     blend: float,
@@ -29,13 +31,14 @@ def _chebyshev_forecast_op(
     n = history.shape[0]
     out = _out_like(history)
     _backend.get(backend).chebyshev_forecast(
-        rows_view(history, n), taus, tau_query, count, degree, lam, blend, out.view(-1)
+        rows_view(history, n), taus, scalar_value(tau_query, tau_query_value), scalar_value(count, count_value),
+        degree, lam, blend, out.view(-1),
     )
     return out
 
 
 @_chebyshev_forecast_op.register_fake
-def _(history, taus, tau_query, count, degree, lam, blend, backend):
+def _(history, taus, tau_query, tau_query_value, count, count_value, degree, lam, blend, backend):
     return history.new_empty(history.shape[1:])
 
 
@@ -43,8 +46,10 @@ def _(history, taus, tau_query, count, degree, lam, blend, backend):
 def _chebyshev_forecast_out_op(
     history: torch.Tensor,
     taus: torch.Tensor,
-    tau_query: torch.Tensor,
+    tau_query: torch.Tensor | None,
+    tau_query_value: float,
     count: torch.Tensor | None,
+    count_value: int | None,
     degree: int,
     lam: float,
     blend: float,
@@ -52,32 +57,37 @@ def _chebyshev_forecast_out_op(
     out: torch.Tensor,
 ) -> None:
     _backend.get(backend).chebyshev_forecast(
-        rows_view(history, history.shape[0]), taus, tau_query, count, degree, lam, blend, out.view(-1)
+        rows_view(history, history.shape[0]), taus, scalar_value(tau_query, tau_query_value),
+        scalar_value(count, count_value), degree, lam, blend, out.view(-1),
     )
 
 
 @_chebyshev_forecast_out_op.register_fake
-def _(history, taus, tau_query, count, degree, lam, blend, backend, out):
+def _(history, taus, tau_query, tau_query_value, count, count_value, degree, lam, blend, backend, out):
     return None
 
 
 @torch.library.custom_op("fastcache_rt::chebyshev_weights", mutates_args=())
 def _chebyshev_weights_op(
     taus: torch.Tensor,
-    tau_query: torch.Tensor,
+    tau_query: torch.Tensor | None,
+    tau_query_value: float,
     count: torch.Tensor | None,
+    count_value: int | None,
     degree: int,
     lam: float,
     blend: float,
     backend: str,
 ) -> torch.Tensor:
     out = torch.empty(taus.shape[0], dtype=torch.float32, device=taus.device)
-    _backend.get(backend).chebyshev_weights(taus, tau_query, count, degree, lam, blend, out)
+    _backend.get(backend).chebyshev_weights(
+        taus, scalar_value(tau_query, tau_query_value), scalar_value(count, count_value), degree, lam, blend, out
+    )
     return out
 
 
 @_chebyshev_weights_op.register_fake
-def _(taus, tau_query, count, degree, lam, blend, backend):
+def _(taus, tau_query, tau_query_value, count, count_value, degree, lam, blend, backend):
     return taus.new_empty((taus.shape[0],), dtype=torch.float32)
 
 
@@ -98,33 +108,43 @@ def _check_common(taus, tau_query, count, degree, lam, blend, n, device, validat
             raise TypeError(f"taus: expected a float tensor, got {taus.dtype}")
         if taus.device != device:
             raise ValueError(f"taus: on {taus.device}, but the data is on {device}")
+        if taus.dim() != 1:
+            raise ValueError(f"taus: expected shape (n,), got {tuple(taus.shape)}")
         taus_t = taus.to(torch.float32).contiguous()
     else:
+        if isinstance(taus, (str, bytes)):
+            raise TypeError("taus: expected a tensor or a sequence of numbers")
         try:
-            taus_t = torch.tensor([float(t) for t in taus], dtype=torch.float32, device=device)
+            vals = tuple(float(t) for t in taus)
         except (TypeError, ValueError):
             raise TypeError("taus: expected a tensor or a sequence of numbers") from None
-    if taus_t.dim() != 1:
-        raise ValueError(f"taus: expected shape (n,), got {tuple(taus_t.shape)}")
+        if not vals:
+            raise ValueError("taus: n = 0, need at least one history row")
+        if any(math.isnan(v) for v in vals):
+            raise ValueError("taus: contains NaN")
+        taus_t = const_tensor("taus", vals, torch.float32, device)
     if taus_t.shape[0] == 0:
         raise ValueError("taus: n = 0, need at least one history row")
     if n is not None and taus_t.shape[0] != n:
         raise ValueError(f"taus: has {taus_t.shape[0]} entries, history has {n} rows")
-    q = scalar_tensor("tau_query", tau_query, device, torch.float32)
+    q = scalar_arg("tau_query", tau_query, device, torch.float32)
+    cnt = (None, None)
     if count is not None:
         if isinstance(count, int) and not isinstance(count, bool) and count < 1:
             raise ValueError(f"count: must be >= 1 (valid history rows), got {count}")
-        count = scalar_tensor("count", count, device, torch.int64)
+        cnt = scalar_arg("count", count, device, torch.int64)
     # Value checks read device data; run them where that costs no sync (CPU) or when asked (validate=True).
     if validate and not torch.compiler.is_compiling():
-        n_valid = taus_t.shape[0] if count is None else min(int(count), taus_t.shape[0])
-        if count is not None and int(count) < 1:
-            raise ValueError(f"count: must be >= 1 (valid history rows), got {int(count)}")
+        n_rows = taus_t.shape[0]
+        c = n_rows if count is None else int(count)
+        if c < 1:
+            raise ValueError(f"count: must be >= 1 (valid history rows), got {c}")
+        n_valid = min(c, n_rows)
         if not bool(torch.isfinite(taus_t[:n_valid]).all()):
             raise ValueError("taus: contains NaN or Inf among the valid rows")
-        if not bool(torch.isfinite(q)):
+        if q[0] is not None and not bool(torch.isfinite(q[0])):
             raise ValueError("tau_query: must be finite")
-    return taus_t, q, count
+    return taus_t, q, cnt
 
 
 def chebyshev_forecast(
@@ -165,14 +185,16 @@ def chebyshev_forecast(
     dev = history.device
     if validate is None:
         validate = dev.type == "cpu"
-    taus_t, q, count_t = _check_common(taus, tau_query, count, degree, lam, blend, history.shape[0], dev, validate)
+    taus_t, q, cnt = _check_common(taus, tau_query, count, degree, lam, blend, history.shape[0], dev, validate)
     if out is not None:
-        check_out(out, "history", history)
-        _chebyshev_forecast_out_op(history, taus_t, q, count_t, degree, float(lam), float(blend),
-                                   backend_name(dev, backend), out)
-        return out
+        if check_out(out, "history", history):
+            _chebyshev_forecast_out_op(history, taus_t, *q, *cnt, degree, float(lam), float(blend),
+                                       backend_name(dev, backend), out)
+            return out
+        return out.copy_(_chebyshev_forecast_op(history, taus_t, *q, *cnt, degree, float(lam), float(blend),
+                                                backend_name(dev, backend)))
     return _chebyshev_forecast_op(
-        history, taus_t, q, count_t, degree, float(lam), float(blend), backend_name(dev, backend)
+        history, taus_t, *q, *cnt, degree, float(lam), float(blend), backend_name(dev, backend)
     )
 
 
@@ -194,5 +216,5 @@ def chebyshev_weights(
     )
     if validate is None:
         validate = dev.type == "cpu"
-    taus_t, q, count_t = _check_common(taus, tau_query, count, degree, lam, blend, None, dev, validate)
-    return _chebyshev_weights_op(taus_t, q, count_t, degree, float(lam), float(blend), backend_name(dev, backend))
+    taus_t, q, cnt = _check_common(taus, tau_query, count, degree, lam, blend, None, dev, validate)
+    return _chebyshev_weights_op(taus_t, *q, *cnt, degree, float(lam), float(blend), backend_name(dev, backend))

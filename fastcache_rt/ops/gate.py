@@ -27,6 +27,7 @@ def _gate_step_op(
     bounds: list[int],
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_bounds(bounds, cur.shape[-1])  # the registered op checks too (it may be called directly)
     dev = cur.device
     decision = torch.empty((), dtype=torch.bool, device=dev)
     new_state = torch.empty(STATE_LEN, dtype=torch.float32, device=dev)
@@ -116,7 +117,7 @@ def _check_gate_args(state, params, coeffs, gammas, nb, device):
             raise ValueError(f"{name}: expected float32 of shape ({n},), got {t.dtype} {tuple(t.shape)}")
         if t.device != device:
             raise ValueError(f"{name}: on {t.device}, but the data is on {device}")
-    coeffs_t = float_vector("coeffs", coeffs, device)
+    coeffs_t = float_vector("coeffs", coeffs, device, finite=True)
     gammas_t = None if gammas is None else float_vector("gammas", gammas, device, length=nb)
     return state.contiguous(), params.contiguous(), coeffs_t, gammas_t
 

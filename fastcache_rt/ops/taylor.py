@@ -7,58 +7,83 @@ import math
 import torch
 
 from . import _backend
-from ._common import backend_name, check_float, check_out, check_same, rows_view, scalar_tensor
+from ._common import backend_name, check_float, check_out, check_same, rows_view, scalar_arg, scalar_value
 
 
 @torch.library.custom_op("fastcache_rt::taylor_forecast", mutates_args=())
-def _taylor_forecast_op(diffs: torch.Tensor, distance: torch.Tensor, backend: str) -> torch.Tensor:
+def _taylor_forecast_op(
+    diffs: torch.Tensor, distance: torch.Tensor | None, distance_value: float, backend: str
+) -> torch.Tensor:
     out = torch.empty(diffs.shape[1:], dtype=diffs.dtype, device=diffs.device)
-    _backend.get(backend).taylor_forecast(rows_view(diffs, diffs.shape[0]), distance, out.view(-1))
+    _backend.get(backend).taylor_forecast(
+        rows_view(diffs, diffs.shape[0]), scalar_value(distance, distance_value), out.view(-1)
+    )
     return out
 
 
 @_taylor_forecast_op.register_fake
-def _(diffs, distance, backend):
+def _(diffs, distance, distance_value, backend):
     return diffs.new_empty(diffs.shape[1:])
 
 
 @torch.library.custom_op("fastcache_rt::hermite_forecast", mutates_args=())
-def _hermite_forecast_op(diffs: torch.Tensor, distance: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
+def _hermite_forecast_op(
+    diffs: torch.Tensor, distance: torch.Tensor | None, distance_value: float, scale: float, backend: str
+) -> torch.Tensor:
     out = torch.empty(diffs.shape[1:], dtype=diffs.dtype, device=diffs.device)
-    _backend.get(backend).hermite_forecast(rows_view(diffs, diffs.shape[0]), distance, scale, out.view(-1))
+    _backend.get(backend).hermite_forecast(
+        rows_view(diffs, diffs.shape[0]), scalar_value(distance, distance_value), scale, out.view(-1)
+    )
     return out
 
 
 @_hermite_forecast_op.register_fake
-def _(diffs, distance, scale, backend):
+def _(diffs, distance, distance_value, scale, backend):
     return diffs.new_empty(diffs.shape[1:])
 
 
 @torch.library.custom_op("fastcache_rt::taylor_forecast_out", mutates_args=("out",))
-def _taylor_forecast_out_op(diffs: torch.Tensor, distance: torch.Tensor, backend: str, out: torch.Tensor) -> None:
-    _backend.get(backend).taylor_forecast(rows_view(diffs, diffs.shape[0]), distance, out.view(-1))
+def _taylor_forecast_out_op(
+    diffs: torch.Tensor, distance: torch.Tensor | None, distance_value: float, backend: str, out: torch.Tensor
+) -> None:
+    _backend.get(backend).taylor_forecast(
+        rows_view(diffs, diffs.shape[0]), scalar_value(distance, distance_value), out.view(-1)
+    )
 
 
 @_taylor_forecast_out_op.register_fake
-def _(diffs, distance, backend, out):
+def _(diffs, distance, distance_value, backend, out):
     return None
 
 
 @torch.library.custom_op("fastcache_rt::hermite_forecast_out", mutates_args=("out",))
 def _hermite_forecast_out_op(
-    diffs: torch.Tensor, distance: torch.Tensor, scale: float, backend: str, out: torch.Tensor
+    diffs: torch.Tensor,
+    distance: torch.Tensor | None,
+    distance_value: float,
+    scale: float,
+    backend: str,
+    out: torch.Tensor,
 ) -> None:
-    _backend.get(backend).hermite_forecast(rows_view(diffs, diffs.shape[0]), distance, scale, out.view(-1))
+    _backend.get(backend).hermite_forecast(
+        rows_view(diffs, diffs.shape[0]), scalar_value(distance, distance_value), scale, out.view(-1)
+    )
 
 
 @_hermite_forecast_out_op.register_fake
-def _(diffs, distance, scale, backend, out):
+def _(diffs, distance, distance_value, scale, backend, out):
     return None
 
 
 @torch.library.custom_op("fastcache_rt::taylor_update", mutates_args=("diffs",))
 def _taylor_update_op(
-    diffs: torch.Tensor, feature: torch.Tensor, gap: torch.Tensor, count: torch.Tensor | None, backend: str
+    diffs: torch.Tensor,
+    feature: torch.Tensor,
+    gap: torch.Tensor | None,
+    gap_value: float,
+    count: torch.Tensor | None,
+    count_value: int | None,
+    backend: str,
 ) -> None:
     K = diffs.shape[0]
     N = feature.numel()
@@ -69,7 +94,7 @@ def _taylor_update_op(
         d2 = diffs.reshape(K, N).clone()
         direct = False
     f1 = feature.reshape(N)
-    _backend.get(backend).taylor_update(d2, f1, gap, count)
+    _backend.get(backend).taylor_update(d2, f1, scalar_value(gap, gap_value), scalar_value(count, count_value))
     if not direct:
         diffs.copy_(d2.view(diffs.shape))
 
@@ -92,12 +117,13 @@ def taylor_forecast(
     fp32 accumulation, result in diffs' dtype, shape ``diffs.shape[1:]`` (written into ``out`` when given:
     same shape, dtype and device, not overlapping ``diffs``)."""
     _check_diffs(diffs)
-    x = scalar_tensor("distance", distance, diffs.device, torch.float32)
+    x = scalar_arg("distance", distance, diffs.device, torch.float32)
     if out is not None:
-        check_out(out, "diffs", diffs)
-        _taylor_forecast_out_op(diffs, x, backend_name(diffs.device, backend), out)
-        return out
-    return _taylor_forecast_op(diffs, x, backend_name(diffs.device, backend))
+        if check_out(out, "diffs", diffs):
+            _taylor_forecast_out_op(diffs, *x, backend_name(diffs.device, backend), out)
+            return out
+        return out.copy_(_taylor_forecast_op(diffs, *x, backend_name(diffs.device, backend)))
+    return _taylor_forecast_op(diffs, *x, backend_name(diffs.device, backend))
 
 
 def hermite_forecast(
@@ -114,12 +140,13 @@ def hermite_forecast(
     _check_diffs(diffs)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale: must be a finite number, got {scale!r}")
-    x = scalar_tensor("distance", distance, diffs.device, torch.float32)
+    x = scalar_arg("distance", distance, diffs.device, torch.float32)
     if out is not None:
-        check_out(out, "diffs", diffs)
-        _hermite_forecast_out_op(diffs, x, float(scale), backend_name(diffs.device, backend), out)
-        return out
-    return _hermite_forecast_op(diffs, x, float(scale), backend_name(diffs.device, backend))
+        if check_out(out, "diffs", diffs):
+            _hermite_forecast_out_op(diffs, *x, float(scale), backend_name(diffs.device, backend), out)
+            return out
+        return out.copy_(_hermite_forecast_op(diffs, *x, float(scale), backend_name(diffs.device, backend)))
+    return _hermite_forecast_op(diffs, *x, float(scale), backend_name(diffs.device, backend))
 
 
 def taylor_update(
@@ -147,9 +174,10 @@ def taylor_update(
         raise ValueError(f"feature: shape {tuple(feature.shape)} does not match diffs' rows {tuple(diffs.shape[1:])}")
     if not isinstance(gap, torch.Tensor) and not (isinstance(gap, (int, float)) and gap > 0):
         raise ValueError(f"gap: must be > 0, got {gap!r}")
-    g = scalar_tensor("gap", gap, diffs.device, torch.float32)
+    g = scalar_arg("gap", gap, diffs.device, torch.float32)
+    cnt = (None, None)
     if count is not None:
         if isinstance(count, int) and not isinstance(count, bool) and count < 0:
             raise ValueError(f"count: must be >= 0, got {count}")
-        count = scalar_tensor("count", count, diffs.device, torch.int64)
-    _taylor_update_op(diffs, feature, g, count, backend_name(diffs.device, backend))
+        cnt = scalar_arg("count", count, diffs.device, torch.int64)
+    _taylor_update_op(diffs, feature, *g, *cnt, backend_name(diffs.device, backend))

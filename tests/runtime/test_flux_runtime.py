@@ -284,12 +284,14 @@ def test_unknown_step_count_is_a_clear_error(model):
 @pytest.mark.parametrize("policy, overrides", [
     ("spectrum", {}), ("teacache", {"threshold": 0.1, "coeffs": (1.0, 0.0)}), ("spectralcache", {"threshold": 0.2,
      "coeffs": (1.0, 0.0)}), ("freqca", {"interval": 3}), ("taylorseer", {"interval": 3}), ("fbcache",
-     {"threshold": 0.5}), ("fora", {}),
+     {"threshold": 0.5}), ("fora", {}), ("magcache", {"ratios": [1.0] + [0.98] * 11, "threshold": 0.3}),
+    ("teacache", {"threshold": 5.0}),  # the family's published coefficients
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_host_reads_per_step(model, policy, overrides, monkeypatch):
     """Eager: schedule gates decide on the host and read nothing back; a signal gate's branch is the one
     device-to-host read of its step (counted through every Tensor method that reads data back: __bool__, item,
-    tolist, __int__, __float__, numpy, cpu)."""
+    tolist, __int__, __float__, numpy, cpu), and no step uploads a Python value (torch.tensor / as_tensor: a
+    host-to-device copy, a sync on a GPU and illegal inside a CUDA-graph capture)."""
     S = 12
     H, W = 6, 10  # non-square: FreqCa takes the grid from the image ids (read once, when the stream is created)
     x, enc, pooled = inputs(0, 1, H, W)
@@ -305,6 +307,14 @@ def test_host_reads_per_step(model, policy, overrides, monkeypatch):
                 return _orig(self, *a, **k)
 
             monkeypatch.setattr(torch.Tensor, name, counting)
+        for name in ("tensor", "as_tensor"):
+            orig = getattr(torch, name)
+
+            def uploading(*a, _orig=orig, _name=name, **k):
+                reads.append(_name)
+                return _orig(*a, **k)
+
+            monkeypatch.setattr(torch, name, uploading)
         calls = 0
         for s in range(1, S):
             with torch.no_grad():
