@@ -1,0 +1,227 @@
+"""Caching under diffusers' context parallelism: one generation of the shipped model on several ranks.
+
+    torchrun --nproc-per-node 2 examples/context_parallel.py                      # Ulysses, uncached only
+    torchrun --nproc-per-node 2 examples/context_parallel.py --ring --method spectrum
+    torchrun --nproc-per-node 2 examples/context_parallel.py --method teacache --set threshold=0.4
+
+Every rank loads the shipped FLUX-architecture pipeline (``fastcache_rt.models.load_default``), turns on context
+parallelism on its transformer (``transformer.enable_parallelism(config=ContextParallelConfig(...))``: the token
+sequence is split over the ranks at the model's entry and gathered at its output), runs one uncached generation,
+then (with ``--method``) one generation with fastcache_rt, and prints every rank's decisions, whether they agree,
+the wall times and the speedup against the uncached context-parallel run.
+
+Backends: NCCL with one GPU per rank where CUDA is available, gloo on the CPU otherwise.
+
+What a user must know (diffusers 0.42.1):
+- On a CPU-only torch, diffusers computes ``rank % torch.accelerator.device_count()`` (= ``% 0``) when it sets up
+  parallelism; this script makes ``device_count`` return 1 there.
+- The transformer must be called with ``return_dict=False`` (the pipelines do; ``return_dict=True`` fails in the
+  output gather).
+- Ulysses splits the attention heads over the ranks: the shipped model has 3 heads, so with 2 ranks this script turns
+  on ``ulysses_anything`` (uneven heads), and 4 ranks need ``--ring``. Ring attention has no such constraint.
+- Ring attention needs the log-sum-exp of partial attentions; on the CPU diffusers' ``native`` backend does not
+  return it, so this script routes it through ``aten::_scaled_dot_product_flash_attention_for_cpu`` (CPU only).
+- The image tokens (256) and text tokens (8) are split evenly: the rank count must divide both (1, 2, 4, 8).
+
+Status: the uncached context-parallel run works today. The cached run is the target of issue 10: fastcache_rt's
+gates must reduce their sums over the context-parallel group so that every rank takes the same decision; until
+then it may fail (a shape error, or ranks that decide differently and hang until the collective timeout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--ulysses", dest="mode", action="store_const", const="ulysses", help="Ulysses attention "
+                      "(all-to-all over heads; the default)")
+    mode.add_argument("--ring", dest="mode", action="store_const", const="ring", help="ring attention")
+    p.set_defaults(mode="ulysses")
+    p.add_argument("--method", default=None, help="a fastcache_rt preset (spectrum, teacache, spectralcache, fbcache, "
+                   "magcache, freqca, ...); without it only the uncached run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a field of the preset's gate or forecaster, e.g. threshold=0.4 (repeatable)")
+    p.add_argument("--prompt", default="red circle", help="one of fastcache_rt.models.CLASSES")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1, help="timed generations per configuration (the best counts)")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds a collective may wait (a hang fails instead of blocking)")
+    p.add_argument("--reference", action="store_true", help="first run the generation on each rank without context "
+                   "parallelism and report the largest pixel difference of the context-parallel image")
+    p.add_argument("--out", default=None, help="save rank 0's images here (PREFIX_uncached.png, PREFIX_cached.png)")
+    return p.parse_args(argv)
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if "," in text:
+        return tuple(_value(t) for t in text.split(",") if t)
+    return text
+
+
+def overrides(items) -> dict:
+    out = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set: expected FIELD=VALUE, got {item!r}")
+        out[key.strip()] = _value(val.strip())
+    return out
+
+
+def cpu_fixes() -> None:
+    """diffusers 0.42.1 on a CPU-only torch: ``device_count`` 1 instead of 0; ring attention's log-sum-exp through
+    the CPU flash-attention kernel (see the module docstring)."""
+    import torch
+    from diffusers.models import attention_dispatch as ad
+
+    if torch.accelerator.device_count() == 0:
+        torch.accelerator.device_count = lambda: 1
+    original = ad._native_attention_forward_op
+
+    def forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+        if not return_lse or query.device.type != "cpu":
+            return original(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
+                            _save_ctx=_save_ctx, _parallel_config=_parallel_config)
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
+        return out.transpose(1, 2).contiguous(), lse.transpose(1, 2).contiguous()
+
+    ad._native_attention_forward_op = forward_op
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        print("launch with torchrun, e.g. torchrun --nproc-per-node 2 examples/context_parallel.py", file=sys.stderr)
+        return 2
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        cpu_fixes()
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout))
+    try:
+        return run(args, rank, world, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def _say(rank: int, world: int, text: str) -> None:
+    """Print ``text`` of every rank, in rank order, from rank 0."""
+    import torch.distributed as dist
+
+    lines = [None] * world
+    dist.all_gather_object(lines, text)
+    if rank == 0:
+        for r, line in enumerate(lines):
+            print(f"[rank {r}] {line}", flush=True)
+
+
+def run(args, rank: int, world: int, device) -> int:
+    import torch
+    import torch.distributed as dist
+    from diffusers import ContextParallelConfig
+
+    import fastcache_rt
+    from fastcache_rt import models
+
+    models.check_prompt(args.prompt)
+    pipe = models.load_default(device=device)
+    heads = pipe.transformer.config.num_attention_heads
+    kw = {**models.SAMPLE_DEFAULTS, "num_inference_steps": args.steps, "output_type": "pt"}
+    reference = None
+    if args.reference:  # before enable_parallelism: the plain single-process result
+        reference = pipe(prompt=args.prompt, generator=torch.Generator("cpu").manual_seed(args.seed), **kw).images
+    if world > 1:
+        if args.mode == "ulysses" and heads < world:
+            if rank == 0:
+                print(f"Ulysses splits the {heads} attention heads over the ranks: at most {heads} ranks; use --ring "
+                      f"for {world}", file=sys.stderr, flush=True)
+            return 2
+        if args.mode == "ulysses":
+            uneven = heads % world != 0
+            cfg = ContextParallelConfig(ulysses_degree=world, ulysses_anything=uneven)
+        else:
+            cfg = ContextParallelConfig(ring_degree=world)
+        pipe.transformer.enable_parallelism(config=cfg)
+    if rank == 0:
+        print(f"context parallelism: {args.mode}, {world} rank(s), backend {dist.get_backend()}, device "
+              f"{device.type}; model {type(pipe.transformer).__name__} ({heads} heads), {args.steps} steps", flush=True)
+
+    def generate():
+        best, image = float("inf"), None
+        for _ in range(max(1, args.repeats)):
+            g = torch.Generator("cpu").manual_seed(args.seed)
+            dist.barrier()
+            t0 = time.perf_counter()
+            image = pipe(prompt=args.prompt, generator=g, **kw).images
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return image, best
+
+    generate_warmup = pipe(prompt=args.prompt, generator=torch.Generator("cpu").manual_seed(args.seed),
+                           **{**kw, "num_inference_steps": 2}).images  # first-call costs out of the timing
+    del generate_warmup
+    base, t_base = generate()
+    ref = "" if reference is None else \
+        f"; max |context-parallel - single-process| pixel difference {float((base - reference).abs().max()):.2e}"
+    _say(rank, world, f"uncached: {t_base:.2f} s{ref}")
+    if args.out and rank == 0:
+        _save(base, f"{args.out}_uncached.png")
+    if args.method is None:
+        return 0
+
+    fastcache_rt.enable(pipe, args.method, **overrides(args.overrides))
+    img, t_cached = generate()
+    st = fastcache_rt.stats(pipe)
+    computed = st["computed"]
+    _say(rank, world, f"{args.method}: computed {len(computed)}/{args.steps} steps {computed}; "
+                      f"cache {st['cache_bytes'] / 1024:.1f} KiB; {t_cached:.2f} s")
+    logs = [None] * world
+    dist.all_gather_object(logs, st["per_stream_computed"])
+    agree = all(log == logs[0] for log in logs)
+    diff = float((img.float() - base.float()).abs().max())
+    if rank == 0:
+        print(f"decisions identical on every rank: {agree}", flush=True)
+        print(f"speedup against the uncached context-parallel run: {t_base / t_cached:.2f}x "
+              f"({t_base:.2f} s -> {t_cached:.2f} s); max |cached - uncached| pixel difference {diff:.4f}", flush=True)
+        if args.out:
+            _save(img, f"{args.out}_cached.png")
+    return 0 if agree else 1
+
+
+def _save(images, path: str) -> None:
+    from PIL import Image
+
+    x = (images[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(x).save(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
