@@ -59,6 +59,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from kernel_meta import git_commit
 
 OPS = ("band_l1", "gate_step", "gate_decide", "chebyshev_forecast", "chebyshev_weights", "taylor_forecast",
        "hermite_forecast", "taylor_update")
@@ -139,15 +142,12 @@ def _stats_us(samples):
 
 
 def _commit():
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10,
-                              check=False).stdout.strip()
-
     try:
-        return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty": bool(git("status", "--porcelain",
-                                                                                      "--untracked-files=no"))}
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=10, check=False).stdout.strip())
     except (OSError, subprocess.SubprocessError):
-        return {"commit": "unknown", "dirty": None}
+        dirty = None
+    return {"commit": git_commit(short=False), "dirty": dirty}
 
 
 # ---------------------------------------------------------------------------------------------------------------

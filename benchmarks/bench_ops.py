@@ -24,7 +24,6 @@ import csv
 import gc
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,6 +53,7 @@ from kernel_cases import (
     shape_str,
     targets,
 )
+from kernel_meta import git_commit
 
 from fastcache_rt import __version__, ops
 
@@ -70,14 +70,6 @@ def _time_interleaved(fns: dict, repeats: int) -> dict[str, float]:
             fn()
             samples[k].append(time.perf_counter() - t0)
     return {k: min(v) for k, v in samples.items()}
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10, check=False).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def measure(backend: str, shape, dtype: torch.dtype, history: int, repeats: int, op_names=None) -> list[dict]:
@@ -134,7 +126,7 @@ def main(argv=None) -> int:
     op_names = [o.strip() for o in args.ops.split(",")] if args.ops else None
     if op_names and set(op_names) - set(ALL_OPS):
         ap.error(f"--ops: unknown {sorted(set(op_names) - set(ALL_OPS))}")
-    print(f"fastcache_rt {__version__} ({_commit()}), backend {args.backend}, shape {shape}, "
+    print(f"fastcache_rt {__version__} ({git_commit()}), backend {args.backend}, shape {shape}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; best of {repeats} "
           f"interleaved rounds")
     rows = []
@@ -149,7 +141,7 @@ def main(argv=None) -> int:
         new = not path.exists()
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"machine": platform.node(), "cpu": platform.processor() or platform.machine(),
-                "threads": torch.get_num_threads(), "commit": _commit(), "version": __version__}
+                "threads": torch.get_num_threads(), "commit": git_commit(), "version": __version__}
         fields = list(meta) + ["backend", "op", "dtype", "shape", "bytes", "peer", "vs_peer", "of_copy_roof",
                                "allocating_of_roof", "vs_reference", "peer_of_roof", "reference_of_roof",
                                "targets"]

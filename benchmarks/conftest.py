@@ -22,7 +22,6 @@ Options (each also an environment variable, the option wins):
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ for p in (str(ROOT), str(HERE)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from kernel_meta import OPTIONS
+from kernel_meta import OPTIONS, git_commit
 
 try:
     import pytest_benchmark  # noqa: F401
@@ -51,14 +50,6 @@ def pytest_addoption(parser):
                     help="tiny shape (1, 64, 256) (env FASTCACHE_RT_BENCH_QUICK=1)")
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10, check=False).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _update_machine_info(config, machine_info):
     import torch
 
@@ -67,7 +58,7 @@ def _update_machine_info(config, machine_info):
     machine_info["torch"] = torch.__version__
     machine_info["torch_threads"] = torch.get_num_threads()
     machine_info["fastcache_rt"] = __version__
-    machine_info["fastcache_rt_commit"] = _commit()
+    machine_info["fastcache_rt_commit"] = git_commit()
     machine_info["cuda_device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     machine_info["fastcache_rt_backends"] = {k: v["available"] for k, v in ops.backends().items()}
     machine_info["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "")

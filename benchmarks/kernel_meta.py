@@ -4,6 +4,8 @@ op lists, sizes, the peers' names, bytes each op must move, the suite's options 
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 
 FLUX_SHAPE = (1, 4096, 3072)
 QUICK_SHAPE = (1, 64, 256)
@@ -122,3 +124,13 @@ def targets(op: str, r: dict) -> str:
     if op not in TARGET_OPS or r.get("vs_reference") is None or r.get("of_copy_roof") is None:
         return ""
     return "met" if r["vs_reference"] >= TARGET_SPEEDUP and r["of_copy_roof"] >= TARGET_ROOF else "MISSED"
+
+
+def git_commit(short: bool = True) -> str:
+    """This checkout's commit ("unknown" outside git): recorded with every benchmark result."""
+    args = ["git", "rev-parse", "--short", "HEAD"] if short else ["git", "rev-parse", "HEAD"]
+    try:
+        return subprocess.run(args, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                              timeout=10, check=False).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
