@@ -23,9 +23,10 @@ What a user must know (diffusers 0.42.1):
   return it, so this script routes it through ``aten::_scaled_dot_product_flash_attention_for_cpu`` (CPU only).
 - The image tokens (256) and text tokens (8) are split evenly: the rank count must divide both (1, 2, 4, 8).
 
-Status: the uncached context-parallel run works today. The cached run is the target of issue 10: fastcache_rt's
-gates must reduce their sums over the context-parallel group so that every rank takes the same decision; until
-then it may fail (a shape error, or ranks that decide differently and hang until the collective timeout).
+With ``--method``, every signal gate (TeaCache, SpectralCache, FBCache) all-reduces its band sums over the
+context-parallel group before deciding (one all-reduce of a few floats per step), so every rank takes the same
+decision; schedule gates need no communication. The script also counts the collectives of one more cached
+generation (``--count``) and prints them per computed and per cached step.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def parse_args(argv=None):
                    help="seconds a collective may wait (a hang fails instead of blocking)")
     p.add_argument("--reference", action="store_true", help="first run the generation on each rank without context "
                    "parallelism and report the largest pixel difference of the context-parallel image")
+    p.add_argument("--count", action="store_true", help="run the cached generation once more, counting the "
+                   "collectives (and their bytes) each transformer call issues")
     p.add_argument("--out", default=None, help="save rank 0's images here (PREFIX_uncached.png, PREFIX_cached.png)")
     return p.parse_args(argv)
 
@@ -201,6 +204,8 @@ def run(args, rank: int, world: int, device) -> int:
     img, t_cached = generate()
     st = fastcache_rt.stats(pipe)
     computed = st["computed"]
+    if args.count:
+        _say(rank, world, communication(pipe, args, kw, computed))
     _say(rank, world, f"{args.method}: computed {len(computed)}/{args.steps} steps {computed}; "
                       f"cache {st['cache_bytes'] / 1024:.1f} KiB; {t_cached:.2f} s")
     logs = [None] * world
@@ -214,6 +219,54 @@ def run(args, rank: int, world: int, device) -> int:
         if args.out:
             _save(img, f"{args.out}_cached.png")
     return 0 if agree else 1
+
+
+def communication(pipe, args, kw, computed) -> str:
+    """One more cached generation, counting the collectives of each transformer call (a dispatch mode sees every
+    c10d and functional-collective op): count and bytes of its first tensor, per computed and per cached step."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Counter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name.split("::")[-1]
+            if func.namespace in ("c10d", "_c10d_functional") and name not in ("wait_tensor", "_wrap_tensor_autograd"):
+                t = next((a for a in tree_leaves((args, kwargs or {})) if isinstance(a, torch.Tensor)), None)
+                self.calls.append((name, 0 if t is None else t.numel() * t.element_size()))
+            return func(*args, **(kwargs or {}))
+
+    model = pipe.transformer
+    per_call, original = [], model.forward
+
+    def forward(*a, **k):
+        with Counter() as c:
+            out = original(*a, **k)
+        per_call.append(c.calls)
+        return out
+
+    model.forward = forward
+    try:
+        pipe(prompt=args.prompt, generator=torch.Generator("cpu").manual_seed(args.seed), **kw)
+    finally:
+        model.forward = original
+    per_step = max(1, len(per_call) // args.steps)  # transformer calls per step (CFG branches)
+    parts = []
+    for label, want in (("computed", True), ("cached", False)):
+        calls = [c for i, c in enumerate(per_call) if (i // per_step in computed) == want]
+        if not calls:
+            continue
+        n = sum(len(c) for c in calls) / len(calls)
+        nbytes = sum(b for c in calls for _, b in c) / len(calls)
+        reduce = sum(b for c in calls for name, b in c if "reduce" in name) / len(calls)
+        kinds = sorted({name for c in calls for name, _ in c})
+        parts.append(f"{label} step: {n:.0f} collectives, {nbytes / 1024:.1f} KiB sent ({reduce:.0f} B in "
+                     f"all-reduces; {', '.join(kinds) or 'none'})")
+    return "communication per " + "; per ".join(parts)
 
 
 def _save(images, path: str) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from .controller import Controller
 from .families import family_for
-from .hooks import install, uninstall
+from .hooks import install, sync_parallel, uninstall
 from .policy import Policy, resolve_policy
 
 logger = logging.getLogger("fastcache_rt")
@@ -108,7 +108,7 @@ def _check_grid(grid):
 
 
 def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None = None,
-           grid: tuple[int, ...] | None = None, **overrides) -> Handle:
+           grid: tuple[int, ...] | None = None, group=None, **overrides) -> Handle:
     """Turn caching on for a diffusers pipeline (its ``transformer``, and ``transformer_2`` where there is one,
     each with its own state) or a transformer module.
 
@@ -118,6 +118,9 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
         policy: a preset name (``fastcache_rt.PRESETS``) or a ``Policy``.
         num_steps: steps per generation, for a bare transformer (a pipeline announces it itself).
         grid: (H, W) or (F, H, W) of the image-token grid, for FreqCa where the family cannot tell it.
+        group: the ``torch.distributed`` process group (or 1-D ``DeviceMesh``) the transformer's tokens are split
+            over, when the model splits them by other means than diffusers' ``enable_parallelism`` (whose group is
+            found by itself). Signal gates then reduce their sums over it, so every rank decides alike.
         **overrides: fields of the preset's gate or forecaster (e.g. ``threshold=0.4``, ``alpha=3.0``), or
             ``gate=``, ``forecaster=``, ``site=``.
 
@@ -130,6 +133,10 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
     if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
         raise ValueError(f"num_steps: must be an int >= 1, got {num_steps!r}")
     grid = _check_grid(grid)
+    if group is not None:
+        from .parallel import resolve_group
+
+        resolve_group(None, group)  # TypeError / ValueError before anything is touched
     for name, m in models.items():
         sizes = [len(getattr(m, b.attr)) for b in fams[name].lists]
         k = getattr(pol.gate, "blocks", 0) if pol.gate.probe == "first_blocks" else 0
@@ -151,9 +158,10 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
             else:
                 logger.warning("fastcache_rt: no published TeaCache coefficients for %s; the relative change is "
                                "accumulated unscaled (coeffs=(1, 0)): tune threshold= or pass coeffs=", fam.name)
-        ctl = Controller(m, fam, pol, num_steps=num_steps, grid=grid, coeffs=coeffs)
+        ctl = Controller(m, fam, pol, num_steps=num_steps, grid=grid, coeffs=coeffs, group=group)
         created = install(m, ctl)
         restore.append(functools.partial(uninstall, m, ctl, created))
+        _follow_parallelism(m, ctl, restore)
         controllers[name] = ctl
     if pipe is not None:
         _watch_scheduler(pipe, list(controllers.values()), restore)
@@ -174,6 +182,22 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
         setattr(obj, _ATTR, handle)
         restore.append(functools.partial(obj.__dict__.pop, _ATTR, None))
     return handle
+
+
+def _follow_parallelism(model, ctl: Controller, restore: list) -> None:
+    """``enable_parallelism`` called after ``enable`` registers diffusers' context-parallel hooks around
+    fastcache_rt's: put them in place right then, outside any call (``hooks.order_hooks``)."""
+    original = getattr(model, "enable_parallelism", None)
+    if not callable(original):
+        return
+
+    @functools.wraps(original)
+    def enable_parallelism(*args, **kwargs):
+        result = original(*args, **kwargs)
+        sync_parallel(model, ctl)
+        return result
+
+    _patch_attr(model, "enable_parallelism", enable_parallelism, restore)
 
 
 def _watch_scheduler(pipe, controllers: list[Controller], restore: list) -> None:

@@ -15,6 +15,7 @@ import time
 import torch
 
 from .families import Family
+from .parallel import Shard
 from .policy import Policy
 from .stream import Step, StreamState
 
@@ -56,13 +57,17 @@ def branch(compute, full, skip, operands: tuple):
 
 class Controller:
     def __init__(self, model, family: Family, policy: Policy, *, num_steps: int | None = None,
-                 grid: tuple[int, ...] | None = None, coeffs=None):
+                 grid: tuple[int, ...] | None = None, coeffs=None, group=None):
         self.model = model
         self.family = family
         self.policy = policy
         self.num_steps = num_steps
         self.grid = grid
         self.coeffs = coeffs
+        self.group = group  # the context-parallel process group given to enable (else diffusers' own)
+        self.shard: Shard | None = None  # this rank's place in it, when the tokens are split over ranks
+        self.parallel_config = None  # the model's diffusers parallel config the shard was resolved from
+        self.parallel_synced = False
         self.lists = [list(getattr(model, b.attr)) for b in family.lists]
         for m in [model, *(b for blocks in self.lists for b in blocks)]:
             _signature(type(m))  # read here, not while torch.compile traces a call (it cannot trace inspect)
@@ -117,6 +122,15 @@ class Controller:
                     logger.warning("fastcache_rt: %d computed step(s) of this generation had a non-finite result "
                                    "(the model produced NaN/Inf; caching did not cause it)", bad)
                     st.events.zero_()
+
+    def set_group(self, group) -> None:
+        """The context-parallel group the model's tokens are split over (None: not split). Streams made for
+        another group are dropped (their buffers hold another share of the tokens)."""
+        shard = Shard(group) if group is not None else None
+        old = self.shard
+        if (old is None) != (shard is None) or (old is not None and old.group is not shard.group):
+            self.streams.clear()
+        self.shard = shard
 
     def step_done(self) -> None:
         """The pipeline's scheduler finished a step: the next transformer call is the first branch of the next."""
@@ -225,6 +239,7 @@ class Controller:
                 call.base = img
             elif self.policy.gate.probe == "modulated":
                 call.step.probe = self._probe(kw, hidden)
+                call.step.replicated = self._replicated(call.step.probe, hidden)
             call.compute = self._decide(call.st, call.step)
         compute, site = call.compute, self.policy.site
 
@@ -273,7 +288,8 @@ class Controller:
                                      f"{self.family.name} passes {type(latent).__name__}: use site='hidden'")
                 shape, dtype = tuple(latent.shape), latent.dtype
             grid = self.grid or (self.family.grid(self.model, call.kwargs) if self.family.grid else None)
-            st = StreamState(self.policy, num_steps, shape, dtype, hidden.device, grid, self.coeffs, tuple(hidden.shape))
+            st = StreamState(self.policy, num_steps, shape, dtype, hidden.device, grid, self.coeffs, tuple(hidden.shape),
+                             self.shard)
             self.streams[key] = st
         if not torch.compiler.is_compiling():
             st.last_use = self.calls
@@ -347,6 +363,15 @@ class Controller:
         out = norm1(hidden, emb=kw[fam.temb]) if self._norm1_emb else norm1(hidden, kw[fam.temb])
         return out[0] if isinstance(out, tuple) else out
 
+    def _replicated(self, probe: torch.Tensor, hidden: torch.Tensor) -> bool:
+        """Whether every context-parallel rank holds the same whole probe: a timestep embedding does, unless it is
+        per token (Wan 2.2 TI2V: ``(B, tokens, 6, D)``, split with the tokens); a probe made from the tokens
+        never. A replicated probe read as per-token costs one reduction whose sums are N times the single
+        process's: every rank still decides alike."""
+        if self.family.probe != "temb":
+            return False
+        return not (probe.dim() > 2 and probe.shape[1] == hidden.shape[-2])
+
     def _image_part(self, call: Call, spec, hidden: torch.Tensor) -> torch.Tensor:
         """The image tokens of the first list's input: all of it, or, where the model joined text and image
         tokens before the first list, the part the family's token grid covers."""
@@ -358,6 +383,8 @@ class Controller:
         n = 1
         for g in grid:
             n *= g
+        if self.shard is not None:  # this rank's share of the image tokens (the text tokens are split too)
+            n //= self.shard.size
         if n >= hidden.shape[-2]:
             return hidden
         return hidden[..., -n:, :] if spec.joined == "text_first" else hidden[..., :n, :]
@@ -396,6 +423,8 @@ class Controller:
             "cache_bytes": sum(s.cache_bytes() for s in streams),
             "controller_seconds": self.controller_seconds,
             "calls": self.calls,
+            # this rank and the number of ranks the tokens are split over (context parallelism), else None
+            "context_parallel": None if self.shard is None else {"rank": self.shard.rank, "size": self.shard.size},
         }
         live = [s for s in streams if s.ran]
         per = self._stream_stats() if live or not self._last else self._last

@@ -5,10 +5,12 @@ context parallelism): a stateful hook on the transformer (whose ``StateManager``
 
 from __future__ import annotations
 
+import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from .controller import Controller, _bind
+from .parallel import resolve_group
 
 MODEL_HOOK = "fastcache_rt"
 BLOCK_HOOK = "fastcache_rt_block"
@@ -30,6 +32,7 @@ class _Manager(StateManager):
     def set_context(self, context) -> None:
         super().set_context(context)
         if context is not None:
+            sync_parallel(self.controller.model, self.controller)
             self.controller.before_call()
 
 
@@ -46,11 +49,14 @@ class TransformerHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         ctl = self.controller
+        original = self.fn_ref.original_forward  # (what this call runs, even if the sync below moves the hook)
+        if not torch.compiler.is_compiling():
+            sync_parallel(module, ctl)
         # no try/except here: under torch.compile a try block around the blocks' torch.cond changes how dynamo
         # traces exceptions raised and handled inside them (diffusers' attention inspects its processor's
         # signature), and fails; a call that raised leaves ``ctl.call`` set until the next call replaces it
         ctl.begin_call(_bind(module, args, kwargs), self.state_manager._context)
-        return ctl.end_call(self.fn_ref.original_forward(*args, **kwargs))
+        return ctl.end_call(original(*args, **kwargs))
 
     def reset_state(self, module):
         self.controller.end_generation()
@@ -77,6 +83,66 @@ def _register(module, hook: ModelHook, name: str, created: list) -> None:
     HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
 
 
+# diffusers' context-parallel hooks (hooks/context_parallel.py): "cp_input---<plan key>" splits a module's inputs
+# over the ranks, "cp_output---<plan key>" gathers its outputs; a plan key with "*" is on every block of a list
+_CP_PREFIXES = ("cp_input---", "cp_output---")
+
+
+def _reorder(registry, order: list[str]) -> None:
+    """Put the registry's hooks in ``order`` (innermost first). Hooks are unwound from the outside only: diffusers'
+    ``remove_hook`` of an inner hook rewires the next one's ``forward``, which bypasses a hook that wraps with
+    ``new_forward`` (as fastcache_rt's do)."""
+    current = list(registry._hook_order)
+    keep = 0
+    while keep < len(order) and current[keep] == order[keep]:
+        keep += 1
+    hooks = {name: registry.hooks[name] for name in current[keep:]}
+    for name in reversed(current[keep:]):
+        registry.remove_hook(name, recurse=False)
+    for name in order[keep:]:
+        registry.register_hook(hooks[name], name)
+
+
+def order_hooks(model, controller: Controller) -> None:
+    """Place fastcache_rt's hooks among diffusers' context-parallel ones, whichever was enabled first:
+    - on the transformer, fastcache_rt's hook is outermost: it sees the call's whole inputs (the token grid),
+      and the split at the model's own forward (FLUX's plan key "") happens inside it;
+    - on a block, a split planned for that block alone (Wan's "blocks.0", Qwen-Image's "transformer_blocks.0")
+      wraps fastcache_rt's hook, so the controller sees the rank's shard of the tokens, as the blocks do; a split
+      planned for every block of a list ("transformer_blocks.*") stays inside it, because the first block's hook
+      hands its inputs on to the others, whose own split hook must receive them unsplit."""
+    reg = getattr(model, "_diffusers_hook", None)
+    if reg is not None and MODEL_HOOK in reg.hooks and reg._hook_order[-1] != MODEL_HOOK:
+        _reorder(reg, [n for n in reg._hook_order if n != MODEL_HOOK] + [MODEL_HOOK])
+    for blocks in controller.lists:
+        for block in blocks:
+            reg = getattr(block, "_diffusers_hook", None)
+            if reg is None or BLOCK_HOOK not in reg.hooks:
+                continue
+            order = reg._hook_order
+            cp = [n for n in order if n.startswith(_CP_PREFIXES)]
+            outer = [n for n in cp if "*" not in n]
+            inner = [n for n in cp if "*" in n]
+            mine = order.index(BLOCK_HOOK)
+            if any(order.index(n) < mine for n in outer) or any(order.index(n) > mine for n in inner):
+                rest = [n for n in order if n != BLOCK_HOOK and n not in outer]
+                _reorder(reg, rest + [BLOCK_HOOK] + outer)
+    model._diffusers_hook.invalidate_child_registries_cache()
+
+
+def sync_parallel(model, controller: Controller) -> None:
+    """Follow the model's context parallelism (``enable_parallelism`` before or after ``enable``): the group its
+    tokens are split over, and the hooks' order. Host work, outside any compiled region; a pointer comparison
+    when nothing changed."""
+    cfg = getattr(model, "_parallel_config", None)
+    if controller.parallel_synced and cfg is controller.parallel_config:
+        return
+    controller.set_group(resolve_group(model, controller.group))
+    controller.parallel_config, controller.parallel_synced = cfg, True
+    if cfg is not None:
+        order_hooks(model, controller)
+
+
 def install(model, controller: Controller) -> list:
     """Register the hooks; returns the modules that had no hook registry before (``uninstall`` removes those)."""
     created: list = []
@@ -85,6 +151,7 @@ def install(model, controller: Controller) -> list:
             _register(block, BlockHook(controller, li, j), BLOCK_HOOK, created)
     _register(model, TransformerHook(controller), MODEL_HOOK, created)
     model._diffusers_hook.invalidate_child_registries_cache()
+    sync_parallel(model, controller)
     return created
 
 

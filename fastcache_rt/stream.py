@@ -19,19 +19,24 @@ class Step:
     index: int | None  # the host step index (None under torch.compile)
     tensor: torch.Tensor  # the device step index, int64 0-dim
     probe: torch.Tensor | None = None
+    replicated: bool = False  # the probe is whole and identical on every context-parallel rank (nothing to reduce)
 
 
 class StreamState:
-    def __init__(self, policy, num_steps: int, site_shape, site_dtype, device, grid=None, coeffs=None, tokens=None):
+    def __init__(self, policy, num_steps: int, site_shape, site_dtype, device, grid=None, coeffs=None, tokens=None,
+                 shard=None):
         self.num_steps = num_steps
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         self.last_full = torch.zeros((), dtype=torch.int64, device=device)
         self.has_cache = torch.zeros((), dtype=torch.bool, device=device)  # compiled mode: a step was computed
         self.log = torch.zeros(num_steps + 1, dtype=torch.bool, device=device)  # compiled mode's record (+ overflow)
         self.events = torch.zeros(1, dtype=torch.int64, device=device)  # computed steps with a non-finite value
-        self.gate = policy.gate.make_state(num_steps, device, coeffs, tokens or site_shape)
+        # ``shard``: the context-parallel group the tokens are split over (this rank's tokens only), or None; the
+        # "output" site caches the model's output, which diffusers gathers whole on every rank
+        self.gate = policy.gate.make_state(num_steps, device, coeffs, tokens or site_shape, shard)
         self.shape = tuple(site_shape)
-        self.fc = policy.forecaster.make_state(self.shape, site_dtype, device, num_steps, grid)
+        self.fc = policy.forecaster.make_state(self.shape, site_dtype, device, num_steps, grid,
+                                               shard if policy.site != "output" else None)
         # eager mode advances the device counters only where a gate or the forecaster reads them
         self.uses_step = bool(self.fc.uses_step or self.gate.uses_step)
         self.index = 0  # host step index (eager)

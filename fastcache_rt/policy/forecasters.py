@@ -1,5 +1,6 @@
 """Forecasters: what a skipped step gets. Each is a validated config dataclass with ``make_state(shape, dtype,
-device, num_steps, grid)`` returning its device state, which implements:
+device, num_steps, grid, shard)`` returning its device state (``shape``: this rank's tokens under context
+parallelism, ``grid``: the whole token grid, ``shard``: a ``fastcache_rt.parallel.Shard`` or None), which implements:
 
     record(st, value, compute)  after the branch: remember this step's site value; ``compute`` is a host True
                                 (eager: called only on computed steps) or a device bool (compiled: the write is
@@ -31,7 +32,7 @@ def _masked(compute, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
 class Reuse:
     """Reuse the value cached at the last full step (TeaCache, FORA, FBCache, MagCache)."""
 
-    def make_state(self, shape, dtype, device, num_steps, grid):
+    def make_state(self, shape, dtype, device, num_steps, grid, shard=None):
         return ReuseState(shape, dtype, device)
 
 
@@ -45,7 +46,7 @@ class Taylor:
     def __post_init__(self):
         check(self, "order", is_int(self.order) and 0 <= self.order <= 8, "an int in [0, 8]")
 
-    def make_state(self, shape, dtype, device, num_steps, grid):
+    def make_state(self, shape, dtype, device, num_steps, grid, shard=None):
         return TaylorState(self.order, shape, dtype, device)
 
 
@@ -65,7 +66,7 @@ class Chebyshev:
         check(self, "blend", is_number(self.blend) and 0 <= self.blend <= 1, "a number in [0, 1]")
         check(self, "history", is_int(self.history) and 1 <= self.history <= 128, "an int in [1, 128]")
 
-    def make_state(self, shape, dtype, device, num_steps, grid):
+    def make_state(self, shape, dtype, device, num_steps, grid, shard=None):
         return ChebyshevState(self, shape, dtype, device, num_steps)
 
 
@@ -84,8 +85,8 @@ class FreqCa:
         check(self, "order", is_int(self.order) and 0 <= self.order <= 8, "an int in [0, 8]")
         check(self, "scale", is_number(self.scale) and self.scale > 0, "a finite number > 0")
 
-    def make_state(self, shape, dtype, device, num_steps, grid):
-        return FreqCaState(self, shape, dtype, device, grid)
+    def make_state(self, shape, dtype, device, num_steps, grid, shard=None):
+        return FreqCaState(self, shape, dtype, device, grid, shard)
 
 
 FORECASTERS = {"reuse": Reuse, "taylor": Taylor, "chebyshev": Chebyshev, "freqca": FreqCa}
@@ -199,8 +200,10 @@ class FreqCaState:
 
     uses_step = True
 
-    def __init__(self, fc: FreqCa, shape, dtype, device, grid):
-        N = shape[-2]
+    def __init__(self, fc: FreqCa, shape, dtype, device, grid, shard=None):
+        # under context parallelism this rank holds a contiguous 1/N of the tokens; the DCT runs over the whole grid
+        # for 1/N of the channels (one all-to-all each way): exactly the single-process low band
+        N = shape[-2] * (shard.size if shard is not None else 1)
         if grid is None:
             side = int(round(math.sqrt(N)))
             if side * side != N:
@@ -212,7 +215,7 @@ class FreqCaState:
             grid = (1, *grid)
         if math.prod(grid) != N:
             raise ValueError(f"grid: {' x '.join(map(str, grid))} != {N} tokens")
-        self.fc, self.grid = fc, grid
+        self.fc, self.grid, self.shard = fc, grid, shard
         self.K = fc.order + 1
         self.low = torch.zeros(shape, dtype=dtype, device=device)
         self.diffs = torch.zeros((self.K, *shape), dtype=dtype, device=device)
@@ -223,6 +226,18 @@ class FreqCaState:
         self.mask = (radius <= fc.cutoff * radius.max()).to(torch.float32).to(device)
 
     def lowpass(self, v: torch.Tensor) -> torch.Tensor:
+        sh = self.shard
+        if sh is None:
+            return self._lowpass(v)
+        lead = v.shape[:-2]
+        x = v.reshape(-1, *v.shape[-2:])
+        if x.shape[-1] % sh.size == 0:  # the whole grid for this rank's slice of the channels
+            lo = sh.channels_to_tokens(self._lowpass(sh.tokens_to_channels(x)))
+        else:  # channels that do not split evenly: every rank filters the whole tensor and keeps its tokens
+            lo = sh.own_tokens(self._lowpass(sh.gather_tokens(x)))
+        return lo.reshape(*lead, *lo.shape[-2:])
+
+    def _lowpass(self, v: torch.Tensor) -> torch.Tensor:
         F, H, W = self.grid
         lead = v.shape[:-2]
         x = v.float().reshape(-1, F, H, W, v.shape[-1])

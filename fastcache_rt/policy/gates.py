@@ -1,5 +1,5 @@
 """Gates: when to run the transformer. Each gate is a validated config dataclass with ``make_state(num_steps,
-device, coeffs)`` returning its state object, which implements the protocol below; the controller knows nothing
+device, coeffs, tokens, shard)`` returning its state object, which implements the protocol below; the controller knows nothing
 else of a gate. A new gate is one class here (or in any module) plus its name in ``GATES``.
 
 Schedule gates (every step, fixed interval, Spectrum's adaptive interval, MagCache with calibrated ratios) depend
@@ -31,7 +31,7 @@ class EveryStep:
     def schedule(self, num_steps: int) -> list[bool]:
         return [True] * num_steps
 
-    def make_state(self, num_steps: int, device, coeffs=None, tokens=None):
+    def make_state(self, num_steps: int, device, coeffs=None, tokens=None, shard=None):
         return ScheduleState(self.schedule(num_steps), device)
 
 
@@ -100,8 +100,9 @@ class TeaCacheGate:
         if self.coeffs is not None:
             object.__setattr__(self, "coeffs", check_coeffs(self, "coeffs", self.coeffs))
 
-    def make_state(self, num_steps: int, device, coeffs=None, tokens=None):
-        return SignalState("modulated", self.threshold, num_steps, device, coeffs=self.coeffs or coeffs or (1.0, 0.0))
+    def make_state(self, num_steps: int, device, coeffs=None, tokens=None, shard=None):
+        return SignalState("modulated", self.threshold, num_steps, device, coeffs=self.coeffs or coeffs or (1.0, 0.0),
+                           shard=shard)
 
 
 @dataclass(frozen=True)
@@ -132,9 +133,10 @@ class SpectralCacheGate:
         check(self, "gammas", g is not None and all(_pos(v) for v in g), "two finite numbers > 0")
         object.__setattr__(self, "gammas", g)
 
-    def make_state(self, num_steps: int, device, coeffs=None, tokens=None):
+    def make_state(self, num_steps: int, device, coeffs=None, tokens=None, shard=None):
         return SignalState("modulated", self.threshold, num_steps, device, coeffs=self.coeffs or coeffs or (1.0, 0.0),
-                           tads=self.tads, max_cached=self.max_cached, split=self.split, gammas=self.gammas)
+                           tads=self.tads, max_cached=self.max_cached, split=self.split, gammas=self.gammas,
+                           shard=shard)
 
 
 @dataclass(frozen=True)
@@ -150,9 +152,9 @@ class FBCacheGate:
         check(self, "threshold", _pos(self.threshold), "a finite number > 0")
         check(self, "blocks", is_int(self.blocks) and self.blocks >= 1, "an int >= 1")
 
-    def make_state(self, num_steps: int, device, coeffs=None, tokens=None):
+    def make_state(self, num_steps: int, device, coeffs=None, tokens=None, shard=None):
         return SignalState("first_blocks", self.threshold, num_steps, device, coeffs=(1.0, 0.0), accumulate=False,
-                           against_last_computed=True)
+                           against_last_computed=True, shard=shard)
 
 
 @dataclass(frozen=True)
@@ -220,10 +222,10 @@ class MagCacheGate:
             out.append(compute)
         return out
 
-    def make_state(self, num_steps: int, device, coeffs=None, tokens=None):
+    def make_state(self, num_steps: int, device, coeffs=None, tokens=None, shard=None):
         self.check_ready()
         if self.calibrate:
-            return MagCacheCalibration(num_steps, device, tokens)
+            return MagCacheCalibration(num_steps, device, tokens, shard)
         return ScheduleState(self.schedule(num_steps), device)
 
 
@@ -257,8 +259,11 @@ GATES = {
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Device state of each gate, made by ``make_state(num_steps, device, coeffs, tokens)`` (``tokens``: the shape of the
-# image tokens the stream caches) and behind one protocol (the controller calls only these methods):
+# Device state of each gate, made by ``make_state(num_steps, device, coeffs, tokens, shard)`` (``tokens``: the shape
+# of the image tokens the stream caches, this rank's under context parallelism; ``shard``: a
+# ``fastcache_rt.parallel.Shard`` when the tokens are split over a context-parallel group, else None: what a gate
+# measures over the tokens is reduced over it, so every rank decides alike) and behind one protocol (the controller
+# calls only these methods):
 #   probe                      None, "modulated" (the family's probe) or "first_blocks" (FBCache's residual)
 #   decide(step) -> compute    a host bool (eager, decided from the host step index) or a 0-dim device bool
 #   after(step, compute, residual) after the branch: update state (``residual()``: this step's residual)
@@ -266,7 +271,8 @@ GATES = {
 #   start_at(index)            the stream's first call comes at step ``index`` of the generation (a second expert)
 #   uses_step                  reads the device step counter (else eager mode need not advance it)
 #   tensors()                  device memory held (for ``cache_bytes``)
-# ``step`` is a ``fastcache_rt.stream.Step``: host index (None under torch.compile), device index, probe.
+# ``step`` is a ``fastcache_rt.stream.Step``: host index (None under torch.compile), device index, probe (and
+# whether the probe is whole on every rank, e.g. a timestep embedding: then nothing is reduced).
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -314,8 +320,9 @@ class MagCacheCalibration(ScheduleState):
 
     uses_step = True
 
-    def __init__(self, num_steps: int, device, tokens):
+    def __init__(self, num_steps: int, device, tokens, shard=None):
         super().__init__([True] * num_steps, device)
+        self.shard = shard
         self.measured = torch.full((num_steps + 1,), float("nan"), device=device)
         # every buffer is made here: under torch.compile a stream is created inside the first traced call, and an
         # attribute set later on an object made in the trace does not survive it
@@ -324,7 +331,13 @@ class MagCacheCalibration(ScheduleState):
 
     def after(self, step, compute, residual) -> None:
         norm = torch.linalg.vector_norm(residual().float(), dim=-1)
-        ratio = torch.where(self.seen, (norm / (self.prev_norm + 1e-8)).mean(), torch.ones((), device=norm.device))
+        per_token = norm / (self.prev_norm + 1e-8)
+        if self.shard is None:
+            mean = per_token.mean()
+        else:  # the mean over every rank's tokens: one all-reduce of (sum, count)
+            total = self.shard.sum(torch.stack([per_token.sum(), per_token.new_tensor(float(per_token.numel()))]))
+            mean = total[0] / total[1]
+        ratio = torch.where(self.seen, mean, torch.ones((), device=norm.device))
         self.prev_norm.copy_(norm)
         self.seen.fill_(True)
         self.measured.index_copy_(0, step.tensor.clamp(max=self.measured.shape[0] - 1).view(1), ratio.view(1))
@@ -347,8 +360,10 @@ class SignalState:
     uses_step = False
 
     def __init__(self, probe: str, threshold: float, num_steps: int, device, *, coeffs, tads=(1.0, 1.0),
-                 max_cached=math.inf, split=None, gammas=None, accumulate=True, against_last_computed=False):
+                 max_cached=math.inf, split=None, gammas=None, accumulate=True, against_last_computed=False,
+                 shard=None):
         self.probe = probe
+        self.shard = shard
         self.split, self.accumulate, self.against_last = split, accumulate, against_last_computed
         self.params = ops.gate_params(threshold, num_steps, tads=tads, max_cached=max_cached,
                                       force_last=not against_last_computed, device=device)
@@ -373,8 +388,12 @@ class SignalState:
         elif self.fresh:  # a new generation: the first probe is its own predecessor (d = 0; step 0 computes)
             self.prev.copy_(probe)
         self.fresh = False
-        compute, new_state, _ = ops.gate_step(probe, self.prev, self.state, self.params, self.coeffs,
-                                              bounds=self.bounds, gammas=self.gammas)
+        if self.shard is None or step.replicated:  # one fused launch: band sums and decision
+            compute, new_state, _ = ops.gate_step(probe, self.prev, self.state, self.params, self.coeffs,
+                                                  bounds=self.bounds, gammas=self.gammas)
+        else:  # the sums of the whole sequence (they add up across ranks), then the same epilogue on every rank
+            sums = self.shard.sum(ops.band_l1(probe, self.prev, self.bounds))
+            compute, new_state = ops.gate_decide(sums, self.state, self.params, self.coeffs, gammas=self.gammas)
         if self.keep is not None:  # FBCache: a plain relative change each step, nothing accumulated
             new_state = new_state * self.keep
         if step.index is not None:  # eager: the op's fresh output becomes the state (no copy)

@@ -1,28 +1,18 @@
 """fastcache_rt under diffusers' context parallelism (issue 10): CPU, gloo, 2 and 4 ranks, every run time-bounded.
 
-What the finished feature must pass. The cases that fail today are ``xfail(strict=True)`` with the reason they fail
-(an XPASS fails the suite: remove the mark once the feature makes a case pass); the cases that pass today are plain
-tests and must keep passing.
-
-Today (diffusers 0.42.1, this checkout):
-- FLUX's ``_cp_plan`` splits the inputs at the transformer's own forward (``""``); fastcache_rt's block hooks see
-  the rank's shard, and schedule gates (Spectrum, MagCache with ratios) already work. Signal gates whose probe is
-  computed from the image tokens (TeaCache / SpectralCache: ``norm1`` of the hidden tokens; FBCache: the first
-  block's residual) decide from the rank's own shard: ranks decide differently, one runs the blocks (and their
-  all-to-alls) while another skips, and the run hangs until gloo's timeout or aborts on a collective size mismatch.
-- Wan's ``_cp_plan`` splits ``hidden_states`` at ``blocks.0``. fastcache_rt enabled after ``enable_parallelism``
-  registers its block hook on ``blocks.0`` outside diffusers' split hook: the controller's segment sees the full 32
-  tokens, the blocks return the 16-token shard, and ``img - call.base`` fails (controller.py ``segment``).
-  Enabled before ``enable_parallelism`` (the split hook outside), the schedule gates and TeaCache / SpectralCache
-  work on Wan (its TeaCache probe, the block's ``temb``, is the same on every rank); FBCache diverges.
-- FreqCa builds its DCT over the grid of the full sequence (read from the transformer's arguments) but records the
-  shard's tokens: ``grid: 1 x 8 x 8 != 32 tokens``.
-
-"Exact under sharding": every forecaster but FreqCa is token-wise, and the reduced gate sums equal the
-single-process sums up to the order of the additions, so the context-parallel output must equal the single-process
-cached output within 1e-4 (relative to its largest value). FreqCa's low-pass mixes tokens across ranks: this suite
-asks for the exact design (the DCT over the whole grid, e.g. channels redistributed by an all-to-all; see
-``FREQCA_TOLERANCE``).
+What is checked, on tiny FLUX (split at the transformer's own forward), tiny Wan 2.1 (split at ``blocks.0``) and tiny
+Qwen-Image (split at ``transformer_blocks.0``, its text mask at every block), with
+fastcache_rt enabled after ``enable_parallelism`` (the order a user follows) and before it:
+- every rank's decision log is the same, and the single-process cached run's: signal gates all-reduce their band
+  sums (``fastcache_rt.parallel.Shard.sum``) before the shared epilogue, so they decide from the single-process
+  numbers, also at the threshold itself (the knife-edge tests), eager and compiled;
+- the output equals the single-process cached output within 1e-4 of its largest value for every method: every
+  forecaster but FreqCa is token-wise, and FreqCa's DCT runs over the whole grid (tokens redistributed into channels
+  by an all-to-all, and back);
+- each rank caches 1/N of the single-process bytes;
+- one all-reduce of at most a few floats per step for a signal gate, none for a schedule gate;
+- MagCache's calibration reduces (sum of ratios, token count) over the ranks;
+- the example runs under torchrun.
 """
 
 from __future__ import annotations
@@ -45,7 +35,8 @@ COLLECTIVE_TIMEOUT = 8.0  # gloo: a collective here completes in milliseconds; a
 REL_TOLERANCE = 1e-4  # the context-parallel output against the single-process one, relative to its max |value|
 # FreqCa split per shard (each rank's DCT over its own block of rows/frames) was measured against the single-process
 # FreqCa output at 0.08-0.16% (2 ranks) and 0.25-0.29% (4 ranks) of the max |value| on these models, where caching
-# itself moves the result by 0.45-0.5%: not exact. The whole-grid DCT is exact.
+# itself moves the result by 0.45-0.5%: not exact. fastcache_rt runs the DCT over the whole grid (an all-to-all of
+# tokens into channels and back), which is exact: the same tolerance as the token-wise forecasters.
 FREQCA_TOLERANCE = REL_TOLERANCE
 # per-rank cache bytes: the token-sized buffers are 1/N; what stays replicated (gate parameters and state, step
 # logs, a replicated probe such as Wan's temb, DCT matrices) is at most this much
@@ -54,32 +45,6 @@ CACHE_BYTES_SLACK = 2048
 MAG_RATIOS, METHODS = workers.MAG_RATIOS, workers.METHODS
 SIGNAL = ("teacache", "spectralcache", "fbcache")
 FAMILIES = ("flux", "wan")
-
-WHY_HOOK_ORDER = ("Wan's _cp_plan splits hidden_states at blocks.0, inside fastcache_rt's block hook: the "
-                  "controller sees 32 tokens, the blocks return 16 (shape error in Controller.segment)")
-WHY_DIVERGE = ("per-rank signal gate on the rank's shard of the probe: ranks decide differently and the run hangs "
-               "(gloo timeout) or aborts (collective size mismatch); the band sums must be all-reduced first")
-WHY_FREQCA = "FreqCa's DCT uses the full sequence's grid on the rank's shard of tokens (grid != tokens)"
-WHY_MAG_CALIBRATION = ("MagCache's calibration averages the residual norm ratio over the rank's own tokens: the "
-                       "ratios differ per rank and from the single-process ones (sum and count must be reduced)")
-WHY_COMM = "no reduction of the gate's sums today (0 all-reduces per step)"
-
-
-def failing_today(family: str, method: str, order: str = "after") -> str | None:
-    """Why this case fails today, or None where it passes (see the module docstring)."""
-    if family == "wan" and order == "after":
-        return WHY_HOOK_ORDER
-    if method == "freqca":
-        return WHY_FREQCA
-    if method in SIGNAL and (family == "flux" or method == "fbcache"):
-        return WHY_DIVERGE
-    return None
-
-
-def _mark(reason: str | None):
-    return () if reason is None else (pytest.mark.xfail(strict=True, raises=(RankError, AssertionError),
-                                                        reason=reason),)
-
 
 def _cid(mode, n):
     return f"{mode}{n}"
@@ -147,13 +112,18 @@ def _cases(orders=("after",), configs=workers.CONFIGS):
             for family in FAMILIES:
                 for method in METHODS:
                     out.append(pytest.param(family, mode, n, method, order,
-                                            id=f"{family}-{_cid(mode, n)}-{method}-{order}",
-                                            marks=_mark(failing_today(family, method, order))))
+                                            id=f"{family}-{_cid(mode, n)}-{method}-{order}"))
     return out
 
 
+# Qwen-Image: the tokens are split at transformer_blocks.0 and the text mask at every block
+# (transformer_blocks.*), whose split must stay inside fastcache_rt's block hook; 2 Ulysses ranks, both orders
+QWEN_CASES = [pytest.param("qwen", "ulysses", 2, method, order, id=f"qwen-ulysses2-{method}-{order}")
+              for order in ("after", "before") for method in METHODS]
+
+
 @pytest.mark.parametrize("family,mode,n,method,order",
-                         _cases() + _cases(orders=("before",), configs=(("ulysses", 2),)))
+                         _cases() + _cases(orders=("before",), configs=(("ulysses", 2),)) + QWEN_CASES)
 def test_cached_context_parallel(family, mode, n, method, order, record_property):
     """fastcache_rt enabled after ``enable_parallelism`` (the order a user follows) or before it: every rank's
     decision log is the same and the single-process one; the output is the single-process cached output."""
@@ -168,6 +138,7 @@ def test_cached_context_parallel(family, mode, n, method, order, record_property
     for r, x in enumerate(res):
         assert torch.equal(x["out"], res[0]["out"]), f"rank {r}'s output differs from rank 0's"
         err = _rel(x["out"], single["out"])
+        record_property(f"rank{r}_rel_diff", err)
         assert err <= tol, f"rank {r}: {err:.2e} from the single-process cached output"
     record_property("loop_seconds", max(x["loop_seconds"] for x in res))
 
@@ -185,10 +156,40 @@ def test_cache_bytes_per_rank(family, mode, n, method, order, record_property):
         assert abs(x["cache_bytes"] - single / n) <= CACHE_BYTES_SLACK, (r, x["cache_bytes"], single, n)
 
 
+def test_explicit_group():
+    """``enable(..., group=)``: the group given (here the one diffusers set up) is the one reduced over."""
+    single = _single("flux", "teacache")
+    res = _run(workers.cached, 2, family="flux", mode="ulysses", steps=STEPS, method="teacache",
+               overrides=METHODS["teacache"]["flux"], explicit_group=True)
+    for x in res:
+        assert x["computed"] == single["computed"]
+        assert _rel(x["out"], single["out"]) <= REL_TOLERANCE
+
+
+@pytest.mark.parametrize("n,channels", [(2, 6), (3, 6), (3, 8)])
+def test_shard_collectives_and_freqca_lowpass(n, channels):
+    """``Shard``'s token <-> channel all-to-all and token all-gather invert each other and give the whole
+    sequence; FreqCa's low-pass of a shard (through the all-to-all, or the all-gather where the channels do not
+    split evenly over the ranks) is the single-process low-pass's rows of that shard."""
+    res = _run(workers.shard_ops, n, channels=channels)
+    for r, x in enumerate(res):
+        assert x["roundtrip"] and x["gathered"] and x["channels"], (r, x)
+        assert x["lowpass_err"] <= 1e-6, (r, x["lowpass_err"])
+
+
+def test_group_argument_is_checked():
+    import fastcache_rt
+    from tests.distributed import tiny
+
+    m = tiny.build("flux", small=True)
+    with pytest.raises(TypeError, match="group: expected a torch.distributed ProcessGroup"):
+        fastcache_rt.enable(m, "teacache", num_steps=4, group="world")
+    assert not hasattr(m, "_fastcache_rt")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the knife edge: the threshold exactly at the value the reduced sums give
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, raises=(RankError, AssertionError), reason=WHY_DIVERGE)
 @pytest.mark.parametrize("mode,n", workers.CONFIGS, ids=[_cid(*c) for c in workers.CONFIGS])
 def test_knife_edge_threshold(mode, n, record_property):
     """TeaCache on FLUX with the threshold set to exactly the accumulator the all-reduced band sums give at step k
@@ -207,7 +208,6 @@ def test_knife_edge_threshold(mode, n, record_property):
         assert torch.equal(x["out"], x0["out"]), r
 
 
-@pytest.mark.xfail(strict=True, raises=(RankError, AssertionError), reason=WHY_DIVERGE)
 def test_knife_edge_compiled_matches_eager():
     """The knife edge once more under ``torch.compile(fullgraph=True)`` (backend aot_eager: the graph capture of
     the reduction and of ``torch.cond``; inductor compiles the same graph, ~4x slower on 2 CPU cores): the same
@@ -219,11 +219,23 @@ def test_knife_edge_compiled_matches_eager():
         assert _rel(x["compiled_out"], x["out"]) <= REL_TOLERANCE, r
 
 
+@pytest.mark.parametrize("method", ["freqca"])
+def test_compiled_matches_eager(method):
+    """``torch.compile(fullgraph=True)`` (aot_eager) under context parallelism: FreqCa's all-to-alls are functional
+    collectives traced into the graph (the signal gates' all-reduce: the knife-edge test above); the decisions and
+    the output are eager's."""
+    res = _run(workers.cached, 2, family="flux", mode="ulysses", steps=STEPS, method=method,
+               overrides=METHODS[method]["flux"], compile_backend="aot_eager")
+    for r, x in enumerate(res):
+        assert x["compiled_computed"] == x["computed"], (r, x["compiled_computed"], x["computed"])
+        assert _rel(x["compiled_out"], x["out"]) <= REL_TOLERANCE, r
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # MagCache's calibration: measured ratios reduced over the group
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family,mode,n", [
-    pytest.param(f, m, n, id=f"{f}-{_cid(m, n)}", marks=_mark(WHY_HOOK_ORDER if f == "wan" else WHY_MAG_CALIBRATION))
+    pytest.param(f, m, n, id=f"{f}-{_cid(m, n)}")
     for f in FAMILIES for m, n in (("ulysses", 2), ("ring", 2))])
 def test_magcache_calibration_ratios(family, mode, n):
     single = workers.single_cached(family, STEPS, "magcache", {"calibrate": True})
@@ -243,7 +255,7 @@ MAX_REDUCTION_BYTES = 256  # "a few floats": band sums (bands x 2) of one stream
 
 
 @pytest.mark.parametrize("method,reductions", [
-    pytest.param(m, k, id=m, marks=_mark(WHY_COMM if k else None)) for m, k in COMM_CASES.items()])
+    pytest.param(m, k, id=m) for m, k in COMM_CASES.items()])
 def test_communication_per_step(method, reductions, record_property):
     """FLUX, 2 Ulysses ranks. Per step, a signal gate adds exactly one all-reduce of at most
     ``MAX_REDUCTION_BYTES`` (the model issues none of its own); a schedule gate adds nothing (its decisions are
@@ -285,8 +297,8 @@ def _example(args, timeout=240.0):
 
 
 @pytest.mark.parametrize("args", [
-    pytest.param(["--ulysses", "--steps", "8", "--reference", "--method", "spectrum", "--set", "warmup=2"],
-                 id="ulysses-spectrum"),
+    pytest.param(["--ulysses", "--steps", "8", "--reference", "--method", "teacache", "--set", "threshold=0.3",
+                  "--count"], id="ulysses-teacache"),
     pytest.param(["--ring", "--steps", "8", "--reference"], id="ring-uncached"),
 ])
 def test_example_runs(args):
@@ -300,9 +312,14 @@ def test_example_runs(args):
     if "--method" in args:
         assert "decisions identical on every rank: True" in proc.stdout
         assert "speedup against the uncached context-parallel run" in proc.stdout
+        m = re.search(r"\[rank 0\] teacache: computed (\d+)/8 steps", proc.stdout)
+        assert m and 0 < int(m.group(1)) < 8, proc.stdout
+    if "--count" in args:  # one all-reduce of the gate's 2 floats on every step, cached or computed
+        for kind in ("computed", "cached"):
+            assert re.search(rf"{kind} step: \d+ collectives, [0-9.]+ KiB sent \(8 B in all-reduces", proc.stdout), \
+                proc.stdout
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=WHY_FREQCA)
 def test_example_cached_freqca():
     proc, text = _example(["--steps", "8", "--timeout", "20", "--method", "freqca", "--set", "warmup=2"])
     assert proc.returncode == 0, text[-4000:]

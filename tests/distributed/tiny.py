@@ -1,4 +1,4 @@
-"""Tiny FLUX and Wan 2.1 transformers for context-parallel tests, and Euler loops that drive them.
+"""Tiny FLUX, Wan 2.1 and Qwen-Image transformers for context-parallel tests, and Euler loops that drive them.
 
 The configs are those of tests/runtime/helpers.py (``tiny_flux``) and tests/families/tiny_video.py (``wan``) with two
 changes that context parallelism needs: 4 attention heads (Ulysses splits the heads over the ranks: heads % N == 0
@@ -17,7 +17,9 @@ FLUX_TXT = 8
 FLUX_HW = (8, 8)
 WAN_FHW = (2, 8, 8)  # latent frames, height, width; patch (1, 2, 2) -> token grid (2, 4, 4)
 
-FAMILIES = ("flux", "wan")
+FAMILIES = ("flux", "wan", "qwen")
+QWEN_TXT = 8
+QWEN_HW = (8, 8)
 
 
 def tiny_flux(seed: int = 0, layers: int = 2, single: int = 2, heads: int = 4):
@@ -43,12 +45,27 @@ def tiny_wan(seed: int = 0, layers: int = 2, heads: int = 4):
     return m.eval()
 
 
+def tiny_qwen(seed: int = 0, layers: int = 2, heads: int = 4):
+    """Qwen-Image: its ``_cp_plan`` splits the tokens at ``transformer_blocks.0`` and the text mask at every block
+    (``transformer_blocks.*``)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=layers, attention_head_dim=16,
+        num_attention_heads=heads, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+    )
+    return m.eval()
+
+
 def build(family: str, seed: int = 0, small: bool = False):
     """The family's tiny model; ``small``: one block per list (for torch.compile tests: less to trace)."""
     if family == "flux":
         return tiny_flux(seed, *((1, 1) if small else (2, 2)))
     if family == "wan":
         return tiny_wan(seed, 1 if small else 2)
+    if family == "qwen":
+        return tiny_qwen(seed, 1 if small else 2)
     raise ValueError(f"family: one of {FAMILIES}, got {family!r}")
 
 
@@ -56,6 +73,8 @@ def grid(family: str) -> tuple[int, int, int]:
     """The (frames, height, width) token grid of the inputs below."""
     if family == "flux":
         return (1, *FLUX_HW)
+    if family == "qwen":
+        return (1, *QWEN_HW)
     f, h, w = WAN_FHW
     return (f, h // 2, w // 2)
 
@@ -80,6 +99,15 @@ def inputs(family: str, seed: int = 0) -> dict:
             "txt_ids": torch.zeros(FLUX_TXT, 3),
             "return_dict": False,
         }
+    if family == "qwen":
+        H, W = QWEN_HW
+        return {
+            "hidden_states": torch.randn(1, H * W, 16, generator=g),
+            "encoder_hidden_states": torch.randn(1, QWEN_TXT, 16, generator=g),
+            "encoder_hidden_states_mask": torch.ones(1, QWEN_TXT, dtype=torch.long),
+            "img_shapes": [[(1, H, W)]],
+            "return_dict": False,
+        }
     return {
         "hidden_states": torch.randn(1, 4, *WAN_FHW, generator=g),
         "encoder_hidden_states": torch.randn(1, 8, 16, generator=g),
@@ -88,8 +116,8 @@ def inputs(family: str, seed: int = 0) -> dict:
 
 
 def timestep(family: str, t: float) -> torch.Tensor:
-    """FLUX takes sigma in [0, 1], Wan sigma * 1000 (the pipelines' conventions)."""
-    return torch.full((1,), float(t) * (1.0 if family == "flux" else 1000.0))
+    """FLUX and Qwen-Image take sigma in [0, 1], Wan sigma * 1000 (the pipelines' conventions)."""
+    return torch.full((1,), float(t) * (1000.0 if family == "wan" else 1.0))
 
 
 @torch.no_grad()

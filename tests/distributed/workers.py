@@ -22,13 +22,15 @@ MAG_RATIOS = (1.0, 0.98, 0.96, 0.94, 0.92, 0.9, 0.88, 0.86)
 # gates disagree on every config), and no single-process accumulation is within rounding of them (the reduced sums
 # must reproduce the single-process decisions). MagCache's ratios: a made-up decay that caches some of 8 steps.
 METHODS: dict[str, dict[str, dict]] = {  # preset -> family -> overrides
-    "teacache": {"flux": {"threshold": 0.26, "coeffs": (1.0, 0.0)}, "wan": {"threshold": 0.5, "coeffs": (1.0, 0.0)}},
+    "teacache": {"flux": {"threshold": 0.26, "coeffs": (1.0, 0.0)}, "wan": {"threshold": 0.5, "coeffs": (1.0, 0.0)},
+                 "qwen": {"threshold": 2.0, "coeffs": (1.0, 0.0)}},
     "spectralcache": {"flux": {"threshold": 0.15, "coeffs": (1.0, 0.0)},
-                      "wan": {"threshold": 0.5, "coeffs": (1.0, 0.0)}},
-    "fbcache": {"flux": {"threshold": 0.42}, "wan": {"threshold": 0.1}},
-    "magcache": {"flux": {"ratios": MAG_RATIOS}, "wan": {"ratios": MAG_RATIOS}},
-    "spectrum": {"flux": {"warmup": 2}, "wan": {"warmup": 2}},
-    "freqca": {"flux": {"warmup": 2, "interval": 2}, "wan": {"warmup": 2, "interval": 2}},
+                      "wan": {"threshold": 0.5, "coeffs": (1.0, 0.0)},
+                      "qwen": {"threshold": 1.5, "coeffs": (1.0, 0.0)}},
+    "fbcache": {"flux": {"threshold": 0.42}, "wan": {"threshold": 0.1}, "qwen": {"threshold": 0.45}},
+    "magcache": {f: {"ratios": MAG_RATIOS} for f in ("flux", "wan", "qwen")},
+    "spectrum": {f: {"warmup": 2} for f in ("flux", "wan", "qwen")},
+    "freqca": {f: {"warmup": 2, "interval": 2} for f in ("flux", "wan", "qwen")},
 }
 
 
@@ -49,7 +51,8 @@ def cp_group(model):
     return model._parallel_config.context_parallel_config._flattened_mesh.get_group()
 
 
-def _model(family, mode, world_size, method=None, overrides=None, order="after", steps=None, small=False):
+def _model(family, mode, world_size, method=None, overrides=None, order="after", steps=None, small=False,
+           explicit_group=False):
     import fastcache_rt
 
     m = tiny.build(family, small=small)
@@ -57,7 +60,8 @@ def _model(family, mode, world_size, method=None, overrides=None, order="after",
         fastcache_rt.enable(m, method, num_steps=steps, **(overrides or {}))
     m.enable_parallelism(config=cp_config(mode, world_size))
     if method is not None and order == "after":
-        fastcache_rt.enable(m, method, num_steps=steps, **(overrides or {}))
+        group = {"group": cp_group(m)} if explicit_group else {}
+        fastcache_rt.enable(m, method, num_steps=steps, **group, **(overrides or {}))
     return m
 
 
@@ -77,13 +81,14 @@ def uncached(rank, world_size, family, mode, steps):
     return {"out": out, "loop_seconds": time.perf_counter() - t0}
 
 
-def cached(rank, world_size, family, mode, steps, method, overrides=None, order="after", compile_backend=None):
+def cached(rank, world_size, family, mode, steps, method, overrides=None, order="after", compile_backend=None,
+           explicit_group=False):
     """Context parallelism + fastcache_rt: final latent, decisions, cache bytes. With ``compile_backend``, the
     eager run is followed by a ``torch.compile(fullgraph=True)`` run of the same generation (fresh state); both
     are returned (``compiled_out``, ``compiled_computed``)."""
     import fastcache_rt
 
-    m = _model(family, mode, world_size, method, overrides, order, steps)
+    m = _model(family, mode, world_size, method, overrides, order, steps, explicit_group=explicit_group)
     t0 = time.perf_counter()
     out = tiny.denoise(m, family, steps)
     res = {"out": out, "loop_seconds": time.perf_counter() - t0, **_stats(m)}
@@ -281,6 +286,35 @@ def communication(rank, world_size, family, mode, steps, method=None, overrides=
            "others": [[c for c in calls if not any(k in c[0] for k in _REDUCE_OPS)] for calls in per_step]}
     if method is not None:
         res.update(_stats(m))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fastcache_rt.parallel.Shard and FreqCa's low-pass of a shard
+# ---------------------------------------------------------------------------------------------------------------
+def shard_ops(rank, world_size, channels):
+    import torch.distributed as dist
+
+    from fastcache_rt.parallel import Shard
+    from fastcache_rt.policy.forecasters import FreqCa
+
+    sh = Shard(dist.group.WORLD)
+    grid = (2, 3, 2 * world_size)  # frames x rows x columns: 12 * N tokens, N-way split
+    full = torch.randn(2, 12 * world_size, channels, generator=torch.Generator().manual_seed(7))
+    mine = sh.own_tokens(full)
+    res = {"gathered": torch.equal(sh.gather_tokens(mine), full)}
+    if channels % world_size == 0:
+        d = channels // world_size
+        mid = sh.tokens_to_channels(mine)
+        res["channels"] = torch.equal(mid, full[..., rank * d:(rank + 1) * d])
+        res["roundtrip"] = torch.equal(sh.channels_to_tokens(mid), mine)
+    else:
+        res["channels"] = res["roundtrip"] = True  # the all-to-all needs channels divisible by the ranks
+    fc = FreqCa(cutoff=0.4)
+    single = fc.make_state(tuple(full.shape), torch.float32, "cpu", 8, grid)
+    sharded = fc.make_state(tuple(mine.shape), torch.float32, "cpu", 8, grid, sh)
+    want = sh.own_tokens(single.lowpass(full))
+    res["lowpass_err"] = float((sharded.lowpass(mine) - want).abs().max() / want.abs().max())
     return res
 
 
