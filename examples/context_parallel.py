@@ -223,7 +223,8 @@ def run(args, rank: int, world: int, device) -> int:
 
 def communication(pipe, args, kw, computed) -> str:
     """One more cached generation, counting the collectives of each transformer call (a dispatch mode sees every
-    c10d and functional-collective op): count and bytes of its first tensor, per computed and per cached step."""
+    c10d and functional-collective op): their count and the bytes this rank puts in (the first tensor argument: the
+    input of a functional collective, this rank's chunk of a c10d all-gather), per computed and per cached step."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
@@ -264,7 +265,7 @@ def communication(pipe, args, kw, computed) -> str:
         nbytes = sum(b for c in calls for _, b in c) / len(calls)
         reduce = sum(b for c in calls for name, b in c if "reduce" in name) / len(calls)
         kinds = sorted({name for c in calls for name, _ in c})
-        parts.append(f"{label} step: {n:.0f} collectives, {nbytes / 1024:.1f} KiB sent ({reduce:.0f} B in "
+        parts.append(f"{label} step: {n:.0f} collectives, {nbytes / 1024:.1f} KiB of input ({reduce:.0f} B to "
                      f"all-reduces; {', '.join(kinds) or 'none'})")
     return "communication per " + "; per ".join(parts)
 

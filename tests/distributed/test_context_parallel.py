@@ -316,7 +316,7 @@ def test_example_runs(args):
         assert m and 0 < int(m.group(1)) < 8, proc.stdout
     if "--count" in args:  # one all-reduce of the gate's 2 floats on every step, cached or computed
         for kind in ("computed", "cached"):
-            assert re.search(rf"{kind} step: \d+ collectives, [0-9.]+ KiB sent \(8 B in all-reduces", proc.stdout), \
+            assert re.search(rf"{kind} step: \d+ collectives, [0-9.]+ KiB of input \(8 B to all-reduces", proc.stdout), \
                 proc.stdout
 
 
