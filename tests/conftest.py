@@ -9,6 +9,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# pytest-xdist (the README's test command runs one worker per core): one intra-op thread per worker, so the workers
+# do not oversubscribe the cores
+if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1":
+    torch.set_num_threads(1)
+
 import pytest  # noqa: E402
 
 from fastcache_rt.ops import _backend  # noqa: E402

@@ -32,14 +32,19 @@ QUICK = ["--kernel-quick", "--kernel-backends", "cpu,reference", "--benchmark-mi
 def _load(name):
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))
+    if name in sys.modules:
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
 
 def _pytest(*args, timeout=300):
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("FASTCACHE_RT_BENCH_")}
+    # the suite runs in a plain pytest: not as a pytest-xdist worker (pytest-benchmark disables itself there)
+    env = {k: v for k, v in __import__("os").environ.items()
+           if not k.startswith(("FASTCACHE_RT_BENCH_", "PYTEST_XDIST_"))}
     env.pop("TRITON_INTERPRET", None)  # the interpreter is not benchmarked here (and it is slow)
     proc = subprocess.run([sys.executable, "-m", "pytest", str(SUITE), *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env=env, check=False)
