@@ -1,14 +1,16 @@
 """The ``fastcache-rt`` command line: ``bench`` (every method and the peers on the shipped model, one table) and
 ``generate`` (one image from any diffusers pipeline with a policy on).
 
-Bad input (an unknown policy, model, prompt class, field or a step count below 2, an output that cannot be written)
-ends with one line on stderr and exit status 2, before any long work starts and without leaving files behind.
+Bad input (an unknown policy, model, prompt class, field, device, a step count below 2, a size below 1, an output
+that cannot be written) ends with one line on stderr and exit status 2, before any long work starts and without
+leaving files or folders behind.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import os
 import sys
 import time
@@ -40,6 +42,16 @@ def _int(name):
     return parse
 
 
+def _positive(name):
+    def parse(s):
+        v = _int(name)(s)
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name}: must be >= 1, got {v}")
+        return v
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fastcache-rt", description="Feature caching for diffusion transformers: benchmark and generate.")
     sub = p.add_subparsers(dest="command", metavar="{bench,generate}")
@@ -56,11 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restrict to these methods: preset names, diffusers[-fbcache|-taylorseer|-magcache], "
                         "cache-dit[-dbcache|-taylorseer]")
     b.add_argument("--no-peers", action="store_true", help="leave out diffusers' hooks and cache-dit")
-    b.add_argument("--rounds", type=_int("--rounds"), default=None, help="timing rounds (median over them)")
+    b.add_argument("--rounds", type=_positive("--rounds"), default=None, help="timing rounds (median over them)")
     b.add_argument("--model", default=None, help="a FLUX diffusers pipeline folder or hub id (default: shipped)")
-    b.add_argument("--height", type=_int("--height"), default=None)
-    b.add_argument("--width", type=_int("--width"), default=None)
-    b.add_argument("--max-sequence-length", type=_int("--max-sequence-length"), default=None,
+    b.add_argument("--height", type=_positive("--height"), default=None)
+    b.add_argument("--width", type=_positive("--width"), default=None)
+    b.add_argument("--max-sequence-length", type=_positive("--max-sequence-length"), default=None,
                    help="text tokens per prompt (default: the shipped model's, or the pipeline's)")
     b.add_argument("--threads", type=_int("--threads"), default=1,
                    help="torch intra-op threads (default 1: on a shared machine, waiting threads make timings erratic)")
@@ -73,14 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=_int("--steps"), default=50)
     g.add_argument("--out", default="fastcache_rt.png", help="PNG file to write")
     g.add_argument("--seed", type=_int("--seed"), default=0)
-    g.add_argument("--height", type=_int("--height"), default=None)
-    g.add_argument("--width", type=_int("--width"), default=None)
+    g.add_argument("--height", type=_positive("--height"), default=None)
+    g.add_argument("--width", type=_positive("--width"), default=None)
     g.add_argument("--guidance-scale", type=float, default=None)
-    g.add_argument("--max-sequence-length", type=_int("--max-sequence-length"), default=None,
+    g.add_argument("--max-sequence-length", type=_positive("--max-sequence-length"), default=None,
                    help="text tokens per prompt (default: the shipped model's, or the pipeline's)")
-    g.add_argument("--num-frames", type=_int("--num-frames"), default=None,
+    g.add_argument("--num-frames", type=_positive("--num-frames"), default=None,
                    help="video pipelines: frames to generate (the PNG shows them side by side)")
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...; default cpu)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a field of the policy's gate or forecaster, e.g. --set threshold=0.3 (repeatable)")
@@ -132,6 +144,26 @@ def sample_defaults(models) -> dict:
     return kw
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """No loading progress bars (diffusers' components, transformers' weights): stderr keeps the generation's bar
+    and, on bad input, the one error line."""
+    from diffusers.utils import logging as dlog
+
+    tlog = None
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as tlog
+    dlog.disable_progress_bar()
+    if tlog is not None:
+        tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.enable_progress_bar()
+        if tlog is not None:
+            tlog.enable_progress_bar()
+
+
 def load_pipeline(model: str | None, device: str = "cpu", dtype=None):
     """(pipeline, shipped module or None). The shipped model when ``model`` is None or "default"."""
     import torch
@@ -140,7 +172,8 @@ def load_pipeline(model: str | None, device: str = "cpu", dtype=None):
     if is_shipped(model):
         models = shipped_module()
         try:
-            return models.load_default(device=device, dtype=dtype), models
+            with _quiet_loading():
+                return models.load_default(device=device, dtype=dtype), models
         except (OSError, ValueError, TypeError) as e:
             raise UsageError(f"--model: cannot load the shipped model: {e}") from None
     path = os.path.expanduser(model)
@@ -155,7 +188,8 @@ def load_pipeline(model: str | None, device: str = "cpu", dtype=None):
 
         # float32 is what from_pretrained loads by default; other dtypes are asked for while loading
         extra = {} if dtype == _torch.float32 else {"torch_dtype": dtype}
-        pipe = DiffusionPipeline.from_pretrained(path if _is_local(model) else model, **extra)
+        with _quiet_loading():
+            pipe = DiffusionPipeline.from_pretrained(path if _is_local(model) else model, **extra)
     except Exception as e:  # noqa: BLE001 - from_pretrained raises many types (OSError, ValueError, HTTP errors)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"--model: cannot load {model!r}: {msg}") from None
@@ -163,6 +197,7 @@ def load_pipeline(model: str | None, device: str = "cpu", dtype=None):
 
 
 def _check_out_file(path: Path) -> Path:
+    """A .png in an existing, writable folder (nothing is created before the image is written)."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise UsageError(f"--out: must be a .png file, got {str(path)!r}")
@@ -171,10 +206,47 @@ def _check_out_file(path: Path) -> Path:
     try:
         from .bench.report import check_writable
 
-        check_writable(path.parent if str(path.parent) else Path("."))
+        check_writable(path.parent if str(path.parent) else Path("."), must_exist=True)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return path
+
+
+def check_size(pipe, kw: dict) -> None:
+    """Height and width at least the pipeline's spatial step: its VAE's downscale times the 2 x 2 token patch
+    (FLUX packs latents in 2 x 2, SD3 / Wan patchify by 2); below it the latent has no token and the pipeline
+    fails deep inside."""
+    factor = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", None)
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        return
+    smallest = 2 * factor
+    for name in ("height", "width"):
+        v = kw.get(name)
+        if v is not None and v < smallest:
+            raise UsageError(f"--{name}: {v} is below this pipeline's smallest size {smallest} (sizes are rounded "
+                             f"down to a multiple of it)")
+
+
+def check_device(name: str):
+    """A torch device this torch can use: ``torch.device`` parses it, its backend is available, the index exists."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise UsageError(f"--device: {str(e).strip().splitlines()[0]}") from None
+    if dev.type in ("cpu", "meta"):
+        if dev.type == "meta":
+            raise UsageError("--device: meta tensors hold no data; use cpu or an accelerator")
+        return dev
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if not callable(available) or not available():
+        raise UsageError(f"--device: {name}: this torch ({torch.__version__}) has no usable {dev.type} device")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and callable(count) and dev.index >= count():
+        raise UsageError(f"--device: {name}: only {count()} {dev.type} device(s)")
+    return dev
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -206,6 +278,7 @@ def cmd_generate(a) -> int:
     from fastcache_rt.policy import resolve_policy
 
     _check_steps(a.steps)
+    check_device(a.device)
     overrides = parse_overrides(a.overrides)
     try:  # the policy and its fields before any loading
         resolve_policy(a.policy, **overrides)
@@ -232,6 +305,7 @@ def cmd_generate(a) -> int:
         kw["max_sequence_length"] = a.max_sequence_length
     if a.num_frames is not None:
         kw["num_frames"] = a.num_frames
+    check_size(pipe, kw)
     try:
         fastcache_rt.enable(pipe, a.policy, **overrides)
     except (ValueError, TypeError) as e:
@@ -362,6 +436,7 @@ def cmd_bench(a) -> int:
         kw["width"] = a.width
     if a.max_sequence_length is not None:
         kw["max_sequence_length"] = a.max_sequence_length
+    check_size(pipe, kw)
     height, width = kw.pop("height"), kw.pop("width")
     from diffusers import FluxPipeline
 

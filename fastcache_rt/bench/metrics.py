@@ -1,6 +1,8 @@
 """Image and latent distances against the uncached output.
 
 Images are float tensors (N, C, H, W) in [0, 1]; every metric is computed per image and then averaged over the batch.
+PSNR and SSIM are torchmetrics' (a maintained implementation); tests/bench/test_metrics.py checks them against
+the formulas written out in float64.
 """
 
 from __future__ import annotations
@@ -8,7 +10,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 # A per-image MSE below this floor counts as identical: PSNR is capped at 10 * log10(1 / 1e-10) = 100 dB, so the
 # tables never hold an infinity.
@@ -30,11 +31,22 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
         raise ValueError(f"b: shape {tuple(b.shape)} differs from a's {tuple(a.shape)}")
 
 
+def _torchmetrics():
+    try:
+        from torchmetrics.functional import image
+    except ImportError as e:
+        raise ImportError("the image metrics use torchmetrics: pip install 'fastcache_rt[bench]' (or torchmetrics)"
+                          ) from e
+    return image
+
+
 def psnr_per_image(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """(N,) float64: 10 log10(range^2 / MSE) per image, MSE floored at ``MSE_FLOOR`` (so at most 100 dB for range 1)."""
+    """(N,) float64: 10 log10(range^2 / MSE) per image (torchmetrics' ``peak_signal_noise_ratio`` over each image),
+    capped at ``PSNR_CAP`` (100 dB: an MSE below ``MSE_FLOOR`` counts as identical)."""
     _check_pair(a, b)
-    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
-    return 10.0 * torch.log10(data_range**2 / mse.clamp_min(MSE_FLOOR * data_range**2))
+    v = _torchmetrics().peak_signal_noise_ratio(a.double(), b.double(), data_range=float(data_range),
+                                                reduction="none", dim=(1, 2, 3))
+    return v.clamp(max=PSNR_CAP)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> float:
@@ -42,39 +54,23 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> float:
     return float(psnr_per_image(a, b, data_range).mean())
 
 
-def gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float64) -> torch.Tensor:
-    """(size, size) normalised Gaussian kernel (outer product of the 1-D one)."""
-    if not isinstance(size, int) or size < 1 or size % 2 == 0:
-        raise ValueError(f"size: must be an odd int >= 1, got {size!r}")
-    if not sigma > 0:
-        raise ValueError(f"sigma: must be > 0, got {sigma!r}")
-    x = torch.arange(size, dtype=dtype) - (size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return g[:, None] * g[None, :]
-
-
-def ssim_per_image(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, size: int = 11,
-                   sigma: float = 1.5) -> torch.Tensor:
-    """(N,) float64 SSIM (Wang et al. 2004): Gaussian window ``size`` x ``size``, std ``sigma``, K1 0.01, K2 0.03,
-    local statistics over 'valid' window positions, averaged over positions and channels."""
+def ssim_per_image(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, sigma: float = 1.5) -> torch.Tensor:
+    """(N,) float64 SSIM (Wang et al. 2004): torchmetrics' ``structural_similarity_index_measure`` map (Gaussian
+    window of std ``sigma`` and size 2 * int(3.5 sigma + 0.5) + 1, 11 for 1.5; K1 0.01, K2 0.03), averaged over
+    the window positions inside the image and over channels, as the authors' reference code does (torchmetrics' own
+    mean also counts the border positions it computes on a reflect-padded image)."""
     _check_pair(a, b)
-    _, c, h, w = a.shape
+    if not (isinstance(sigma, (int, float)) and sigma > 0):
+        raise ValueError(f"sigma: must be > 0, got {sigma!r}")
+    size = 2 * int(3.5 * sigma + 0.5) + 1
+    h, w = a.shape[-2:]
     if h < size or w < size:
         raise ValueError(f"a: images of {h}x{w} are smaller than the {size}x{size} SSIM window")
-    win = gaussian_window(size, sigma).to(a.device)[None, None].expand(c, 1, size, size)
-    x, y = a.double(), b.double()
-
-    def blur(t):
-        return F.conv2d(t, win, groups=c)
-
-    mu_x, mu_y = blur(x), blur(y)
-    sxx = blur(x * x) - mu_x**2
-    syy = blur(y * y) - mu_y**2
-    sxy = blur(x * y) - mu_x * mu_y
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
-    return s.flatten(1).mean(1)
+    _, full = _torchmetrics().structural_similarity_index_measure(
+        a.double(), b.double(), gaussian_kernel=True, sigma=float(sigma), reduction="none",
+        data_range=float(data_range), k1=0.01, k2=0.03, return_full_image=True)
+    p = (size - 1) // 2
+    return full[..., p:h - p, p:w - p].flatten(1).mean(1)
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> float:

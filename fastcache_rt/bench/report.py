@@ -25,12 +25,20 @@ CSV_FIELDS = ["key", "method", "library", "config", "nfe", "steps", "speedup", "
               "psnr", "ssim", "rel_l2", "cache_bytes", "time_s", "controller_ms_per_step", "repeatable", "note"]
 
 
-def check_writable(folder: Path) -> Path:
-    """Create ``folder`` if needed and prove a file can be written there; ValueError naming it otherwise."""
+def check_writable(folder: Path, *, must_exist: bool = False) -> Path:
+    """Prove that files can be written in ``folder`` without creating anything: a missing folder is created when
+    the outputs are written (its nearest existing parent is probed), or refused with ``must_exist``. ValueError
+    naming it otherwise."""
     folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ValueError(f"--out: cannot write to {folder}: {probe} is a file")
+    if must_exist and probe != folder:
+        raise ValueError(f"--out: folder {folder} does not exist")
+    try:  # a temporary file, removed at once: read-only file systems and permissions answer here
+        fd, tmp = tempfile.mkstemp(prefix=".write-test-", dir=probe)
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:

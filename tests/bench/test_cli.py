@@ -8,6 +8,7 @@ from fastcache_rt.cli import main
 
 
 def test_generate_from_a_saved_pipeline_folder(tiny_folder, tmp_path, capsys):
+    (tmp_path / "sub").mkdir()
     out = tmp_path / "sub" / "img.png"
     main(["generate", "--model", str(tiny_folder), "--policy", "fora", "--set", "interval=2", "--prompt", "red circle",
           "--steps", "6", "--height", "32", "--width", "32", "--guidance-scale", "1.0", "--out", str(out)])
@@ -91,7 +92,41 @@ def test_bench_bad_input(tiny_folder, tmp_path, capsys, blocked):
     _bad(["bench", "--frobnicate"], capsys, "unrecognized")
     pytest.importorskip("fastcache_rt.models")
     _bad(["bench", "--classes", "purple elephant", "--out", str(out)], capsys, "--classes", "purple elephant")
-    assert not out.exists() or not list(out.iterdir())
+    _bad(["bench", "--classes", "purple elephant", "--out", str(tmp_path / "a" / "b")], capsys, "purple elephant")
+    _bad(base + ["--rounds", "0"], capsys, "--rounds", ">= 1")
+    _bad(base + ["--height", "-32"], capsys, "--height", ">= 1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no output folder made by a failed run
+
+
+def test_generate_bad_sizes_devices_and_folders(tiny_folder, tmp_path, capsys):
+    """Sizes below 1, devices this torch cannot use, an output folder that does not exist: one line, exit 2, and
+    nothing created (not even the folder)."""
+    import torch
+
+    out = tmp_path / "o.png"
+    base = ["generate", "--model", str(tiny_folder), "--prompt", "red circle", "--steps", "2", "--out", str(out)]
+    _bad(base + ["--height", "-32", "--width", "32"], capsys, "--height", ">= 1", "-32")
+    _bad(base + ["--width", "0"], capsys, "--width", ">= 1")
+    _bad(base + ["--height", "1", "--width", "1"], capsys, "--height", "smallest size")  # no latent token
+    _bad(base + ["--num-frames", "0"], capsys, "--num-frames", ">= 1")
+    _bad(base + ["--max-sequence-length", "-1"], capsys, "--max-sequence-length", ">= 1")
+    _bad(base + ["--device", "nonsense"], capsys, "--device", "nonsense")
+    _bad(base + ["--device", "meta"], capsys, "--device", "meta")
+    if not torch.cuda.is_available():
+        _bad(base + ["--device", "cuda"], capsys, "--device", "cuda", "no usable cuda device")
+        _bad(base + ["--device", "cuda:3"], capsys, "--device", "cuda:3")
+    missing = tmp_path / "newdir" / "a.png"
+    _bad(["generate", "--model", str(tiny_folder), "--prompt", "red circle", "--out", str(missing)], capsys,
+         "--out", "newdir", "does not exist")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_generate_bad_prompt_leaves_no_folder(tmp_path, capsys):
+    models = pytest.importorskip("fastcache_rt.models")
+    del models
+    _bad(["generate", "--prompt", "purple elephant", "--out", str(tmp_path / "newdir" / "a.png")], capsys,
+         "newdir")
+    assert not (tmp_path / "newdir").exists()
 
 
 @pytest.mark.parametrize("kind", ["sd3", "wan"])
