@@ -155,13 +155,23 @@ def install(model, controller: Controller) -> list:
     return created
 
 
+def _remove(registry, name: str) -> None:
+    """Remove one hook, unwinding the hooks outside it first and registering them again (see ``_reorder``: removing
+    a hook in the middle would bypass the next one if it wraps with ``new_forward``)."""
+    order = list(registry._hook_order)
+    if name not in order:
+        return
+    _reorder(registry, [n for n in order if n != name] + [name])
+    registry.remove_hook(name, recurse=False)
+
+
 def uninstall(model, controller: Controller, created: list) -> None:
     """Remove the hooks; a module that had no other hook is left exactly as it was (no registry, no instance
     ``forward``)."""
-    model._diffusers_hook.remove_hook(MODEL_HOOK, recurse=False)
+    _remove(model._diffusers_hook, MODEL_HOOK)
     for blocks in controller.lists:
         for block in blocks:
-            block._diffusers_hook.remove_hook(BLOCK_HOOK, recurse=False)
+            _remove(block._diffusers_hook, BLOCK_HOOK)
     model._diffusers_hook.invalidate_child_registries_cache()
     had_no_forward = {id(entry[0]) for entry in created if isinstance(entry, tuple)}
     for module in [model, *(b for blocks in controller.lists for b in blocks)]:

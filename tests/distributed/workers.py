@@ -103,6 +103,20 @@ def cached(rank, world_size, family, mode, steps, method, overrides=None, order=
     return res
 
 
+def cached_then_disabled(rank, world_size, family, mode, steps, method, overrides=None, order="after"):
+    """A cached generation, then ``fastcache_rt.disable`` and an uncached one: diffusers' context-parallel hooks
+    must work as before (the final latent), and only theirs remain."""
+    import fastcache_rt
+
+    m = _model(family, mode, world_size, method, overrides, order, steps)
+    tiny.denoise(m, family, steps)
+    fastcache_rt.disable(m)
+    out = tiny.denoise(m, family, steps)
+    chains = {name: list(mod._diffusers_hook._hook_order) for name, mod in m.named_modules()
+              if getattr(mod, "_diffusers_hook", None) is not None and mod._diffusers_hook._hook_order}
+    return {"out": out, "chains": chains}
+
+
 def single_cached(family, steps, method, overrides=None) -> dict:
     """The single-process cached run the context-parallel one must reproduce."""
     import fastcache_rt

@@ -51,6 +51,32 @@ def test_disable_restores_a_previous_instance_forward(model):
         del model.forward
 
 
+def test_disable_keeps_a_later_wrapping_hook_working(model):
+    """A hook registered after fastcache_rt's on the same module and wrapping with ``new_forward`` (as diffusers'
+    own cache hooks do) still runs after ``disable``: fastcache_rt's hook is unwound from the outside, not cut out
+    of the middle of the chain (diffusers' ``remove_hook`` of an inner hook would bypass it)."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    calls = []
+
+    class Counter(ModelHook):
+        def new_forward(self, module, *args, **kwargs):
+            calls.append(1)
+            return self.fn_ref.original_forward(*args, **kwargs)
+
+    ref = denoise(model, 4)
+    fastcache_rt.enable(model, "fora", num_steps=4)
+    block = model.transformer_blocks[1]
+    HookRegistry.check_if_exists_or_initialize(block).register_hook(Counter(), "counter")
+    denoise(model, 4)
+    fastcache_rt.disable(model)
+    calls.clear()
+    out = denoise(model, 4)
+    assert len(calls) == 4, "the later hook was bypassed after disable"
+    assert block._diffusers_hook._hook_order == ["counter"]
+    assert torch.equal(out, ref)
+
+
 @pytest.mark.parametrize(
     "policy, overrides, steps, expect",
     [
