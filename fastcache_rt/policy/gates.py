@@ -1,6 +1,6 @@
 """Gates: when to run the transformer. Each gate is a validated config dataclass with ``make_state(num_steps,
-device, coeffs, tokens, shard)`` returning its state object, which implements the protocol below; the controller knows nothing
-else of a gate. A new gate is one class here (or in any module) plus its name in ``GATES``.
+device, coeffs, tokens, shard)`` returning its state object, which implements the protocol below; the controller
+knows nothing else of a gate. A new gate is one class here (or in any module) plus its name in ``GATES``.
 
 Schedule gates (every step, fixed interval, Spectrum's adaptive interval, MagCache with calibrated ratios) depend
 only on the step index: their compute mask is known before the run, so in eager mode they decide on the host with
