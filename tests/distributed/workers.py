@@ -86,21 +86,27 @@ def cached(rank, world_size, family, mode, steps, method, overrides=None, order=
     """Context parallelism + fastcache_rt: final latent, decisions, cache bytes. With ``compile_backend``, the
     eager run is followed by a ``torch.compile(fullgraph=True)`` run of the same generation (fresh state); both
     are returned (``compiled_out``, ``compiled_computed``)."""
-    import fastcache_rt
-
     m = _model(family, mode, world_size, method, overrides, order, steps, explicit_group=explicit_group)
     t0 = time.perf_counter()
     out = tiny.denoise(m, family, steps)
     res = {"out": out, "loop_seconds": time.perf_counter() - t0, **_stats(m)}
     if compile_backend is not None:
-        torch._dynamo.reset()
-        fastcache_rt.enable(m, method, num_steps=steps, **(overrides or {}))  # fresh state
-        c = torch.compile(m, fullgraph=True, backend=compile_backend)
-        t0 = time.perf_counter()
-        res["compiled_out"] = tiny.denoise(c, family, steps)
-        res["compiled_seconds"] = time.perf_counter() - t0
-        res["compiled_computed"] = fastcache_rt.stats(m)["computed"]
+        res.update(_compiled(m, family, steps, compile_backend, method, **(overrides or {})))
     return res
+
+
+def _compiled(m, family, steps, backend, method, **overrides) -> dict:
+    """The same generation once more under ``torch.compile(fullgraph=True)``, from fresh fastcache_rt state:
+    ``compiled_out``, ``compiled_seconds``, ``compiled_computed``."""
+    import fastcache_rt
+
+    torch._dynamo.reset()
+    fastcache_rt.enable(m, method, num_steps=steps, **overrides)
+    c = torch.compile(m, fullgraph=True, backend=backend)
+    t0 = time.perf_counter()
+    out = tiny.denoise(c, family, steps)
+    return {"compiled_out": out, "compiled_seconds": time.perf_counter() - t0,
+            "compiled_computed": fastcache_rt.stats(m)["computed"]}
 
 
 def cached_then_disabled(rank, world_size, family, mode, steps, method, overrides=None, order="after"):
@@ -245,13 +251,7 @@ def knife_edge(rank, world_size, mode, steps, family="flux", second_pass=True, c
     if compile_backend is not None:
         for h in handles:
             h.remove()
-        torch._dynamo.reset()
-        fastcache_rt.enable(m, "teacache", num_steps=steps, threshold=tau, coeffs=coeffs)  # fresh state
-        c = torch.compile(m, fullgraph=True, backend=compile_backend)
-        t0 = time.perf_counter()
-        res["compiled_out"] = tiny.denoise(c, family, steps)
-        res["compiled_seconds"] = time.perf_counter() - t0
-        res["compiled_computed"] = fastcache_rt.stats(m)["computed"]
+        res.update(_compiled(m, family, steps, compile_backend, "teacache", threshold=tau, coeffs=coeffs))
     return res
 
 
