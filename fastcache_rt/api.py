@@ -13,6 +13,7 @@ from .controller import Controller
 from .families import family_for
 from .hooks import install, sync_parallel, uninstall
 from .policy import Policy, resolve_policy
+from .policy.gates import probes as gate_probes
 
 logger = logging.getLogger("fastcache_rt")
 _ATTR = "_fastcache_rt"
@@ -107,20 +108,48 @@ def _check_grid(grid):
     return tuple(grid) if len(grid) == 3 else (1, *grid)
 
 
+def _apply_profile(pol: Policy, profile: dict, name: str, model) -> Policy:
+    """The policy with what the profile's fit for this transformer gives its gate: TeaCache's polynomial
+    (``coeffs``), MagCache's ratios (``ratios``)."""
+    import dataclasses
+
+    from .calibrate import ProfileError, for_model
+
+    fit = for_model(profile, name, model)
+    gate = pol.gate
+    fields = {f.name for f in dataclasses.fields(gate)}
+    changes = {}
+    for field, method, key in (("coeffs", "teacache", "coeffs"), ("ratios", "magcache", "ratios")):
+        if field not in fields or getattr(gate, "calibrate", False):
+            continue
+        if getattr(gate, field) is not None:
+            raise ValueError(f"profile: the policy's {type(gate).__name__} already has {field}=; pass one or the other")
+        if method not in fit:
+            raise ProfileError(f"profile: no {method} fit for {name} (too few measured steps in its runs)")
+        changes[field] = tuple(fit[method][key])
+    if not changes:
+        raise ValueError(f"profile: the {type(gate).__name__} gate reads nothing from a profile (the TeaCache, "
+                         f"SpectralCache and MagCache gates do)")
+    return pol.with_overrides(**changes)
+
+
 def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None = None,
-           grid: tuple[int, ...] | None = None, group=None, **overrides) -> Handle:
+           grid: tuple[int, ...] | None = None, group=None, profile=None, **overrides) -> Handle:
     """Turn caching on for a diffusers pipeline (its ``transformer``, and ``transformer_2`` where there is one,
     each with its own state) or a transformer module.
 
     Args:
         target: a pipeline or a transformer of a supported family (``fastcache_rt.families``), also a
             ``torch.compile``d one.
-        policy: a preset name (``fastcache_rt.PRESETS``) or a ``Policy``.
+        policy: a preset name (``fastcache_rt.PRESETS``), a policy file (``.json``, from ``fastcache-rt tune``)
+            or a ``Policy``.
         num_steps: steps per generation, for a bare transformer (a pipeline announces it itself).
         grid: (H, W) or (F, H, W) of the image-token grid, for FreqCa where the family cannot tell it.
         group: the ``torch.distributed`` process group (or 1-D ``DeviceMesh``) the transformer's tokens are split
             over, when the model splits them by other means than diffusers' ``enable_parallelism`` (whose group is
             found by itself). Signal gates then reduce their sums over it, so every rank decides alike.
+        profile: a calibration profile (a path or the dict from ``fastcache_rt.calibrate``) made on this model:
+            the TeaCache / SpectralCache gates take its polynomial, MagCache its ratios (per transformer).
         **overrides: fields of the preset's gate or forecaster (e.g. ``threshold=0.4``, ``alpha=3.0``), or
             ``gate=``, ``forecaster=``, ``site=``.
 
@@ -129,7 +158,14 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
     pipe, models = _split(target)
     fams = {name: family_for(m) for name, m in models.items()}  # TypeError before anything is touched
     pol = resolve_policy(policy, **overrides)
-    pol.check_ready()
+    pols = {name: pol for name in models}
+    if profile is not None:
+        from .calibrate import load_profile
+
+        prof = load_profile(profile)
+        pols = {name: _apply_profile(pol, prof, name, m) for name, m in models.items()}
+    for p in pols.values():
+        p.check_ready()
     if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
         raise ValueError(f"num_steps: must be an int >= 1, got {num_steps!r}")
     grid = _check_grid(grid)
@@ -139,7 +175,7 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
         resolve_group(None, group)  # TypeError / ValueError before anything is touched
     for name, m in models.items():
         sizes = [len(getattr(m, b.attr)) for b in fams[name].lists]
-        k = getattr(pol.gate, "blocks", 0) if pol.gate.probe == "first_blocks" else 0
+        k = getattr(pol.gate, "blocks", 0) if "first_blocks" in gate_probes(pol.gate) else 0
         if k > sizes[0] or k >= sum(sizes):
             raise ValueError(f"blocks: the FBCache probe runs the first blocks of the first list and must leave "
                              f"blocks to skip ({' + '.join(map(str, sizes))} blocks), got {k}")
@@ -150,9 +186,9 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
     restore: list = []
     controllers = {}
     for name, m in models.items():
-        fam = fams[name]
+        fam, pol = fams[name], pols[name]
         coeffs = None
-        if pol.gate.probe == "modulated" and getattr(pol.gate, "coeffs", None) is None:
+        if pol.gate.probe == "modulated" and hasattr(pol.gate, "coeffs") and pol.gate.coeffs is None:
             if fam.teacache:
                 coeffs = next(iter(fam.teacache.values()))
             else:

@@ -1,5 +1,6 @@
-"""The ``fastcache-rt`` command line: ``bench`` (every method and the peers on the shipped model, one table) and
-``generate`` (one image from any diffusers pipeline with a policy on).
+"""The ``fastcache-rt`` command line: ``bench`` (every method and the peers on the shipped model, one table),
+``generate`` (one image from any diffusers pipeline with a policy on), ``calibrate`` (a model's profile: TeaCache
+polynomial, MagCache ratios) and ``tune`` (the fastest policy meeting a quality target).
 
 Bad input (an unknown policy, model, prompt class, field, device, a step count below 2, a size below 1, an output
 that cannot be written) ends with one line on stderr and exit status 2, before any long work starts and without
@@ -54,7 +55,7 @@ def _positive(name):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fastcache-rt", description="Feature caching for diffusion transformers: benchmark and generate.")
-    sub = p.add_subparsers(dest="command", metavar="{bench,generate}")
+    sub = p.add_subparsers(dest="command", metavar="{bench,generate,calibrate,tune}")
     sub.required = True
 
     b = sub.add_parser("bench", help="run every method and the peers on the shipped model and print one table")
@@ -65,9 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", type=_int("--seeds"), nargs="+", default=None, help="noise seeds")
     b.add_argument("--classes", nargs="+", default=None, help="prompts (class names of the shipped model)")
     b.add_argument("--methods", nargs="+", default=None,
-                   help="restrict to these methods: preset names, diffusers[-fbcache|-taylorseer|-magcache], "
+                   help="restrict to these methods: preset names, diffusers[-fbcache|-taylorseer|-magcache|-seacache], "
                         "cache-dit[-dbcache|-taylorseer]")
     b.add_argument("--no-peers", action="store_true", help="leave out diffusers' hooks and cache-dit")
+    b.add_argument("--policy", nargs="+", default=[], metavar="FILE",
+                   help="also run these policy files (from fastcache-rt tune) as rows \"tuned\"")
     b.add_argument("--rounds", type=_positive("--rounds"), default=None, help="timing rounds (median over them)")
     b.add_argument("--model", default=None, help="a FLUX diffusers pipeline folder or hub id (default: shipped)")
     b.add_argument("--height", type=_positive("--height"), default=None)
@@ -96,7 +99,55 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a field of the policy's gate or forecaster, e.g. --set threshold=0.3 (repeatable)")
+
+    c = sub.add_parser("calibrate", help="measure a model's signals over prompts and fit a profile (TeaCache "
+                                         "polynomial, MagCache ratios, FBCache changes)")
+    c.add_argument("--model", default=None, help="diffusers pipeline folder or hub id (default: the shipped model)")
+    c.add_argument("--prompts", default=None, help="a text file, one prompt per line (default for the shipped model: "
+                                                   "its classes)")
+    c.add_argument("--steps", type=_int("--steps"), default=50)
+    c.add_argument("--seeds", type=_int("--seeds"), nargs="+", default=[0], help="noise seeds (default 0)")
+    c.add_argument("--out", required=True, help="the profile (.json) to write")
+    c.add_argument("--plot", default=None, help="a PNG of the TeaCache fit (default: next to --out)")
+    c.add_argument("--resume", action="store_true", help="continue the profile in --out (runs there are kept)")
+    c.add_argument("--shard", default=None, metavar="I/N", help="only every N-th run from the I-th (0-based)")
+    c.add_argument("--merge", nargs="+", default=None, metavar="PROFILE",
+                   help="merge partial profiles (shards) into --out instead of running")
+    _pipeline_args(c)
+
+    t = sub.add_parser("tune", help="find the fastest policy meeting a quality target against the uncached output")
+    t.add_argument("--model", default=None, help="diffusers pipeline folder or hub id (default: the shipped model)")
+    what = t.add_mutually_exclusive_group(required=True)
+    what.add_argument("--target-psnr", type=float, nargs="+", help="PSNR of the images in dB (one or more targets)")
+    what.add_argument("--target-ssim", type=float, nargs="+", help="SSIM of the images")
+    what.add_argument("--target-rel-l2", type=float, nargs="+", help="relative L2 of the final latents")
+    t.add_argument("--prompts", default=None, help="search prompts, one per line (default for the shipped model: "
+                                                   "its classes)")
+    t.add_argument("--seeds", type=_int("--seeds"), nargs="+", default=[0], help="search seeds (default 0)")
+    t.add_argument("--holdout-prompts", default=None, help="verification prompts (default: the search prompts)")
+    t.add_argument("--holdout-seeds", type=_int("--holdout-seeds"), nargs="+", default=[1],
+                   help="verification seeds (default 1)")
+    t.add_argument("--steps", type=_int("--steps"), default=50)
+    t.add_argument("--profile", default=None, help="a calibration profile of this model (adds its arms)")
+    t.add_argument("--budget-minutes", type=float, default=None, help="stop searching after this long")
+    t.add_argument("--quick", action="store_true", help="2 prompts and 20 steps unless given (a smoke run)")
+    t.add_argument("--out", required=True, help="output folder: tune.json, tune.md, tune_front.png and one "
+                                                "policy_<metric><target>.json per target met")
+    _pipeline_args(t)
     return p
+
+
+def _pipeline_args(p) -> None:
+    """What a pipeline call takes beside prompt and steps (calibrate and tune)."""
+    p.add_argument("--height", type=_positive("--height"), default=None)
+    p.add_argument("--width", type=_positive("--width"), default=None)
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--max-sequence-length", type=_positive("--max-sequence-length"), default=None)
+    p.add_argument("--num-frames", type=_positive("--num-frames"), default=None, help="video pipelines: frames")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=_positive("--threads"), default=None, help="torch intra-op threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -340,8 +391,8 @@ def cmd_generate(a) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 # bench
 # ---------------------------------------------------------------------------------------------------------------------
-PEER_NAMES = ("diffusers-fbcache", "diffusers-taylorseer", "diffusers-magcache", "cache-dit-dbcache",
-              "cache-dit-taylorseer")
+PEER_NAMES = ("diffusers-fbcache", "diffusers-taylorseer", "diffusers-magcache", "diffusers-seacache",
+              "cache-dit-dbcache", "cache-dit-taylorseer")
 
 
 def _select_methods(names):
@@ -372,7 +423,7 @@ def _peer_configs(peers: set, quick: bool, warn):
     out = []
     d = M.diffusers_configs(quick)
     picks = {"diffusers-fbcache": "FirstBlockCache", "diffusers-taylorseer": "TaylorSeerCache",
-             "diffusers-magcache": "MagCache"}
+             "diffusers-magcache": "MagCache", "diffusers-seacache": "SeaCache"}
     for name, prefix in picks.items():
         if name in peers:
             out += [c for c in d if c.method.startswith(prefix)]
@@ -403,6 +454,12 @@ def cmd_bench(a) -> int:
         torch.set_num_threads(a.threads)
     mode = QUICK if a.quick else FULL
     ours, peers = _select_methods(a.methods)
+    tuned = []
+    for path in a.policy:
+        try:
+            tuned.append(M.policy_file(path))
+        except ValueError as e:
+            raise UsageError(f"--policy: {e}") from None
     if a.no_peers:
         peers = set()
     try:
@@ -445,7 +502,7 @@ def cmd_bench(a) -> int:
     settings = Settings(prompts=classes, seeds=list(a.seeds or mode["seeds"]), steps=a.steps, height=height,
                         width=width, call_kwargs=kw, rounds=a.rounds or mode["rounds"],
                         uncached_every=mode["uncached_every"])
-    configs = M.our_configs(a.steps, a.quick, ours) + _peer_configs(peers, a.quick, warn)
+    configs = M.our_configs(a.steps, a.quick, ours) + tuned + _peer_configs(peers, a.quick, warn)
     if not configs:
         raise UsageError("--methods: nothing left to run")
     print(f"fastcache-rt bench: {len(configs)} configurations, {len(settings.batch)} images per call "
@@ -470,14 +527,217 @@ def cmd_bench(a) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# calibrate and tune
+# ---------------------------------------------------------------------------------------------------------------------
+def read_prompts(path: str | None, option: str, shipped) -> list[str]:
+    """Prompts from a text file (one per line; blank lines and lines starting with # skipped), else the shipped
+    model's classes; for the shipped model each must be one of its classes."""
+    if path is None:
+        if shipped is None:
+            raise UsageError(f"{option}: a prompts file is required with --model")
+        return list(shipped.CLASSES)
+    try:
+        lines = Path(path).expanduser().read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{option}: cannot read {path}: {e.strerror if isinstance(e, OSError) else e}") from None
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    if not prompts:
+        raise UsageError(f"{option}: {path} has no prompts")
+    if shipped is not None:
+        for q in prompts:
+            try:
+                shipped.check_prompt(q)
+            except (ValueError, TypeError) as e:
+                raise UsageError(f"{option}: {e}") from None
+    return prompts
+
+
+def _seeds(seeds, option: str) -> list[int]:
+    for s in seeds:
+        if s < 0:
+            raise UsageError(f"{option}: seeds are >= 0, got {s}")
+    return list(dict.fromkeys(seeds))
+
+
+def _prepare(a):
+    """Check the common arguments, load the pipeline: (pipe, call kwargs, shipped module or None)."""
+    import torch
+
+    _check_steps(a.steps)
+    check_device(a.device)
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
+    shipped = shipped_module() if is_shipped(a.model) else None
+    return shipped
+
+
+def _load_for(a, shipped):
+    import torch
+
+    kw = sample_defaults(shipped) if shipped is not None else {}
+    pipe, _ = load_pipeline(a.model, a.device, getattr(torch, a.dtype))
+    for name in ("height", "width", "guidance_scale", "max_sequence_length", "num_frames"):
+        v = getattr(a, name)
+        if v is not None:
+            kw[name] = v
+    check_size(pipe, kw)
+    try:
+        import fastcache_rt.families as F
+        from fastcache_rt.api import _split
+
+        for m in _split(pipe)[1].values():
+            F.family_for(m)
+    except TypeError as e:
+        raise UsageError(f"--model: {str(e).splitlines()[0]}") from None
+    pipe.set_progress_bar_config(disable=True)  # the command's own bar counts the runs
+    return pipe, kw
+
+
+def _out_json(path: str, option: str = "--out") -> Path:
+    out = Path(path)
+    if out.suffix.lower() != ".json":
+        raise UsageError(f"{option}: must be a .json file, got {path!r}")
+    if out.is_dir():
+        raise UsageError(f"{option}: {out} is a folder")
+    from .bench.report import check_writable
+
+    try:
+        check_writable(out.parent if str(out.parent) else Path("."), must_exist=True)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return out
+
+
+def _shard(text: str | None):
+    if text is None:
+        return None
+    i, sep, n = text.partition("/")
+    try:
+        i, n = int(i), int(n)
+    except ValueError:
+        raise UsageError(f"--shard: expected I/N, got {text!r}") from None
+    if not sep or n < 1 or not 0 <= i < n:
+        raise UsageError(f"--shard: expected I/N with 0 <= I < N, got {text!r}")
+    return i, n
+
+
+def cmd_calibrate(a) -> int:
+    from . import calibrate as C
+    from .bench.report import write_atomic
+    from .policy import FLUX_TEACACHE_COEFFS
+
+    out = _out_json(a.out)
+    plot = Path(a.plot) if a.plot else out.with_name(out.stem + "_fit.png")
+    if plot.suffix.lower() != ".png":
+        raise UsageError(f"--plot: must be a .png file, got {str(plot)!r}")
+    if a.merge:
+        try:
+            profile = C.merge_profiles(a.merge)
+        except C.ProfileError as e:
+            raise UsageError(f"--merge: {e}") from None
+    else:
+        if a.resume and out.exists():
+            try:
+                C.load_profile(out)
+            except C.ProfileError as e:
+                raise UsageError(f"--resume: {e}") from None
+        shard = _shard(a.shard)
+        shipped = _prepare(a)
+        prompts = read_prompts(a.prompts, "--prompts", shipped)
+        seeds = _seeds(a.seeds, "--seeds")
+        pipe, kw = _load_for(a, shipped)
+        try:
+            profile = C.calibrate(pipe, prompts, steps=a.steps, seeds=seeds, call_kwargs=kw, out=out, resume=a.resume,
+                                  shard=shard, progress=not a.no_progress)
+        except C.ProfileError as e:
+            raise UsageError(str(e)) from None
+    C.save_profile(profile, out)
+    written = [out]
+    if any("teacache" in f for f in profile["fit"].values()):
+        write_atomic(plot, C.fit_plot_png(profile, {"FLUX.1 coefficients (TeaCache)": FLUX_TEACACHE_COEFFS}))
+        written.append(plot)
+    print(f"calibrated {len(profile['runs'])} runs ({profile['prompts']} prompts x {len(profile['seeds'])} seeds, "
+          f"{profile['steps']} steps)")
+    for name, fit in profile["fit"].items():
+        tc = fit.get("teacache")
+        if tc:
+            print(f"{name}: TeaCache coeffs [{', '.join(f'{c:.6g}' for c in tc['coeffs'])}], R^2 {tc['r2']:.3f} over "
+                  f"{tc['points']} steps")
+        if "magcache" in fit:
+            print(f"{name}: MagCache ratios over {len(fit['magcache']['ratios'])} steps")
+    print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
+def cmd_tune(a) -> int:
+    from . import tune as T
+    from .bench.report import check_writable, json_bytes, write_atomic
+    from .policy import save_policy
+
+    metric, targets = next((m, v) for m, v in (("psnr", a.target_psnr), ("ssim", a.target_ssim),
+                                               ("rel_l2", a.target_rel_l2)) if v is not None)
+    try:
+        out = check_writable(Path(a.out))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if a.budget_minutes is not None and not a.budget_minutes > 0:
+        raise UsageError(f"--budget-minutes: must be > 0, got {a.budget_minutes}")
+    if a.quick and a.steps == 50:
+        a.steps = 20
+    profile = None
+    if a.profile is not None:
+        from .calibrate import ProfileError, load_profile
+
+        try:
+            profile = load_profile(a.profile)
+        except ProfileError as e:
+            raise UsageError(f"--profile: {e}") from None
+    shipped = _prepare(a)
+    prompts = read_prompts(a.prompts, "--prompts", shipped)
+    if a.quick and a.prompts is None:
+        prompts = prompts[:2]
+    holdout = read_prompts(a.holdout_prompts, "--holdout-prompts", shipped) if a.holdout_prompts else prompts
+    seeds = _seeds(a.seeds, "--seeds")
+    hseeds = _seeds(a.holdout_seeds, "--holdout-seeds")
+    try:  # the targets before loading
+        T.check_targets(metric, targets)
+    except ValueError as e:
+        raise UsageError(f"--target-{metric.replace('_', '-')}: {e}") from None
+    pipe, kw = _load_for(a, shipped)
+    try:
+        res = T.tune(pipe, targets, metric=metric, prompts=prompts, seeds=seeds, holdout_prompts=holdout,
+                     holdout_seeds=hseeds, steps=a.steps, call_kwargs=kw, profile=profile,
+                     budget_minutes=a.budget_minutes, progress=not a.no_progress)
+    except ValueError as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for e in res["targets"]:
+        if e.get("met"):
+            path = out / f"policy_{metric}{e['target']:g}.json"
+            save_policy(e["policy"], path)
+            e["policy_file"] = str(path)
+            written.append(path)
+    data = dict(res)
+    data["targets"] = [{k: v for k, v in e.items() if k != "policy"} for e in res["targets"]]
+    write_atomic(out / "tune.json", json_bytes(data))
+    md = T.markdown(res)
+    write_atomic(out / "tune.md", md.encode())
+    write_atomic(out / "tune_front.png", T.front_png(res))
+    written += [out / "tune.json", out / "tune.md", out / "tune_front.png"]
+    print()
+    print(md)
+    print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
+    commands = {"bench": cmd_bench, "generate": cmd_generate, "calibrate": cmd_calibrate, "tune": cmd_tune}
     try:
         a = parser.parse_args(argv)
-        if a.command == "bench":
-            code = cmd_bench(a)
-        else:
-            code = cmd_generate(a)
+        code = commands[a.command](a)
     except UsageError as e:
         print(f"fastcache-rt: error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None

@@ -17,6 +17,7 @@ import torch
 from .families import Family
 from .parallel import Shard
 from .policy import Policy
+from .policy.gates import probes as gate_probes
 from .stream import Step, StreamState
 
 logger = logging.getLogger("fastcache_rt")
@@ -71,7 +72,8 @@ class Controller:
         self.lists = [list(getattr(model, b.attr)) for b in family.lists]
         for m in [model, *(b for blocks in self.lists for b in blocks)]:
             _signature(type(m))  # read here, not while torch.compile traces a call (it cannot trace inspect)
-        self.probe_blocks = getattr(policy.gate, "blocks", 0) if policy.gate.probe == "first_blocks" else 0
+        self.probes = gate_probes(policy.gate)
+        self.probe_blocks = getattr(policy.gate, "blocks", 0) if "first_blocks" in self.probes else 0
         self.streams: dict[tuple, StreamState] = {}
         self.call: Call | None = None
         self.calls_this_step = 0  # fallback branch identity: the call's position between scheduler steps
@@ -172,11 +174,16 @@ class Controller:
 
     def end_call(self, output):
         call, self.call = self.call, None
-        if call is None or call.st is None or self.policy.site != "output":
+        if call is None or call.st is None:
             return output
         st = call.st
         t0 = self._clock()
         out = output[0] if isinstance(output, tuple) else output.sample
+        if hasattr(st.gate, "output"):  # a gate measuring the model's output (calibration)
+            st.gate.output(call.step, out)
+        if self.policy.site != "output":
+            self._tick(t0)
+            return output
         if tuple(out.shape) != st.shape:
             raise ValueError(f"site: the model's output {tuple(out.shape)} differs from its latent input {st.shape} "
                              f"({self.family.name}, e.g. a learned variance): use site='hidden'")
@@ -223,6 +230,9 @@ class Controller:
             st = call.st = self._stream(call, call.base)
             call.step = Step(st.index if not torch.compiler.is_compiling() else None, st.step)
             call.compute = None
+            if "modulated" in self.probes:  # the family's probe reads the first block's input
+                call.step.probes["modulated"] = self._probe(kw, hidden)
+                call.step.replicated = self._replicated(call.step.probes["modulated"], hidden)
             if self.probe_blocks and not spec.per_block:  # the first blocks always run (model time)
                 self._tick(t0)
                 hidden, enc = self._run(li, original, own, kw, hidden, enc, 0, self.probe_blocks)
@@ -235,11 +245,10 @@ class Controller:
             # 2. the probe and the decision
             if self.probe_blocks:
                 img = self._image_part(call, spec, hidden)
-                call.step.probe = img - call.base
-                call.base = img
-            elif self.policy.gate.probe == "modulated":
-                call.step.probe = self._probe(kw, hidden)
-                call.step.replicated = self._replicated(call.step.probe, hidden)
+                call.step.probes["first_blocks"] = img - call.base
+                if self.policy.gate.probe == "first_blocks":  # a skipped step skips only the blocks after them
+                    call.base = img
+            call.step.probe = call.step.probes.get(self.policy.gate.probe)
             call.compute = self._decide(call.st, call.step)
         compute, site = call.compute, self.policy.site
 
@@ -451,8 +460,10 @@ class Controller:
             log = s.decisions()
             row = {"branch": key[0][1], "shape": list(key[1]), "computed": [i for i, c in enumerate(log) if c is True],
                    "cached": [i for i, c in enumerate(log) if c is False], "nonfinite": int(s.events[0])}
-            if hasattr(s.gate, "ratios"):
-                row["mag_ratios"] = s.gate.ratios(len(log))[sum(c is None for c in log):]  # its own steps
+            if hasattr(s.gate, "measurements"):  # a calibration run: every signal at every step of the generation
+                row["calibration"] = s.gate.measurements(len(log))
+                if "mag" in row["calibration"]:
+                    row["mag_ratios"] = row["calibration"]["mag"][sum(c is None for c in log):]  # its own steps
             per.append(row)
         return per
 

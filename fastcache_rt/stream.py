@@ -7,7 +7,7 @@ where a host counter would be a recompilation per step)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,8 +18,9 @@ class Step:
 
     index: int | None  # the host step index (None under torch.compile)
     tensor: torch.Tensor  # the device step index, int64 0-dim
-    probe: torch.Tensor | None = None
-    replicated: bool = False  # the probe is whole and identical on every context-parallel rank (nothing to reduce)
+    probe: torch.Tensor | None = None  # what the gate's decision reads
+    replicated: bool = False  # the "modulated" probe is whole and identical on every context-parallel rank
+    probes: dict = field(default_factory=dict)  # every probe the gate reads, by name ("modulated", "first_blocks")
 
 
 class StreamState:

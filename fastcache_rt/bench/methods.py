@@ -85,6 +85,25 @@ def ours(preset: str, overrides: dict, *, default=False, tags=()) -> Config:
                   note="first block runs every step" if preset == "fbcache" else "")
 
 
+def policy_file(path) -> Config:
+    """A policy file (``fastcache-rt tune``'s output) as one row: method "tuned", configuration the file's name and
+    its arm."""
+    from pathlib import Path
+
+    from ..policy import load_policy
+
+    pol = load_policy(path)
+
+    def enable(pipe, ctx: Context):
+        fastcache_rt.enable(pipe, pol)
+
+    def disable(pipe):
+        fastcache_rt.disable(pipe)
+
+    return Config("tuned", OURS, f"{Path(path).stem} ({pol.name})", enable, disable,
+                  note=f"{type(pol.gate).__name__} + {type(pol.forecaster).__name__} at {pol.site}")
+
+
 def _budget_tags(steps: int, preset: str, overrides: dict) -> tuple:
     if steps != BUDGET_STEPS or "site" in overrides:  # the budget comparison uses each preset's own site
         return ()
@@ -205,15 +224,120 @@ def diffusers_magcache_calibration(pipe, run: Callable, steps: int) -> list[floa
     return ratios
 
 
+def seacache_available() -> tuple[bool, str]:
+    """Whether the installed diffusers has SeaCache (diffusers >= 0.42)."""
+    try:
+        from diffusers.hooks import SeaCacheConfig, apply_sea_cache  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means: not in this diffusers
+        return False, f"{type(e).__name__}: {e}"
+    import diffusers
+
+    return True, diffusers.__version__
+
+
+# SeaCache on FLUX. diffusers' SeaCache gates on an indicator computed from the raw visual latents (each (C, T, H, W),
+# SEA-filtered over T, H, W at the current sigma) and reads the scheduler position from the cache context. Its built-in
+# adapters only produce the latents for Cosmos 3 and Wan T2V, and FluxPipeline enters `cache_context("cond")` without
+# step_index / sigma / num_inference_steps, so without both pieces below every step runs in full ("fail-open").
+def flux_sea_raw_vision(module, args, kwargs) -> list[torch.Tensor] | None:
+    """SeaCache ``raw_vision_callback`` for FLUX transformers: the packed latents ``hidden_states`` (B, (H/2)*(W/2),
+    C*4) unpacked as ``FluxPipeline._unpack_latents`` does, one (C, 1, H, W) tensor per sample (a single frame). The
+    token grid (H/2, W/2) is read from ``img_ids`` (its last row is (0, H/2 - 1, W/2 - 1)). ``None`` (SeaCache then
+    runs the step in full) when the call does not look like that."""
+    hs = kwargs.get("hidden_states", args[0] if args else None)
+    ids = kwargs.get("img_ids")
+    if not isinstance(hs, torch.Tensor) or hs.ndim != 3 or not isinstance(ids, torch.Tensor) or ids.ndim not in (2, 3):
+        return None
+    if ids.ndim == 3:  # the deprecated batched ids
+        ids = ids[0]
+    if ids.shape[-1] != 3 or ids.shape[0] != hs.shape[1]:
+        return None
+    h2, w2 = (int(v) + 1 for v in ids[-1, 1:].tolist())
+    b, n, c4 = hs.shape
+    if h2 * w2 != n or c4 % 4:
+        return None
+    c = c4 // 4
+    lat = hs.view(b, h2, w2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, 1, h2 * 2, w2 * 2)
+    return list(lat.unbind(0))
+
+
+def _install_step_context(pipe) -> None:
+    """Make ``pipe.transformer.cache_context(name)`` also pass the scheduler position SeaCache needs: step_index (the
+    scheduler's, or its begin index before the first ``step``), sigma (``scheduler.sigmas[step_index]``) and
+    num_inference_steps (``len(scheduler.timesteps)``). An instance attribute over ``CacheMixin.cache_context``;
+    ``_remove_step_context`` takes it away."""
+    tr = pipe.transformer
+    sch = pipe.scheduler
+    inner = tr.__dict__.get("cache_context") or type(tr).cache_context.__get__(tr)
+
+    def cache_context(name, **kw):
+        i = getattr(sch, "step_index", None)
+        if i is None:
+            i = getattr(sch, "begin_index", None) or 0
+        kw.setdefault("step_index", i)
+        kw.setdefault("num_inference_steps", len(sch.timesteps))
+        sigmas = getattr(sch, "sigmas", None)
+        if "sigma" not in kw and sigmas is not None and 0 <= i < len(sigmas):
+            kw["sigma"] = float(sigmas[i])
+        return inner(name, **kw)
+
+    cache_context._fastcache_rt_seacache = tr.__dict__.get("cache_context", _MISSING)
+    tr.__dict__["cache_context"] = cache_context
+
+
+def _remove_step_context(pipe) -> None:
+    tr = pipe.transformer
+    ours = tr.__dict__.get("cache_context")
+    prev = getattr(ours, "_fastcache_rt_seacache", None)
+    if prev is None:  # not installed by us
+        return
+    if prev is _MISSING:
+        del tr.__dict__["cache_context"]
+    else:
+        tr.__dict__["cache_context"] = prev
+
+
+def diffusers_seacache(threshold: float, default=False, *, max_consecutive: int = 2) -> Config:
+    """diffusers' SeaCache with its defaults (linear residual forecast, first and last step in full) but
+    ``threshold`` and ``max_consecutive`` (its ``max_consecutive_cached``, K in the label; 0: no limit). On FLUX
+    through :func:`flux_sea_raw_vision` and the scheduler position added to the cache context."""
+
+    def enable(pipe, ctx):
+        from diffusers.hooks import SeaCacheConfig
+
+        pipe.transformer.enable_cache(SeaCacheConfig(threshold=threshold, max_consecutive_cached=max_consecutive,
+                                                     raw_vision_callback=flux_sea_raw_vision))
+        _install_step_context(pipe)
+
+    def disable(pipe):
+        try:
+            pipe.transformer.disable_cache()
+        finally:
+            _remove_step_context(pipe)
+
+    k = max_consecutive if max_consecutive else "none"
+    return Config("SeaCache", DIFFUSERS, f"threshold={_fmt(threshold)} K={k}", enable, disable, default=default,
+                  note="all blocks skipped; the SEA indicator (an FFT of the latents) and its distance (read back to "
+                       "the host) are computed on each step")
+
+
 def diffusers_configs(quick: bool) -> list[Config]:
+    # SeaCache: the library's defaults (threshold 0.25, at most 2 cached steps in a row) compute 20 of 50 steps on the
+    # shipped model; with the cap at 2 no threshold goes below ~18, so the fastest setting lifts it (0.3 uncapped: 11);
+    # 0.07 computes 29.
+    sea = []
+    if seacache_available()[0]:
+        sea = [diffusers_seacache(0.25, default=True), diffusers_seacache(0.3, max_consecutive=0)]
+        if not quick:
+            sea.insert(0, diffusers_seacache(0.07))
     if quick:
         return [diffusers_fbcache(0.1, default=True), diffusers_fbcache(0.2),
                 diffusers_taylorseer(4), diffusers_taylorseer(6, default=True),
-                diffusers_magcache(0.06), diffusers_magcache(0.24, default=True)]
+                diffusers_magcache(0.06), diffusers_magcache(0.24, default=True)] + sea
     return [diffusers_fbcache(0.1, default=True), diffusers_fbcache(0.2), diffusers_fbcache(0.3),
             diffusers_taylorseer(3), diffusers_taylorseer(4), diffusers_taylorseer(6, default=True),
             diffusers_taylorseer(6, lite=True, default=True),
-            diffusers_magcache(0.06), diffusers_magcache(0.12), diffusers_magcache(0.24, default=True)]
+            diffusers_magcache(0.06), diffusers_magcache(0.12), diffusers_magcache(0.24, default=True)] + sea
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,10 +11,18 @@ from .gates import (
     SpectrumSchedule,
     TeaCacheGate,
 )
-from .presets import PRESETS, Policy, resolve_policy
+from .presets import (
+    PRESETS,
+    Policy,
+    load_policy,
+    policy_from_dict,
+    policy_to_dict,
+    resolve_policy,
+    save_policy,
+)
 
 __all__ = [
     "FLUX_TEACACHE_COEFFS", "PRESETS", "Chebyshev", "EveryStep", "FBCacheGate", "FixedInterval", "FreqCa",
     "MagCacheGate", "Policy", "Reuse", "SpectralCacheGate", "SpectrumSchedule", "Taylor", "TeaCacheGate",
-    "resolve_policy",
+    "load_policy", "policy_from_dict", "policy_to_dict", "resolve_policy", "save_policy",
 ]

@@ -11,6 +11,7 @@ no device op and no read. Signal gates (TeaCache, SpectralCache, FBCache) decide
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -225,8 +226,34 @@ class MagCacheGate:
     def make_state(self, num_steps: int, device, coeffs=None, tokens=None, shard=None):
         self.check_ready()
         if self.calibrate:
-            return MagCacheCalibration(num_steps, device, tokens, shard)
+            return CalibrationState(num_steps, device, tokens, shard)
         return ScheduleState(self.schedule(num_steps), device)
+
+
+@dataclass(frozen=True)
+class Calibrate:
+    """Not a caching gate: every step computes, and the signals every gate reads are measured per step (the
+    relative L1 change of the probe, of the first ``blocks`` blocks' residual and of the model's output, and
+    MagCache's residual-norm ratio; ``CalibrationState``). ``fastcache_rt.calibrate`` runs it over prompts and seeds
+    and fits a profile from the measurements (``stats(target)["per_stream"][i]["calibration"]``)."""
+
+    blocks: int = 1
+    probe = "modulated"
+    probes = ("modulated", "first_blocks")
+
+    def __post_init__(self):
+        check(self, "blocks", is_int(self.blocks) and self.blocks >= 1, "an int >= 1")
+
+    def make_state(self, num_steps: int, device, coeffs=None, tokens=None, shard=None):
+        return CalibrationState(num_steps, device, tokens, shard, signals=("input", "output", "first_block", "mag"))
+
+
+def probes(gate) -> tuple[str, ...]:
+    """Every probe a gate reads: its ``probes``, else its one ``probe`` (the one its decision reads)."""
+    found = getattr(gate, "probes", None)
+    if found is None:
+        found = () if gate.probe is None else (gate.probe,)
+    return tuple(found)
 
 
 def _pos(v) -> bool:
@@ -255,6 +282,7 @@ GATES = {
     "spectralcache": SpectralCacheGate,
     "fbcache": FBCacheGate,
     "magcache": MagCacheGate,
+    "calibrate": Calibrate,
 }
 
 
@@ -264,9 +292,12 @@ GATES = {
 # ``fastcache_rt.parallel.Shard`` when the tokens are split over a context-parallel group, else None: what a gate
 # measures over the tokens is reduced over it, so every rank decides alike) and behind one protocol (the controller
 # calls only these methods):
-#   probe                      None, "modulated" (the family's probe) or "first_blocks" (FBCache's residual)
+#   probe                      None, "modulated" (the family's probe) or "first_blocks" (FBCache's residual): the
+#                              probe its decision reads (``step.probe``); a gate reading several names them in
+#                              ``probes`` (``step.probes``: name -> tensor)
 #   decide(step) -> compute    a host bool (eager, decided from the host step index) or a 0-dim device bool
 #   after(step, compute, residual) after the branch: update state (``residual()``: this step's residual)
+#   output(step, out)          optional: the model's output of the call (a gate measuring it: calibration)
 #   reset()                    a new generation (host side, between generations)
 #   start_at(index)            the stream's first call comes at step ``index`` of the generation (a second expert)
 #   uses_step                  reads the device step counter (else eager mode need not advance it)
@@ -314,22 +345,71 @@ class ScheduleState:
         return [self.device_mask]
 
 
-class MagCacheCalibration(ScheduleState):
-    """MagCache calibration: every step computes; the mean over tokens of ||r_s|| / ||r_{s-1}|| of the residual
-    is measured at every step (the same code eager and compiled)."""
+class CalibrationState(ScheduleState):
+    """A calibration run: every step computes, and what the gates would see is measured at every step into one
+    device table (the same code eager and compiled for ``mag``; the probe signals need eager mode):
+
+    - ``mag``: MagCache's ratio, the mean over tokens of ||r_s|| / ||r_{s-1}|| of the whole-stack residual (1 at
+      the first step);
+    - ``input``: the relative L1 change of the family's probe (TeaCache's modulated input) from the previous step;
+    - ``first_block``: the same of the first blocks' residual (FBCache's signal; every step computes, so the
+      previous step is the last computed one);
+    - ``output``: the same of the model's output (what TeaCache's polynomial predicts).
+
+    The relative changes are ``ops.band_l1`` sums, reduced over a context-parallel group (they add up across
+    ranks), so every rank measures the whole sequence's."""
 
     uses_step = True
+    PROBE_SIGNALS: typing.ClassVar[dict] = {"modulated": "input", "first_blocks": "first_block"}
 
-    def __init__(self, num_steps: int, device, tokens, shard=None):
+    def __init__(self, num_steps: int, device, tokens, shard=None, signals=("mag",)):
         super().__init__([True] * num_steps, device)
         self.shard = shard
-        self.measured = torch.full((num_steps + 1,), float("nan"), device=device)
-        # every buffer is made here: under torch.compile a stream is created inside the first traced call, and an
-        # attribute set later on an object made in the trace does not survive it
+        self.signals = tuple(signals)
+        self.measured = torch.full((len(self.signals), num_steps + 1), float("nan"), device=device)
+        # every buffer the compiled path uses is made here: under torch.compile a stream is created inside the
+        # first traced call, and an attribute set later on an object made in the trace does not survive it
         self.prev_norm = torch.ones(tuple(tokens)[:-1], device=device)
         self.seen = torch.zeros((), dtype=torch.bool, device=device)
+        self.prev: dict[str, torch.Tensor] = {}  # the previous step's probes and output (eager)
+        self.fresh: set[str] = set()  # signals whose previous value is from this generation
+
+    def _put(self, step, signal: str, value: torch.Tensor) -> None:
+        """Row: the host step index where there is one (``output`` comes after the device counter advanced)."""
+        if signal in self.signals:
+            last = self.measured.shape[1] - 1
+            if step.index is not None:
+                row = torch.full((1,), min(step.index, last), dtype=torch.int64, device=self.measured.device)
+            else:
+                row = step.tensor.clamp(max=last).view(1)
+            self.measured[self.signals.index(signal)].index_copy_(0, row, value.reshape(1).to(self.measured.dtype))
+
+    def _change(self, step, name: str, signal: str, value: torch.Tensor, replicated: bool) -> None:
+        """The relative L1 change of ``value`` from the previous step's (nothing at the first step)."""
+        if signal not in self.signals:
+            return
+        if torch.compiler.is_compiling():
+            raise RuntimeError("fastcache_rt calibration: the probe and output signals are measured in eager mode; "
+                               "calibrate the uncompiled model (the measured values do not depend on it)")
+        prev = self.prev.get(name)
+        if prev is not None and prev.shape == value.shape and name in self.fresh:
+            sums = ops.band_l1(value, prev)
+            if self.shard is not None and not replicated:
+                sums = self.shard.sum(sums)
+            self._put(step, signal, sums[0, 0] / sums[0, 1])
+            prev.copy_(value)
+        else:
+            self.prev[name] = value.detach().clone()
+        self.fresh.add(name)
+
+    def decide(self, step) -> bool | torch.Tensor:
+        for name, value in step.probes.items():
+            self._change(step, name, self.PROBE_SIGNALS[name], value, step.replicated and name == "modulated")
+        return super().decide(step)
 
     def after(self, step, compute, residual) -> None:
+        if "mag" not in self.signals:
+            return
         norm = torch.linalg.vector_norm(residual().float(), dim=-1)
         per_token = norm / (self.prev_norm + 1e-8)
         if self.shard is None:
@@ -340,17 +420,24 @@ class MagCacheCalibration(ScheduleState):
         ratio = torch.where(self.seen, mean, torch.ones((), device=norm.device))
         self.prev_norm.copy_(norm)
         self.seen.fill_(True)
-        self.measured.index_copy_(0, step.tensor.clamp(max=self.measured.shape[0] - 1).view(1), ratio.view(1))
+        self._put(step, "mag", ratio)
+
+    def output(self, step, out: torch.Tensor) -> None:
+        """The model's output of this step (whole on every rank: nothing to reduce)."""
+        self._change(step, "output", "output", out, True)
 
     def reset(self) -> None:
         self.seen.fill_(False)
         self.measured.fill_(float("nan"))
+        self.fresh.clear()
 
-    def ratios(self, n: int) -> list[float]:
-        return [float(v) for v in self.measured[:n].tolist()]
+    def measurements(self, n: int) -> dict[str, list]:
+        """Each signal's values at steps 0..n-1 of the generation (None where nothing was measured)."""
+        table = self.measured[:, :n].tolist()
+        return {name: [None if math.isnan(v) else v for v in table[k]] for k, name in enumerate(self.signals)}
 
     def tensors(self):
-        return super().tensors() + [self.measured, self.seen, self.prev_norm]
+        return super().tensors() + [self.measured, self.seen, self.prev_norm, *self.prev.values()]
 
 
 class SignalState:

@@ -16,6 +16,7 @@ from .gates import (
     SpectralCacheGate,
     SpectrumSchedule,
     TeaCacheGate,
+    probes,
 )
 
 SITES = ("residual", "hidden", "output")
@@ -43,8 +44,9 @@ class Policy:
                              f"{', '.join(c.__name__ + '()' for c in FORECASTERS.values())}; got {self.forecaster!r}")
         if not isinstance(self.site, str) or self.site not in SITES:
             raise ValueError(f"Policy.site: must be one of {SITES}, got {self.site!r}")
-        if isinstance(self.gate, FBCacheGate) and self.site != "residual":
-            raise ValueError("Policy.site: the FBCache gate runs the first blocks every step; use site='residual'")
+        if "first_blocks" in probes(self.gate) and self.site != "residual":
+            raise ValueError(f"Policy.site: the {type(self.gate).__name__} gate runs the first blocks every step; use "
+                             f"site='residual'")
 
     def check_ready(self) -> None:
         """What can only be checked once the policy is about to run (e.g. MagCache's calibrated ratios)."""
@@ -97,14 +99,90 @@ PRESETS: dict[str, Policy] = {
 }
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# policy files: {"format": "fastcache_rt.policy", "version": 1, "name", "site", "gate": {"type", fields},
+# "forecaster": {"type", fields}, ...}: what ``fastcache-rt tune`` writes and ``enable(pipe, "file.json")`` reads
+# ---------------------------------------------------------------------------------------------------------------
+POLICY_FORMAT = "fastcache_rt.policy"
+POLICY_VERSION = 1
+
+
+def _part(obj) -> dict:
+    out = {"type": next(k for k, v in {**GATES, **FORECASTERS}.items() if type(obj) is v)}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def policy_to_dict(policy: Policy) -> dict:
+    """The policy as plain JSON data (every field of its gate and forecaster)."""
+    return {"format": POLICY_FORMAT, "version": POLICY_VERSION, "name": policy.name, "site": policy.site,
+            "gate": _part(policy.gate), "forecaster": _part(policy.forecaster)}
+
+
+def policy_from_dict(data: dict, source: str = "policy") -> Policy:
+    """The inverse of ``policy_to_dict``; every field is validated as if passed by hand (ValueError naming it)."""
+    if not isinstance(data, dict) or data.get("format") != POLICY_FORMAT:
+        raise ValueError(f"{source}: not a fastcache_rt policy file (no \"format\": \"{POLICY_FORMAT}\")")
+    if data.get("version") != POLICY_VERSION:
+        raise ValueError(f"{source}: version {data.get('version')!r}; this fastcache_rt reads {POLICY_VERSION}")
+    parts = []
+    for key, table in (("gate", GATES), ("forecaster", FORECASTERS)):
+        spec = dict(data.get(key) or {})
+        kind = spec.pop("type", None)
+        if kind not in table:
+            raise ValueError(f"{source}: {key} type {kind!r}; one of {', '.join(table)}")
+        fields = {f.name for f in dataclasses.fields(table[kind])}
+        unknown = sorted(set(spec) - fields)
+        if unknown:
+            raise ValueError(f"{source}: {key} {kind} has no field {', '.join(unknown)}")
+        try:
+            parts.append(table[kind](**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}))
+        except TypeError as e:
+            raise ValueError(f"{source}: {key} {kind}: {e}") from None
+    return Policy(parts[0], parts[1], data.get("site", "residual"), str(data.get("name", "custom")))
+
+
+def save_policy(policy: Policy, path) -> None:
+    import json
+    from pathlib import Path
+
+    from ..bench.report import write_atomic
+
+    write_atomic(Path(path), (json.dumps(policy_to_dict(policy), indent=1) + "\n").encode())
+
+
+def load_policy(path) -> Policy:
+    import json
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"policy: cannot read {path} ({e})") from None
+    return policy_from_dict(data, f"policy {path}")
+
+
+def _is_policy_file(policy: str) -> bool:
+    import os
+
+    return policy.strip().lower().endswith(".json") or os.path.isfile(policy)
+
+
 def resolve_policy(policy: str | Policy, **overrides) -> Policy:
+    """A preset name, a policy file (``.json``, written by ``fastcache-rt tune`` or ``save_policy``) or a Policy,
+    with ``overrides`` applied."""
     if isinstance(policy, Policy):
         base = policy
+    elif isinstance(policy, str) and policy.strip().lower() in PRESETS:
+        base = PRESETS[policy.strip().lower()]
+    elif isinstance(policy, str) and _is_policy_file(policy):
+        base = load_policy(policy)
     elif isinstance(policy, str):
-        key = policy.strip().lower()
-        if key not in PRESETS:
-            raise ValueError(f"policy: unknown preset {policy!r}; choose one of {', '.join(PRESETS)} or pass a Policy")
-        base = PRESETS[key]
+        raise ValueError(f"policy: unknown preset {policy!r}; choose one of {', '.join(PRESETS)}, a policy .json file "
+                         f"or pass a Policy")
     else:
         raise TypeError(f"policy: expected a preset name or a Policy, got {type(policy).__name__}")
     return base.with_overrides(**overrides) if overrides else base

@@ -1,0 +1,211 @@
+"""The policy tuner: the search on a synthetic quality model (bisection finds each arm's fastest passing setting,
+schedule settings that cannot win are not run, the Pareto front), policy files, the command line end to end on the
+shipped model (the chosen policy re-measured from its file gives the reported quality), bad input, and a tiny
+two-expert Wan pipeline."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import fastcache_rt
+from fastcache_rt import tune as T
+from fastcache_rt.cli import main
+from fastcache_rt.policy import (
+    PRESETS,
+    FixedInterval,
+    Policy,
+    Reuse,
+    TeaCacheGate,
+    load_policy,
+    policy_from_dict,
+    policy_to_dict,
+    save_policy,
+)
+
+models = pytest.importorskip("fastcache_rt.models")
+
+
+# ---------------------------------------------------------------------------------------------------- the search
+class FakeEvaluator:
+    """Quality of a policy as a known function of its knob, NFE as a known function too; counts generations."""
+
+    steps = 50
+
+    def __init__(self, quality, nfe):
+        self.quality_of, self.nfe_of, self.generations = quality, nfe, 0
+
+    def run(self, policy):
+        self.generations += 1
+        return policy, None, 1.0, self.nfe_of(policy)
+
+    def quality(self, images, latents):
+        return {"psnr": self.quality_of(images), "ssim": 1.0, "rel_l2": 0.0}
+
+
+def _signal_arm(name, knobs):
+    return T.Arm(name, lambda t: Policy(TeaCacheGate(threshold=t), Reuse(), "residual", name), list(knobs))
+
+
+def test_bisection_finds_each_arms_fastest_passing_setting_with_few_generations():
+    knobs = [0.01 * 1.5 ** i for i in range(16)]  # slow to fast
+    # NFE falls and PSNR falls with the threshold; arm "b" is 3 dB better at every setting
+    bonus = {"a": 0.0, "b": 3.0}
+    ev = FakeEvaluator(lambda p: 60 - 8 * math.log(p.gate.threshold / 0.01) + bonus[p.name],
+                       lambda p: max(2, round(50 - 10 * math.log(p.gate.threshold / 0.01))))
+    tuner = T.Tuner(ev, [_signal_arm("a", knobs), _signal_arm("b", knobs)], progress=False)
+    passing = tuner.search(T.Target("psnr", 40.0))
+    best = passing[0]
+    want = max(k for k in knobs if 60 - 8 * math.log(k / 0.01) + 3 >= 40)  # b's fastest passing knob
+    assert best.policy.name == "b" and best.knob == want
+    assert all(p.quality["psnr"] >= 40 for p in passing)
+    assert ev.generations <= 2 * math.ceil(math.log2(len(knobs) + 1))  # not the 32 settings of the grid
+    # a second target reuses what was run
+    before = ev.generations
+    tuner.search(T.Target("psnr", 40.0))
+    assert ev.generations == before
+
+
+def test_schedule_settings_that_cannot_win_are_not_run():
+    steps = 50
+    arm_fast = T._schedule_arm("fast", lambda k: FixedInterval(interval=k, warmup=1), [2, 3, 4, 5, 6, 8, 10],
+                               Reuse(), "residual", steps)
+    arm_slow = T._schedule_arm("slow", lambda k: FixedInterval(interval=k, warmup=1), [2, 3],
+                               Reuse(), "residual", steps)
+    ran = []
+
+    def quality(p):
+        ran.append((p.name, p.gate.interval))
+        return 50.0 if p.gate.interval <= 6 else 30.0
+
+    ev = FakeEvaluator(quality, lambda p: sum(p.gate.schedule(steps)))
+    tuner = T.Tuner(ev, [arm_fast, arm_slow], progress=False)
+    passing = tuner.search(T.Target("psnr", 45.0))
+    assert passing[0].knob == 6 and passing[0].nfe == sum(FixedInterval(interval=6, warmup=1).schedule(steps))
+    assert not [r for r in ran if r[0] == "slow"]  # every setting of the slow arm computes more steps than 6's
+
+
+def test_front_and_candidates_by_speed():
+    def pt(nfe, q, name="x"):
+        return T.Point(name, nfe, None, nfe, {"psnr": q, "ssim": 1.0, "rel_l2": 0.0}, 1.0)
+
+    pts = [pt(10, 30), pt(10, 35), pt(12, 33), pt(14, 40), pt(20, 39)]
+    assert [(p.nfe, p.quality["psnr"]) for p in T.front(pts, "psnr")] == [(10, 35), (14, 40)]
+    ordered = sorted(pts, key=lambda p: (p.nfe, -p.quality["psnr"]))
+    assert [(p.nfe, p.quality["psnr"]) for p in T._by_speed(ordered)] == [(10, 35), (12, 33), (14, 40), (20, 39)]
+
+
+def test_targets_are_checked():
+    for metric, bad in (("psnr", -1), ("psnr", float("nan")), ("ssim", 1.5), ("rel_l2", 0), ("lpips", 1)):
+        with pytest.raises(ValueError):
+            T.check_targets(metric, bad)
+    assert T.check_targets("psnr", [45, 40.5]) == [45.0, 40.5]
+
+
+# ---------------------------------------------------------------------------------------------------- policy files
+def test_policy_files_round_trip_every_preset_and_arm(tmp_path):
+    pols = list(PRESETS.values()) + [a.make(a.knobs[0]) for a in T.arms(50, mag_ratios=[1.0] * 50,
+                                                                          coeffs=(1.0, 0.0))]
+    for i, pol in enumerate(pols):
+        path = tmp_path / f"p{i}.json"
+        save_policy(pol, path)
+        assert load_policy(path) == pol
+        assert policy_from_dict(json.loads(path.read_text())) == pol
+    with pytest.raises(ValueError, match="not a fastcache_rt policy"):
+        policy_from_dict({"gate": {}})
+    d = policy_to_dict(PRESETS["teacache"])
+    d["gate"]["threshold"] = -1
+    with pytest.raises(ValueError, match="threshold"):
+        policy_from_dict(d)
+    d = policy_to_dict(PRESETS["teacache"])
+    d["gate"]["speed"] = 3
+    with pytest.raises(ValueError, match="no field speed"):
+        policy_from_dict(d)
+    from fastcache_rt.policy import resolve_policy
+
+    with pytest.raises(ValueError, match="cannot read"):
+        resolve_policy(str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="unknown preset"):
+        resolve_policy("spectrumm")
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+def test_cli_tune_on_the_shipped_model(tmp_path, capsys):
+    out = tmp_path / "tune"
+    assert main(["tune", "--quick", "--steps", "12", "--target-psnr", "35", "45", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert "| target | chosen policy" in capsys.readouterr().out
+    res = json.loads((out / "tune.json").read_text())
+    assert (out / "tune_front.png").read_bytes()[:4] == b"\x89PNG" and (out / "tune.md").is_file()
+    assert res["search"]["generations"] < res["search"]["settings_in_grid"]
+    met = [e for e in res["targets"] if e["met"]]
+    assert met, res["targets"]
+    # the front: no point of the search is both faster and closer than a front point
+    for f in res["front"]:
+        assert not any(p["nfe"] < f["nfe"] and p["psnr"] >= f["psnr"] for p in res["points"])
+    pipe = models.load_default()
+    kw = dict(models.SAMPLE_DEFAULTS)
+    kw.pop("num_inference_steps")
+    held = T.Evaluator(pipe, res["holdout"]["prompts"], res["holdout"]["seeds"], 12, kw)
+    for e in met:
+        assert e["heldout_quality"]["psnr"] >= e["target"]
+        assert e["heldout_nfe"] < 12
+        # the file reproduces what was verified: same decisions, same quality on the held-out set
+        path = out / f"policy_psnr{e['target']:g}.json"
+        images, latents, _, nfe = held.run(load_policy(path))
+        assert nfe == e["heldout_nfe"]
+        assert held.quality(images, latents)["psnr"] == pytest.approx(e["heldout_quality"]["psnr"], abs=1e-6)
+        h = fastcache_rt.enable(pipe, str(path))  # a path as the policy
+        assert h.policy == load_policy(path)
+        h.disable()
+
+
+def _bad(argv, capsys, *fragments):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastcache-rt: error: "), lines
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_cli_tune_bad_input(tmp_path, capsys):
+    out = str(tmp_path / "t")
+    _bad(["tune", "--out", out], capsys, "one of the arguments")
+    _bad(["tune", "--out", out, "--target-psnr", "-3"], capsys, "--target-psnr", "between 0 and 100")
+    _bad(["tune", "--out", out, "--target-ssim", "1.5"], capsys, "--target-ssim")
+    _bad(["tune", "--out", out, "--target-rel-l2", "0"], capsys, "--target-rel-l2")
+    _bad(["tune", "--out", out, "--target-psnr", "40", "--target-ssim", "0.9"], capsys, "not allowed with")
+    _bad(["tune", "--out", out, "--target-psnr", "40", "--budget-minutes", "0"], capsys, "--budget-minutes")
+    (tmp_path / "junk.json").write_text("[]")
+    _bad(["tune", "--out", out, "--target-psnr", "40", "--profile", str(tmp_path / "junk.json")], capsys,
+         "--profile")
+    (tmp_path / "file").write_text("x")
+    _bad(["tune", "--out", str(tmp_path / "file"), "--target-psnr", "40"], capsys, "--out")
+    _bad(["tune", "--out", out, "--target-psnr", "40", "--prompts", str(tmp_path / "none.txt")], capsys, "--prompts")
+    _bad(["tune", "--out", out, "--target-psnr", "40", "--device", "cuda:7"], capsys, "--device")
+    _bad(["bench", "--policy", str(tmp_path / "junk.json")], capsys, "--policy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "junk.json"]  # nothing written
+
+
+def test_tune_a_two_expert_wan_pipeline():
+    from tests.bench.tiny_wan import CALL, tiny_wan
+
+    pipe = tiny_wan(two_experts=True)
+    res = T.tune(pipe, [30], prompts=["red circle"], seeds=[0], holdout_seeds=[1], steps=8, call_kwargs=CALL,
+                 progress=False)
+    (e,) = res["targets"]
+    assert e["met"] and e["heldout_quality"]["psnr"] >= 30 and e["heldout_nfe"] <= 8
+    # both experts run the chosen policy (each its own state): NFE counts the steps where either computed
+    h = fastcache_rt.enable(pipe, e["policy"])
+    try:
+        pipe(prompt="red circle", num_inference_steps=8, output_type="latent",
+             generator=torch.Generator().manual_seed(1), **CALL)
+        st = h.stats()
+        assert set(st["models"]) == {"transformer", "transformer_2"}
+        computed = set(st["models"]["transformer"]["computed"]) | set(st["models"]["transformer_2"]["computed"])
+        assert len(computed) == e["heldout_nfe"]
+    finally:
+        h.disable()
