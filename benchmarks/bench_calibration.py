@@ -17,7 +17,7 @@ from pathlib import Path
 
 def sweep(pipe, profile, prompts, seeds, steps, kw, grids, progress=True) -> dict:
     from fastcache_rt.policy import FLUX_TEACACHE_COEFFS, Policy, Reuse, SpectralCacheGate, TeaCacheGate
-    from fastcache_rt.tune import Evaluator
+    from fastcache_rt.tuning import Evaluator
 
     coeffs = {"FLUX.1": tuple(FLUX_TEACACHE_COEFFS),
               "calibrated": tuple(profile["fit"]["transformer"]["teacache"]["coeffs"])}
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     import torch
 
-    from fastcache_rt import calibrate as C
+    from fastcache_rt import calibration as C
     from fastcache_rt import models
     from fastcache_rt.bench.report import json_bytes, write_atomic
 

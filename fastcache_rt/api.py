@@ -113,7 +113,7 @@ def _apply_profile(pol: Policy, profile: dict, name: str, model) -> Policy:
     (``coeffs``), MagCache's ratios (``ratios``)."""
     import dataclasses
 
-    from .calibrate import ProfileError, for_model
+    from .calibration import ProfileError, for_model
 
     fit = for_model(profile, name, model)
     gate = pol.gate
@@ -160,7 +160,7 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
     pol = resolve_policy(policy, **overrides)
     pols = {name: pol for name in models}
     if profile is not None:
-        from .calibrate import load_profile
+        from .calibration import load_profile
 
         prof = load_profile(profile)
         pols = {name: _apply_profile(pol, prof, name, m) for name, m in models.items()}

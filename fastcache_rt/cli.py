@@ -623,7 +623,7 @@ def _shard(text: str | None):
 
 
 def cmd_calibrate(a) -> int:
-    from . import calibrate as C
+    from . import calibration as C
     from .bench.report import write_atomic
     from .policy import FLUX_TEACACHE_COEFFS
 
@@ -671,7 +671,7 @@ def cmd_calibrate(a) -> int:
 
 
 def cmd_tune(a) -> int:
-    from . import tune as T
+    from . import tuning as T
     from .bench.report import check_writable, json_bytes, write_atomic
     from .policy import save_policy
 
@@ -687,7 +687,7 @@ def cmd_tune(a) -> int:
         a.steps = 20
     profile = None
     if a.profile is not None:
-        from .calibrate import ProfileError, load_profile
+        from .calibration import ProfileError, load_profile
 
         try:
             profile = load_profile(a.profile)

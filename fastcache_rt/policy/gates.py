@@ -423,7 +423,10 @@ class CalibrationState(ScheduleState):
         self._put(step, "mag", ratio)
 
     def output(self, step, out: torch.Tensor) -> None:
-        """The model's output of this step (whole on every rank: nothing to reduce)."""
+        """The model's output of this step (whole on every rank: nothing to reduce); a model returning one tensor
+        per sample (Z-Image) counts them together."""
+        if isinstance(out, (list, tuple)):
+            out = torch.cat([t.reshape(-1) for t in out])
         self._change(step, "output", "output", out, True)
 
     def reset(self) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastcache_rt
-from fastcache_rt import calibrate as C
+from fastcache_rt import calibration as C
 from fastcache_rt.cli import main
 from fastcache_rt.policy import Policy
 from fastcache_rt.policy.gates import Calibrate

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastcache_rt
-from fastcache_rt import tune as T
+from fastcache_rt import tuning as T
 from fastcache_rt.cli import main
 from fastcache_rt.policy import (
     PRESETS,

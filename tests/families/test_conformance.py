@@ -111,6 +111,30 @@ def test_magcache_calibrates_then_runs(name):
     assert got == [s for s, c in enumerate(pol.schedule(S)) if c]
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_calibration_measures_every_signal_and_changes_nothing(name):
+    """The calibration gate (``fastcache_rt.calibrate``'s) on every family: each signal measured at every step after
+    the first, the output bitwise the uncached run's, and a TeaCache polynomial fitted from one run."""
+    from fastcache_rt.calibration import _fit_model
+    from fastcache_rt.policy.gates import Calibrate
+
+    m = model(name)
+    ref = denoise(m, name, S)
+    with fastcache_rt.cached(m, Policy(Calibrate()), num_steps=S):
+        out = denoise(m, name, S)
+        st = fastcache_rt.stats(m)
+    assert torch.equal(out, ref)
+    assert st["computed"] == list(range(S))
+    for row in st["per_stream"]:
+        cal = row["calibration"]
+        for signal in ("input", "output", "first_block"):
+            vals = cal[signal]
+            assert vals[0] is None and all(v is not None and math.isfinite(v) and v >= 0 for v in vals[1:]), signal
+        assert cal["mag"][0] == 1.0 and all(math.isfinite(v) and v > 0 for v in cal["mag"])
+    fit = _fit_model([r["calibration"] for r in st["per_stream"]], S)
+    assert len(fit["teacache"]["coeffs"]) == 5 and len(fit["magcache"]["ratios"]) == S
+
+
 def _band_sums(cur, prev, bounds):
     c, p = cur.double(), prev.double()
     return [((c[..., a:b] - p[..., a:b]).abs().sum().item(), p[..., a:b].abs().sum().item())
