@@ -470,14 +470,15 @@ def front_png(result: dict) -> bytes:
     import matplotlib.pyplot as plt
 
     metric = result["metric"]
-    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
-    arms_ = sorted({p["arm"] for p in result["points"]})
-    palette = list(plt.get_cmap("tab20").colors)
+    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
+    cached = [p for p in result["points"] if p["nfe"] < result["steps"]]  # settings that computed every step: off
+    arms_ = sorted({p["arm"] for p in cached})
+    palette = list(plt.get_cmap("tab20").colors) + list(plt.get_cmap("Dark2").colors)
     for i, a in enumerate(arms_):
-        pts = [p for p in result["points"] if p["arm"] == a]
+        pts = [p for p in cached if p["arm"] == a]
         ax.scatter([p["nfe"] for p in pts], [_capped(p[metric]) for p in pts], s=18, alpha=0.7,
                    color=palette[i % len(palette)], label=a)
-    fr = result["front"]
+    fr = [p for p in result["front"] if p["nfe"] < result["steps"]]
     ax.step([p["nfe"] for p in fr], [_capped(p[metric]) for p in fr], where="post", color="black", lw=1.5,
             label="Pareto front (search set)")
     for e in result["targets"]:
@@ -496,7 +497,7 @@ def front_png(result: dict) -> bytes:
     ax.set_title(f"fastcache-rt tune: {result['search']['generations']} search generations of "
                  f"{result['search']['settings_in_grid']} settings", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6.5, ncol=2, loc="lower right")
+    ax.legend(fontsize=6.5, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
