@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--classes", nargs="+", default=None, help="prompts (class names of the shipped model)")
     b.add_argument("--methods", nargs="+", default=None,
                    help="restrict to these methods: preset names, diffusers[-fbcache|-taylorseer|-magcache|-seacache], "
-                        "cache-dit[-dbcache|-taylorseer]")
+                        "cache-dit[-dbcache|-taylorseer|-spectrum] (-spectrum: DBCache with fastcache_rt's Spectrum "
+                        "forecaster as its calibrator)")
     b.add_argument("--no-peers", action="store_true", help="leave out diffusers' hooks and cache-dit")
     b.add_argument("--policy", nargs="+", default=[], metavar="FILE",
                    help="also run these policy files (from fastcache-rt tune) as rows \"tuned\"")
@@ -392,7 +393,7 @@ def cmd_generate(a) -> int:
 # bench
 # ---------------------------------------------------------------------------------------------------------------------
 PEER_NAMES = ("diffusers-fbcache", "diffusers-taylorseer", "diffusers-magcache", "diffusers-seacache",
-              "cache-dit-dbcache", "cache-dit-taylorseer")
+              "cache-dit-dbcache", "cache-dit-taylorseer", "cache-dit-spectrum")
 
 
 def _select_methods(names):
@@ -427,14 +428,23 @@ def _peer_configs(peers: set, quick: bool, warn):
     for name, prefix in picks.items():
         if name in peers:
             out += [c for c in d if c.method.startswith(prefix)]
-    if peers & {"cache-dit-dbcache", "cache-dit-taylorseer"}:
+    if peers & {"cache-dit-dbcache", "cache-dit-taylorseer", "cache-dit-spectrum"}:
         ok, why = M.cache_dit_available()
         if not ok:
             warn(f"cache-dit not importable ({why}): its rows are left out")
         else:
+            if "cache-dit-spectrum" in peers:
+                import importlib
+
+                try:  # fastcache_rt's calibrator plug-in checks the cache-dit version it was tested with
+                    with M.quiet_peers():
+                        importlib.import_module(f"{__package__}.integrations.cache_dit")
+                except RuntimeError as e:
+                    warn(f"{e}: the cache-dit Spectrum rows are left out")
+                    peers = peers - {"cache-dit-spectrum"}
             for c in M.cache_dit_configs(quick):
-                ts = "TaylorSeer" in c.method
-                if ("cache-dit-taylorseer" if ts else "cache-dit-dbcache") in peers:
+                kind = "spectrum" if "Spectrum" in c.method else "taylorseer" if "TaylorSeer" in c.method else "dbcache"
+                if f"cache-dit-{kind}" in peers:
                     out.append(c)
     return out
 

@@ -393,7 +393,12 @@ def _restore_instance_attrs(saved: dict) -> None:
     tr._modules.update(saved["children"])
 
 
-def cache_dit_dbcache(threshold: float, taylorseer: bool, default=False) -> Config:
+def cache_dit_dbcache(threshold: float, calibrator=None, default=False) -> Config:
+    """DBCache F1B0 at ``threshold``; ``calibrator``: None / False (plain reuse), True / "taylorseer" (cache-dit's
+    TaylorSeer, order 1) or "spectrum" (fastcache_rt's Spectrum forecaster as a cache-dit calibrator)."""
+    calibrator = {False: None, True: "taylorseer"}.get(calibrator, calibrator)
+    if calibrator not in (None, "taylorseer", "spectrum"):
+        raise ValueError(f"calibrator: None, 'taylorseer' or 'spectrum', got {calibrator!r}")
     saved: dict = {}
 
     def enable(pipe, ctx):
@@ -402,7 +407,13 @@ def cache_dit_dbcache(threshold: float, taylorseer: bool, default=False) -> Conf
 
         cfg = DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
                             num_inference_steps=ctx.steps)
-        cal = TaylorSeerCalibratorConfig(taylorseer_order=1) if taylorseer else None
+        cal = None
+        if calibrator == "taylorseer":
+            cal = TaylorSeerCalibratorConfig(taylorseer_order=1)
+        elif calibrator == "spectrum":
+            from fastcache_rt.integrations.cache_dit import spectrum_calibrator_config
+
+            cal = spectrum_calibrator_config()
         saved.clear()
         saved.update(_instance_attrs(pipe))
         with quiet_peers():
@@ -419,13 +430,21 @@ def cache_dit_dbcache(threshold: float, taylorseer: bool, default=False) -> Conf
         # its "first" block from that order and fails. Put back exactly what was there.
         _restore_instance_attrs(saved)
 
-    name = "DBCache F1B0" + (" + TaylorSeer" if taylorseer else "")
-    return Config(name, CACHE_DIT, f"threshold={_fmt(threshold)} warmup=8" + (" order=1" if taylorseer else ""),
-                  enable, disable, default=default, note="first block runs every step")
+    name, knobs, note = "DBCache F1B0", "", "first block runs every step"
+    if calibrator == "taylorseer":
+        name, knobs = name + " + TaylorSeer", " order=1"
+    elif calibrator == "spectrum":
+        fc = fastcache_rt.PRESETS["spectrum"].forecaster  # the calibrator's defaults
+        name = name + " + Spectrum (fastcache_rt)"
+        knobs = f" degree={fc.degree} lam={_fmt(fc.lam)} blend={_fmt(fc.blend)}"
+        note += "; fastcache_rt's Chebyshev forecaster as a cache-dit calibrator"
+    return Config(name, CACHE_DIT, f"threshold={_fmt(threshold)} warmup=8" + knobs, enable, disable, default=default,
+                  note=note)
 
 
 def cache_dit_configs(quick: bool) -> list[Config]:
     th = (0.1, 0.2) if quick else (0.1, 0.2, 0.3)
-    out = [cache_dit_dbcache(t, False, default=t == 0.1) for t in th]
-    out += [cache_dit_dbcache(t, True, default=t == 0.1) for t in th]
+    out = [cache_dit_dbcache(t, None, default=t == 0.1) for t in th]
+    out += [cache_dit_dbcache(t, "taylorseer", default=t == 0.1) for t in th]
+    out += [cache_dit_dbcache(t, "spectrum", default=t == 0.1) for t in th]
     return out

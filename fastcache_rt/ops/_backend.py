@@ -89,7 +89,14 @@ def _load(name: str) -> ModuleType | None:
 
 
 def backends() -> dict[str, dict]:
-    """Each backend's availability: {name: {"available": bool, "reason": str | None, "devices": [...]}}."""
+    """Each backend's availability: {name: {"available": bool, "reason": str | None, "devices": [...]}} for
+    "reference", "cpu", "triton" and "cuda" ("reason" says why one is unavailable). A host function, not an op.
+
+    Example::
+
+        >>> ops.backends()["reference"]["available"]        # plain torch: always there
+        True
+    """
     out = {}
     for name in NAMES:
         mod = _load(name)

@@ -163,21 +163,47 @@ def chebyshev_forecast(
     """Ridge-regression Chebyshev forecast of a feature trajectory (Spectrum).
 
     With ``Phi[j, m] = T_m(taus[j])`` (m = 0..degree) over the valid rows, ``w = Phi (Phi^T Phi + lam I)^-1
-    phi(tau_query)`` and the result is ``sum_j w_j history[j]`` (fp32 accumulation, history's dtype).
+    phi(tau_query)`` and the result is ``sum_j w_j history[j]`` (fp32 accumulation, history's dtype); with ``blend``
+    < 1 the result is ``blend * that + (1 - blend) * linear`` (see below). Basis, Gram matrix, Cholesky solve and
+    the weighted sum run in one launch.
 
     Args:
-        history: ``(n, ...)`` features at times ``taus``; may be a preallocated ring buffer.
-        taus: ``(n,)`` times projected onto [-1, 1].
-        tau_query: the time to forecast (number or 0-dim tensor on the device).
+        history: ``(n, ...)`` features at times ``taus``, float32/float16/bfloat16, any strides; may be a
+            preallocated ring buffer.
+        taus: ``(n,)`` times projected onto [-1, 1]: a float tensor on history's device or a sequence of numbers
+            (uploaded once per value and stream, then cached).
+        tau_query: the time to forecast: a number (a kernel argument, never uploaded) or a one-element tensor on
+            the device (read by the kernel).
         degree: highest Chebyshev degree M (may exceed n - 1: the ridge keeps the system solvable).
         lam: ridge strength >= 0 (0 falls back to a 1e-6 * mean(diag) jitter when the Gram matrix is singular).
-        count: valid rows = rows ``j < min(count, n)`` (int or device tensor; None = all n). Other rows are not read.
+        count: valid rows = rows ``j < min(count, n)`` (int or int64 device tensor; None = all n). Other rows are
+            not read.
         blend: 1.0 = pure Chebyshev; w < 1 mixes in ``(1 - w)`` of the linear extrapolation from the two valid rows
             with the largest tau (Spectrum's blend).
         validate: check NaN taus / count range on the data (one host read if on an accelerator). Default: only when
             the data is on the CPU.
         out: write the result here (shape ``history.shape[1:]``, same dtype and device, not overlapping
             ``history``) and return it; saves allocating a feature-sized tensor per call.
+        backend: as ``band_l1``.
+
+    Returns:
+        ``history.shape[1:]`` in history's dtype (``out`` when given).
+
+    Reduction: a weighted sum over dim 0 (the valid rows) for every element of a row, in fp32 (run to run bitwise;
+    ``cuda`` adds the rows in order, ``triton`` sums a tile's rows in a tree its compiler picks); elementwise along
+    the feature, so a shard of the feature (a rank's tokens) forecasts its own shard.
+
+    Capture / compile: registered as ``torch.ops.fastcache_rt.chebyshev_forecast`` (and
+    ``chebyshev_forecast_out``, which mutates ``out``, when ``out=`` is given), with fake kernels:
+    ``torch.compile(fullgraph=True)`` traces it as one node. No host sync unless ``validate`` reads an accelerator
+    tensor (off by default there); capturable in a CUDA graph with ``tau_query`` / ``count`` as numbers or device
+    tensors.
+
+    Example::
+
+        >>> history = torch.stack([1 + 2 * t * torch.ones(3) for t in (-1.0, -0.5, 0.0)])   # f(t) = 1 + 2t
+        >>> ops.chebyshev_forecast(history, [-1.0, -0.5, 0.0], 0.5, degree=1, lam=0.0)      # f(0.5)
+        tensor([2., 2., 2.])
     """
     check_float("history", history)
     if history.dim() < 1 or history.shape[0] == 0:
@@ -210,7 +236,22 @@ def chebyshev_weights(
     backend: str | None = None,
 ) -> torch.Tensor:
     """The weights ``w`` (float32, ``(n,)``) of ``chebyshev_forecast``: the forecast is ``sum_j w_j history[j]``.
-    Zero for rows beyond ``count``; NaN if no row is valid."""
+
+    ``w = Phi (Phi^T Phi + lam I)^-1 phi(tau_query)`` with ``Phi[j, m] = T_m(taus[j])`` over the valid rows, blended
+    with the linear extrapolation's weights when ``blend`` < 1. Zero for rows beyond ``count``; NaN if no row is
+    valid. Arguments as ``chebyshev_forecast``; result of shape ``(n,)`` on ``taus``' device (the CPU for a
+    sequence, unless ``tau_query`` is a device tensor).
+
+    Reduction: none across data (it reads only ``taus``): a small solve of size ``degree + 1`` in float32.
+
+    Capture / compile: registered as ``torch.ops.fastcache_rt.chebyshev_weights`` with a fake kernel; traced by
+    ``torch.compile(fullgraph=True)``; no host sync (unless ``validate`` on an accelerator); capturable.
+
+    Example::
+
+        >>> ops.chebyshev_weights([-1.0, 0.0, 1.0], 0.5, degree=1, lam=0.0)   # least-squares line at 0.5
+        tensor([0.0833, 0.3333, 0.5833])
+    """
     dev = taus.device if isinstance(taus, torch.Tensor) else (
         tau_query.device if isinstance(tau_query, torch.Tensor) else torch.device("cpu")
     )

@@ -114,8 +114,29 @@ def taylor_forecast(
 ) -> torch.Tensor:
     """TaylorSeer's forecast ``sum_i diffs[i] * distance^i / i!`` from finite differences
     ``diffs = (D^0, ..., D^O)`` of shape ``(O + 1, ...)``; ``distance`` in steps since the last full step.
-    fp32 accumulation, result in diffs' dtype, shape ``diffs.shape[1:]`` (written into ``out`` when given:
-    same shape, dtype and device, not overlapping ``diffs``)."""
+
+    Args:
+        diffs: ``(O + 1, ...)``, float32/float16/bfloat16, any strides (kept by ``taylor_update``).
+        distance: a number (a kernel argument, never uploaded) or a one-element tensor on the device.
+        out: write the result here (shape ``diffs.shape[1:]``, same dtype and device, not overlapping ``diffs``).
+        backend: as ``band_l1``.
+
+    Returns:
+        ``diffs.shape[1:]`` in diffs' dtype (``out`` when given).
+
+    Reduction: a weighted sum over dim 0 (the orders) for every element, fp32, orders added in order (bitwise
+    reproducible); elementwise along the feature, so a rank's shard forecasts its own shard.
+
+    Capture / compile: registered as ``torch.ops.fastcache_rt.taylor_forecast`` (``taylor_forecast_out`` with
+    ``out=``) with fake kernels; traced by ``torch.compile(fullgraph=True)``; no host sync; capturable in a CUDA
+    graph.
+
+    Example::
+
+        >>> diffs = torch.tensor([[3., 3.], [1., 1.], [0., 0.]])   # D^0 = 3, D^1 = 1, D^2 = 0
+        >>> ops.taylor_forecast(diffs, 2.0)                         # 3 + 1 * 2
+        tensor([5., 5.])
+    """
     _check_diffs(diffs)
     x = scalar_arg("distance", distance, diffs.device, torch.float32)
     if out is not None:
@@ -135,8 +156,20 @@ def hermite_forecast(
     backend: str | None = None,
 ) -> torch.Tensor:
     """FreqCa's high-band forecast ``D^0 + sum_{k>=1} D^k H_k(scale * x) scale^k / k!`` (physicists' Hermite H_k,
-    scale 0.71 as in the authors' code): about ``D^0 + x D^1 + (x^2 - 1)/2 D^2``. ``out`` as in
-    ``taylor_forecast``."""
+    scale 0.71 as in the authors' code): about ``D^0 + x D^1 + (x^2 - 1)/2 D^2``, ``x`` = ``distance``.
+
+    Arguments, result (shape ``diffs.shape[1:]``, diffs' dtype: float32/float16/bfloat16, fp32 arithmetic),
+    reduction (a weighted sum over the orders) and ``out`` as ``taylor_forecast``; ``scale`` a finite number.
+
+    Capture / compile: registered as ``torch.ops.fastcache_rt.hermite_forecast`` (``hermite_forecast_out`` with
+    ``out=``) with fake kernels; traced by ``torch.compile(fullgraph=True)``; no host sync; capturable.
+
+    Example::
+
+        >>> diffs = torch.tensor([[3., 3.], [1., 1.], [0., 0.]])
+        >>> ops.hermite_forecast(diffs, 1.0)                  # 3 + 1 * H_1(0.71) * 0.71 = 3 + 2 * 0.71^2
+        tensor([4.0082, 4.0082])
+    """
     _check_diffs(diffs)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale: must be a finite number, got {scale!r}")
@@ -161,11 +194,28 @@ def taylor_update(
     ``new D^{i+1} = (new D^i - old D^i) / gap`` for the orders that existed (i < count), 0 beyond.
 
     Args:
-        diffs: ``(O + 1, ...)`` buffer, modified in place.
-        feature: the new feature, shape ``diffs.shape[1:]``, same dtype.
-        gap: steps between this full step and the previous one (> 0).
-        count: number of valid orders held before this call (0 for a fresh buffer; None = all O + 1). After the
-            call ``min(count + 1, O + 1)`` orders are valid.
+        diffs: ``(O + 1, ...)`` buffer, float32/float16/bfloat16, any strides, modified in place.
+        feature: the new feature, shape ``diffs.shape[1:]``, same dtype and device, any strides.
+        gap: steps between this full step and the previous one (> 0): a number (a kernel argument) or a
+            one-element tensor on the device.
+        count: number of valid orders held before this call (0 for a fresh buffer; None = all O + 1): an int or an
+            int64 device tensor. After the call ``min(count + 1, O + 1)`` orders are valid.
+        backend: as ``band_l1``.
+
+    Returns None (``diffs`` holds the result). Arithmetic in fp32, elementwise along the feature (no reduction:
+    a rank's shard updates its own shard).
+
+    Capture / compile: registered as ``torch.ops.fastcache_rt.taylor_update`` (``mutates_args=("diffs",)``) with a
+    fake kernel; traced by ``torch.compile(fullgraph=True)`` (functionalized); no host sync; capturable in a CUDA
+    graph.
+
+    Example::
+
+        >>> diffs = torch.zeros(3, 2)                                       # orders 0..2, empty
+        >>> ops.taylor_update(diffs, torch.full((2,), 1.0), 1.0, count=0)   # first full step
+        >>> ops.taylor_update(diffs, torch.full((2,), 3.0), 2.0, count=1)   # two steps later
+        >>> diffs[:, 0]                                                     # D^0 = 3, D^1 = (3 - 1) / 2
+        tensor([3., 1., 0.])
     """
     _check_diffs(diffs)
     check_float("feature", feature)
