@@ -85,6 +85,25 @@ def ours(preset: str, overrides: dict, *, default=False, tags=()) -> Config:
                   note="first block runs every step" if preset == "fbcache" else "")
 
 
+def ours_applied(preset: str, overrides: dict) -> Config:
+    """A preset through the diffusers-style entry point (``FastCacheConfig`` + ``apply_fastcache`` on
+    ``pipe.transformer``, the step count given as diffusers' MagCache takes it): the same decisions and images as
+    ``fastcache_rt.enable`` are expected."""
+
+    def enable(pipe, ctx: Context):
+        from ..integrations.diffusers import FastCacheConfig, apply_fastcache
+
+        apply_fastcache(pipe.transformer, FastCacheConfig(preset, num_steps=ctx.steps, overrides=dict(overrides)))
+
+    def disable(pipe):
+        from ..integrations.diffusers import remove_fastcache
+
+        remove_fastcache(pipe.transformer)
+
+    return Config(preset, OURS, _label(overrides) + " via apply_fastcache", enable, disable,
+                  note="diffusers-style entry point (FastCacheConfig + apply_fastcache)")
+
+
 def policy_file(path) -> Config:
     """A policy file (``fastcache-rt tune``'s output) as one row: method "tuned", configuration the file's name and
     its arm."""
@@ -156,6 +175,8 @@ def our_configs(steps: int, quick: bool, methods=None) -> list[Config]:
             continue
         for ov in SWEEPS[preset][0 if quick else 1]:
             out.append(ours(preset, ov, default=ov == DEFAULTS[preset], tags=_budget_tags(steps, preset, ov)))
+    if methods is None or "spectrum" in methods:  # the diffusers-style entry point, on the default setting
+        out.append(ours_applied("spectrum", DEFAULTS["spectrum"]))
     return out
 
 

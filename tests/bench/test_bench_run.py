@@ -33,9 +33,12 @@ def test_bench_command_writes_every_output(tiny_folder, tmp_path, capsys):
     table = json.loads((out / "table.json").read_text())
     rows = table["rows"]
     keys = [r["key"] for r in rows]
-    assert keys[0] == "uncached" and len(rows) == 1 + 2 + 2 + 2
+    assert keys[0] == "uncached" and len(rows) == 1 + 2 + 3 + 2  # spectrum: its two settings + apply_fastcache
     assert {r["library"] for r in rows[1:]} == {"fastcache_rt", "diffusers"}
     by = {r["key"]: r for r in rows}
+    # the diffusers-style entry point takes the same decisions and makes the same images as enable
+    applied, direct = by["fastcache_rt/spectrum/alpha=0.75 via apply_fastcache"], by["fastcache_rt/spectrum/alpha=0.75"]
+    assert applied["computed"] == direct["computed"] and applied["rel_l2"] == direct["rel_l2"]
     fora = by["fastcache_rt/fora/interval=4 warmup=3"]
     # FixedInterval(4, warm-up 3): steps 0, 1, 2, then every 4th counted from step 2
     assert fora["computed"] == [s for s in range(STEPS) if s < 3 or (s - 2) % 4 == 0]
@@ -68,7 +71,8 @@ def test_peers_disable_restores_the_uncached_output():
     configs = [M.diffusers_fbcache(0.5), M.diffusers_taylorseer(2), M.diffusers_magcache(0.5)]
     ok, _ = M.cache_dit_available()
     if ok:
-        configs += [M.cache_dit_dbcache(0.5, False), M.cache_dit_dbcache(0.5, True)]
+        configs += [M.cache_dit_dbcache(0.5, False), M.cache_dit_dbcache(0.5, True),
+                    M.cache_dit_dbcache(0.5, "spectrum")]
     # twice over, so that every peer also runs after every other one (cache-dit used to leave the transformer's
     # children reordered, which broke diffusers' FirstBlockCache afterwards)
     for c in configs + configs:
