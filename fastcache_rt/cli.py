@@ -248,13 +248,13 @@ def load_pipeline(model: str | None, device: str = "cpu", dtype=None):
     return pipe.to(device), None
 
 
-def _check_out_file(path: Path) -> Path:
-    """A .png in an existing, writable folder (nothing is created before the image is written)."""
+def _check_out_file(path, suffix: str = ".png", option: str = "--out") -> Path:
+    """A ``suffix`` file in an existing, writable folder (nothing is created before the file is written)."""
     path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise UsageError(f"--out: must be a .png file, got {str(path)!r}")
+    if path.suffix.lower() != suffix:
+        raise UsageError(f"{option}: must be a {suffix} file, got {str(path)!r}")
     if path.is_dir():
-        raise UsageError(f"--out: {path} is a folder")
+        raise UsageError(f"{option}: {path} is a folder")
     try:
         from .bench.report import check_writable
 
@@ -604,21 +604,6 @@ def _load_for(a, shipped):
     return pipe, kw
 
 
-def _out_json(path: str, option: str = "--out") -> Path:
-    out = Path(path)
-    if out.suffix.lower() != ".json":
-        raise UsageError(f"{option}: must be a .json file, got {path!r}")
-    if out.is_dir():
-        raise UsageError(f"{option}: {out} is a folder")
-    from .bench.report import check_writable
-
-    try:
-        check_writable(out.parent if str(out.parent) else Path("."), must_exist=True)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    return out
-
-
 def _shard(text: str | None):
     if text is None:
         return None
@@ -637,7 +622,7 @@ def cmd_calibrate(a) -> int:
     from .bench.report import write_atomic
     from .policy import FLUX_TEACACHE_COEFFS
 
-    out = _out_json(a.out)
+    out = _check_out_file(a.out, ".json")
     plot = Path(a.plot) if a.plot else out.with_name(out.stem + "_fit.png")
     if plot.suffix.lower() != ".png":
         raise UsageError(f"--plot: must be a .png file, got {str(plot)!r}")

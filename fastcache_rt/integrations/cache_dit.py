@@ -224,15 +224,18 @@ class FreqCaCalibrator(ForecasterCalibrator):
     """FreqCa (fastcache_rt's ``FreqCa``): the low band of the token grid's DCT reused, the high band forecast with
     Hermite-weighted differences. Tensors are ``(..., tokens, channels)``; ``grid`` gives the token grid."""
 
-    def __init__(self, cutoff: float = 0.1, order: int = 2, scale: float = 0.71, grid=None, **kwargs):
-        super().__init__(FreqCa(cutoff=cutoff, order=order, scale=scale), grid=grid, **kwargs)
+    def __init__(self, cutoff: float | None = None, order: int | None = None, scale: float | None = None, grid=None,
+                 **kwargs):
+        given = dict(cutoff=cutoff, order=order, scale=scale)  # None: fastcache_rt's FreqCa default
+        super().__init__(dataclasses.replace(FreqCa(), **{k: v for k, v in given.items() if v is not None}), grid=grid,
+                         **kwargs)
 
 
 class TaylorCalibrator(ForecasterCalibrator):
     """TaylorSeer (fastcache_rt's ``Taylor``): finite differences up to ``order`` over the computed steps."""
 
-    def __init__(self, order: int = 1, **kwargs):
-        super().__init__(Taylor(order=order), **kwargs)
+    def __init__(self, order: int | None = None, **kwargs):
+        super().__init__(Taylor() if order is None else Taylor(order=order), **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -281,9 +284,9 @@ class FreqCaCalibratorConfig(_FastcacheConfig):
     calibrator_type: str = "fastcache_rt_freqca"
     # text tokens have no spatial grid: the encoder stream keeps cache-dit's plain reuse unless enabled
     enable_encoder_calibrator: bool = False
-    cutoff: float = 0.1
-    order: int = 2
-    scale: float = 0.71
+    cutoff: float | None = None  # None: fastcache_rt's FreqCa default
+    order: int | None = None
+    scale: float | None = None
     grid: tuple | None = None
 
     calibrator_class = FreqCaCalibrator
@@ -293,7 +296,7 @@ class FreqCaCalibratorConfig(_FastcacheConfig):
 @dataclasses.dataclass
 class TaylorCalibratorConfig(_FastcacheConfig):
     calibrator_type: str = "fastcache_rt_taylor"
-    order: int = 1
+    order: int | None = None  # None: fastcache_rt's Taylor default (1)
 
     calibrator_class = TaylorCalibrator
     params = ("order",)

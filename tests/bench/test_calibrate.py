@@ -13,6 +13,7 @@ from fastcache_rt import calibration as C
 from fastcache_rt.cli import main
 from fastcache_rt.policy import Policy
 from fastcache_rt.policy.gates import Calibrate
+from tests.bench.cli_helpers import expect_usage_error
 
 models = pytest.importorskip("fastcache_rt.models")
 STEPS = 8
@@ -208,14 +209,7 @@ def test_cli_calibrate_and_plot(tmp_path, capsys):
     assert len(C.load_profile(merged)["runs"]) == 2
 
 
-def _bad(argv, capsys, *fragments):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fastcache-rt: error: "), lines
-    for f in fragments:
-        assert f in lines[0], lines[0]
+_bad = expect_usage_error
 
 
 def test_cli_calibrate_bad_input(tmp_path, capsys):

@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from fastcache_rt.cli import main
+from tests.bench.cli_helpers import expect_usage_error
 
 
 def test_generate_from_a_saved_pipeline_folder(tiny_folder, tmp_path, capsys):
@@ -33,17 +34,7 @@ def test_generate_shipped_model_folder(tmp_path, capsys):
     assert "policy spectrum: NFE 6/8" in capsys.readouterr().out  # 5 warm-up steps, then the gap of 2
 
 
-def _bad(argv, capsys, *fragments):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fastcache-rt: error: "), err
-    assert "Traceback" not in err
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
+_bad = expect_usage_error
 
 
 @pytest.fixture

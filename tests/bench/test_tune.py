@@ -23,6 +23,7 @@ from fastcache_rt.policy import (
     policy_to_dict,
     save_policy,
 )
+from tests.bench.cli_helpers import expect_usage_error
 
 models = pytest.importorskip("fastcache_rt.models")
 
@@ -161,14 +162,7 @@ def test_cli_tune_on_the_shipped_model(tmp_path, capsys):
         h.disable()
 
 
-def _bad(argv, capsys, *fragments):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fastcache-rt: error: "), lines
-    for f in fragments:
-        assert f in lines[0], lines[0]
+_bad = expect_usage_error
 
 
 def test_cli_tune_bad_input(tmp_path, capsys):

@@ -13,6 +13,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+from tests.runtime.helpers import count_host_reads
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fbcache_on_gate_step.py"
 STEPS = 16
 THRESHOLD = 0.2  # 16 steps: about half the steps cached, every relative change at least 0.005 from the threshold
@@ -99,23 +101,7 @@ def test_decision_reads_nothing_back(ex, monkeypatch):
     steps = [r + 0.05 * i * torch.randn(r.shape, generator=g) for i in range(6)]
     gate = ex.GateFBCache(0.1, r)
     gate.step(steps[0])  # the coeffs constant is uploaded (and cached) at the first call
-    reads = []
-    for name in ("__bool__", "item", "tolist", "__int__", "__float__", "numpy", "cpu", "__index__"):
-        orig = getattr(torch.Tensor, name)
-
-        def counting(self, *a, _orig=orig, _name=name, **k):
-            reads.append(_name)
-            return _orig(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, counting)
-    for name in ("tensor", "as_tensor"):
-        orig = getattr(torch, name)
-
-        def uploading(*a, _orig=orig, _name=name, **k):
-            reads.append(_name)
-            return _orig(*a, **k)
-
-        monkeypatch.setattr(torch, name, uploading)
+    reads = count_host_reads(monkeypatch)
     decisions = [gate.step(x) for x in steps[1:]]
     monkeypatch.undo()
     assert reads == []

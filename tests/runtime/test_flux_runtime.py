@@ -13,7 +13,7 @@ from fastcache_rt.policy import (
     SpectrumSchedule,
     TeaCacheGate,
 )
-from tests.runtime.helpers import call, denoise, inputs, tiny_flux
+from tests.runtime.helpers import call, count_host_reads, denoise, inputs, tiny_flux
 
 
 @pytest.fixture(scope="module")
@@ -324,23 +324,7 @@ def test_host_reads_per_step(model, policy, overrides, monkeypatch):
     with fastcache_rt.cached(model, policy, num_steps=S, **overrides):
         with torch.no_grad():  # the stream is created at the first call (its one-time setup may read the ids)
             call(model, x, enc, pooled, 1.0, H, W)
-        reads = []
-        for name in ("__bool__", "item", "tolist", "__int__", "__float__", "numpy", "cpu", "__index__"):
-            orig = getattr(torch.Tensor, name)
-
-            def counting(self, *a, _orig=orig, _name=name, **k):
-                reads.append(_name)
-                return _orig(self, *a, **k)
-
-            monkeypatch.setattr(torch.Tensor, name, counting)
-        for name in ("tensor", "as_tensor"):
-            orig = getattr(torch, name)
-
-            def uploading(*a, _orig=orig, _name=name, **k):
-                reads.append(_name)
-                return _orig(*a, **k)
-
-            monkeypatch.setattr(torch, name, uploading)
+        reads = count_host_reads(monkeypatch)
         calls = 0
         for s in range(1, S):
             with torch.no_grad():
