@@ -9,6 +9,8 @@ import weakref
 
 import torch
 
+from ._targets import split as _split
+from ._targets import unwrap as _unwrap
 from .controller import Controller
 from .families import family_for
 from .hooks import install, sync_parallel, uninstall
@@ -17,8 +19,6 @@ from .policy.gates import probes as gate_probes
 
 logger = logging.getLogger("fastcache_rt")
 _ATTR = "_fastcache_rt"
-# the transformers of a pipeline, in the order they run (Wan 2.2 A14B: high noise, then low noise)
-_DENOISERS = ("transformer", "transformer_2")
 
 
 class Handle:
@@ -62,24 +62,6 @@ class Handle:
     def __repr__(self) -> str:
         fams = ", ".join(f"{n}: {c.family.name}" for n, c in self.controllers.items())
         return f"fastcache_rt.Handle(policy={self.policy.name!r}, {fams})"
-
-
-def _unwrap(model):
-    """A ``torch.compile``d module: its original module (hooks go there; the compiled wrapper traces them)."""
-    return getattr(model, "_orig_mod", model)
-
-
-def _split(target) -> tuple[object | None, dict]:
-    """(pipeline or None, {name: transformer})."""
-    if isinstance(target, torch.nn.Module):
-        return None, {"transformer": _unwrap(target)}
-    models = {n: _unwrap(getattr(target, n)) for n in _DENOISERS if isinstance(getattr(target, n, None),
-                                                                               torch.nn.Module)}
-    if models:
-        return target, models
-    raise TypeError(
-        f"target: expected a diffusers pipeline with a .transformer or a transformer module, got {type(target).__name__}"
-    )
 
 
 def _patch_attr(obj, name: str, value, restore: list) -> None:

@@ -50,7 +50,7 @@ def config_hash(model) -> str:
 
 
 def _identity(pipe) -> dict:
-    from .api import _split
+    from ._targets import split as _split
 
     _, models = _split(pipe)
     sched = getattr(pipe, "scheduler", None)
@@ -236,7 +236,7 @@ def _std(vals: list[float]) -> float:
 
 
 def save_profile(profile: dict, path) -> Path:
-    from .bench.report import json_bytes, write_atomic
+    from ._files import json_bytes, write_atomic
 
     path = Path(path)
     write_atomic(path, json_bytes(profile))

@@ -256,7 +256,7 @@ def _check_out_file(path, suffix: str = ".png", option: str = "--out") -> Path:
     if path.is_dir():
         raise UsageError(f"{option}: {path} is a folder")
     try:
-        from .bench.report import check_writable
+        from ._files import check_writable
 
         check_writable(path.parent if str(path.parent) else Path("."), must_exist=True)
     except ValueError as e:
@@ -375,7 +375,7 @@ def cmd_generate(a) -> int:
     image = _picture(result)
     import io
 
-    from .bench.report import write_atomic
+    from ._files import write_atomic
 
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -594,7 +594,7 @@ def _load_for(a, shipped):
     check_size(pipe, kw)
     try:
         import fastcache_rt.families as F
-        from fastcache_rt.api import _split
+        from fastcache_rt._targets import split as _split
 
         for m in _split(pipe)[1].values():
             F.family_for(m)
@@ -619,7 +619,7 @@ def _shard(text: str | None):
 
 def cmd_calibrate(a) -> int:
     from . import calibration as C
-    from .bench.report import write_atomic
+    from ._files import write_atomic
     from .policy import FLUX_TEACACHE_COEFFS
 
     out = _check_out_file(a.out, ".json")
@@ -667,7 +667,7 @@ def cmd_calibrate(a) -> int:
 
 def cmd_tune(a) -> int:
     from . import tuning as T
-    from .bench.report import check_writable, json_bytes, write_atomic
+    from ._files import check_writable, json_bytes, write_atomic
     from .policy import save_policy
 
     metric, targets = next((m, v) for m, v in (("psnr", a.target_psnr), ("ssim", a.target_ssim),

@@ -360,7 +360,7 @@ def tune(pipe, targets, *, metric: str = "psnr", prompts, seeds=(0,), holdout_pr
 
     coeffs = None
     if profile is not None:
-        from .api import _split
+        from ._targets import split as _split
         from .calibration import for_model, load_profile
 
         prof = load_profile(profile)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from .. import api
+from .._targets import split
 from ..policy import Policy, resolve_policy
 
 __all__ = ["FastCacheConfig", "apply_fastcache", "remove_fastcache"]
@@ -134,13 +135,11 @@ def apply_fastcache(module, config: FastCacheConfig) -> api.Handle:
     if not isinstance(module, torch.nn.Module) and not isinstance(getattr(module, "transformer", None),
                                                                    torch.nn.Module):
         raise TypeError(f"module: expected a transformer module or a diffusers pipeline, got {type(module).__name__}")
-    models = [module] if isinstance(module, torch.nn.Module) else [
-        getattr(module, n) for n in api._DENOISERS if isinstance(getattr(module, n, None), torch.nn.Module)]
-    for m in models:
-        other = getattr(api._unwrap(m), "_cache_config", None)
+    for m in split(module)[1].values():
+        other = getattr(m, "_cache_config", None)
         if other is not None:
             raise ValueError(f"module: diffusers' {type(other).__name__} caching is enabled on "
-                             f"{type(api._unwrap(m)).__name__}; call its disable_cache() first (two caching "
+                             f"{type(m).__name__}; call its disable_cache() first (two caching "
                              f"methods on one transformer do not compose)")
     if isinstance(module, torch.nn.Module) and config.num_steps is None:
         raise ValueError("FastCacheConfig.num_steps: needed when applied to a transformer (the pipeline announces its "

@@ -148,7 +148,7 @@ def save_policy(policy: Policy, path) -> None:
     import json
     from pathlib import Path
 
-    from ..bench.report import write_atomic
+    from .._files import write_atomic
 
     write_atomic(Path(path), (json.dumps(policy_to_dict(policy), indent=1) + "\n").encode())
 
