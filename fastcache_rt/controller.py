@@ -177,10 +177,13 @@ class Controller:
         if call is None or call.st is None:
             return output
         st = call.st
+        measure = getattr(st.gate, "output", None)  # a gate measuring the model's output (calibration)
+        if measure is None and self.policy.site != "output":
+            return output
         t0 = self._clock()
         out = output[0] if isinstance(output, tuple) else output.sample
-        if hasattr(st.gate, "output"):  # a gate measuring the model's output (calibration)
-            st.gate.output(call.step, out)
+        if measure is not None:
+            measure(call.step, out)
         if self.policy.site != "output":
             self._tick(t0)
             return output
