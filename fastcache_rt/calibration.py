@@ -218,6 +218,7 @@ def _fit_model(series: list[dict], steps: int) -> dict:
         r2 = 1.0 - float(((y - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
         out["teacache"] = {"coeffs": [float(c) for c in coeffs], "r2": r2, "points": len(xs),
                            "input_range": [float(x.min()), float(x.max())],
+                           "nonpositive_from": nonpositive_from(coeffs, float(x.min()), float(x.max())),
                            "poorly_conditioned": any("conditioned" in str(w.message) for w in caught)}
     mag = _per_step(series, "mag", steps)
     if any(mag):  # steps this transformer never ran (the other expert's) get 1: no change
@@ -228,6 +229,18 @@ def _fit_model(series: list[dict], steps: int) -> dict:
         out["fbcache"] = {"mean": [sum(c) / len(c) if c else None for c in fb],
                           "max": [max(c) if c else None for c in fb]}
     return out
+
+
+def nonpositive_from(coeffs, x_min: float, x_max: float, reach: float = 4.0) -> float | None:
+    """The smallest input change in [x_min, reach * x_max] at which the polynomial is <= 0, else None. A TeaCache
+    gate accumulates the polynomial's value: where it is <= 0, a step with that much change adds nothing (or
+    subtracts) and is skipped however large the change; a degree-4 fit can turn down just past the measured range.
+    (Below the smallest measured change the value is near the intercept, close to 0 either way.)"""
+    import numpy as np
+
+    grid = np.linspace(x_min, reach * x_max, 1600)
+    bad = np.nonzero(np.polyval(np.asarray(coeffs, dtype=np.float64), grid) <= 0)[0]
+    return float(grid[bad[0]]) if bad.size else None
 
 
 def _std(vals: list[float]) -> float:
@@ -302,6 +315,12 @@ def for_model(profile: dict, name: str, model) -> dict:
         raise ProfileError(f"profile: has no entry for {name!r} (it has {', '.join(profile['models'])})")
     if entry["class"] != type(model).__name__:
         raise ProfileError(f"profile: made for {entry['class']}, not {type(model).__name__} ({name})")
+    tc = profile["fit"].get(name, {}).get("teacache")
+    if tc and tc.get("nonpositive_from") is not None:
+        logger.warning("fastcache_rt: the profile's TeaCache polynomial for %s is <= 0 from an input change of %.3g "
+                       "(measured up to %.3g): a step changing that much accumulates nothing and is skipped; "
+                       "calibrate on more prompts or steps that reach such changes", name, tc["nonpositive_from"],
+                       tc["input_range"][1])
     h = config_hash(model)
     if entry.get("config_hash") and h and entry["config_hash"] != h:
         logger.warning("fastcache_rt: the profile was calibrated on a %s with another config (hash %s, this one "

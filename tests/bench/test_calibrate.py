@@ -138,6 +138,24 @@ def test_enable_with_a_profile(full, pipe):
     assert getattr(pipe.transformer, "_fastcache_rt", None) is None  # nothing left enabled by the failures
 
 
+def test_a_polynomial_turning_down_past_the_measured_range_is_warned_about(full, pipe, caplog):
+    from fastcache_rt.policy import FLUX_TEACACHE_COEFFS
+
+    prof, _ = full
+    other = json.loads(json.dumps(prof))
+    tc = other["fit"]["transformer"]["teacache"]
+    tc["coeffs"] = [-100.0, 0.0, 0.0, 0.0, 1.0]  # 1 - 100 x^4: zero at x = 0.316
+    tc["input_range"] = [0.02, 0.1]
+    tc["nonpositive_from"] = C.nonpositive_from(tc["coeffs"], 0.02, 0.1)
+    assert tc["nonpositive_from"] == pytest.approx(0.1 ** 0.5, abs=2e-3)
+    with caplog.at_level("WARNING", logger="fastcache_rt"):
+        fastcache_rt.enable(pipe, "teacache", profile=other).disable()
+    assert "is <= 0 from an input change of 0.316" in caplog.text
+    assert C.nonpositive_from(FLUX_TEACACHE_COEFFS, 0.02, 0.15) is None  # the published polynomial stays positive
+    shipped = C.load_profile(models.DEFAULT_PATH / "profile.json")["fit"]["transformer"]["teacache"]
+    assert shipped["nonpositive_from"] == C.nonpositive_from(shipped["coeffs"], *shipped["input_range"])
+
+
 def test_resume_shards_and_merge_give_the_full_profile(full, pipe, tmp_path):
     prof, _ = full
     parts = []
