@@ -3,7 +3,9 @@ gate reads (``policy.gates.Calibrate``), and the profile fitted from them:
 
 - TeaCache: ``numpy.polyfit(input_change, output_change, 4)`` over every step after the first of every run (the
   authors' recipe: the relative L1 change of the modulated input against that of the model's output), with its
-  R^2; ``enable(pipe, "teacache" | "spectralcache", profile=...)`` uses the polynomial.
+  R^2; ``enable(pipe, "teacache" | "spectralcache", profile=...)`` uses the polynomial. A polynomial that reaches 0
+  or falls within four times the largest measured change would let a step that changes that much be skipped: the
+  highest degree (4, 3, 2, 1) that does neither is kept, else degree 4 with a warning at ``enable``.
 - MagCache: the per-step residual-norm ratios averaged over the runs; ``enable(pipe, "magcache", profile=...)``.
 - FBCache: the first block's relative residual change per step (mean and spread), to choose a threshold.
 
@@ -210,15 +212,21 @@ def _fit_model(series: list[dict], steps: int) -> dict:
     xs, ys = _pairs(series)
     if len(xs) > DEGREE:
         x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
-        with warnings.catch_warnings(record=True) as caught:  # numpy's RankWarning: reported in the fit
-            warnings.simplefilter("always")
-            coeffs = np.polyfit(x, y, DEGREE)
-        pred = np.polyval(coeffs, x)
-        ss_tot = float(((y - y.mean()) ** 2).sum())
-        r2 = 1.0 - float(((y - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
-        out["teacache"] = {"coeffs": [float(c) for c in coeffs], "r2": r2, "points": len(xs),
-                           "input_range": [float(x.min()), float(x.max())],
-                           "nonpositive_from": nonpositive_from(coeffs, float(x.min()), float(x.max())),
+        fits = []
+        for degree in range(DEGREE, 0, -1):  # TeaCache's degree 4 first
+            with warnings.catch_warnings(record=True) as caught:  # numpy's RankWarning: reported in the fit
+                warnings.simplefilter("always")
+                coeffs = np.polyfit(x, y, degree)
+            fits.append((degree, coeffs, caught, nonpositive_from(coeffs, float(x.min()), float(x.max())),
+                         _turns_down(coeffs, float(x.max()))))
+            if fits[-1][3] is None and not fits[-1][4]:
+                break
+        # the highest degree that stays positive and does not fall past the measured range, else degree 4 (warned)
+        degree, coeffs, caught, bad_from, _ = fits[-1] if fits[-1][3] is None and not fits[-1][4] else fits[0]
+        out["teacache"] = {"coeffs": [float(c) for c in coeffs], "degree": degree, "r2": _r2(coeffs, x, y),
+                           "points": len(xs),
+                           "input_range": [float(x.min()), float(x.max())], "nonpositive_from": bad_from,
+                           "r2_degree4": _r2(fits[0][1], x, y),
                            "poorly_conditioned": any("conditioned" in str(w.message) for w in caught)}
     mag = _per_step(series, "mag", steps)
     if any(mag):  # steps this transformer never ran (the other expert's) get 1: no change
@@ -241,6 +249,21 @@ def nonpositive_from(coeffs, x_min: float, x_max: float, reach: float = 4.0) -> 
     grid = np.linspace(x_min, reach * x_max, 1600)
     bad = np.nonzero(np.polyval(np.asarray(coeffs, dtype=np.float64), grid) <= 0)[0]
     return float(grid[bad[0]]) if bad.size else None
+
+
+def _turns_down(coeffs, x_max: float, reach: float = 4.0) -> bool:
+    """Whether the polynomial decreases somewhere between the largest measured change and ``reach`` times it."""
+    import numpy as np
+
+    vals = np.polyval(np.asarray(coeffs, dtype=np.float64), np.linspace(x_max, reach * x_max, 400))
+    return bool(np.any(np.diff(vals) < 0))
+
+
+def _r2(coeffs, x, y) -> float:
+    import numpy as np
+
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    return 1.0 - float(((y - np.polyval(coeffs, x)) ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
 
 
 def _std(vals: list[float]) -> float:
@@ -351,7 +374,7 @@ def fit_plot_png(profile: dict, reference: dict | None = None) -> bytes:
         ax.scatter(xs, ys, s=6, alpha=0.4, color="#4477aa", label=f"measured ({len(xs)} steps)")
         grid = np.linspace(min(xs), max(xs), 200)
         ax.plot(grid, np.polyval(tc["coeffs"], grid), color="#cc3311", lw=2,
-                label=f"fitted degree {DEGREE} (R² {tc['r2']:.3f})")
+                label=f"fitted degree {tc.get('degree', DEGREE)} (R² {tc['r2']:.3f})")
         for label, coeffs in (reference or {}).items():
             ax.plot(grid, np.polyval(coeffs, grid), color="#999999", lw=1.5, ls="--", label=label)
         ax.set_xlabel("relative L1 change of the probe (modulated input)")

@@ -101,13 +101,20 @@ def test_profile_fit(full, pipe):
     entry = prof["models"]["transformer"]
     assert entry["class"] == "FluxTransformer2DModel" and entry["config_hash"] == C.config_hash(pipe.transformer)
     tc = prof["fit"]["transformer"]["teacache"]
-    assert len(tc["coeffs"]) == 5 and tc["points"] == 4 * (STEPS - 1)
-    # the fit is numpy.polyfit of the measured pairs, and R^2 is computed from its residuals
+    assert len(tc["coeffs"]) == tc["degree"] + 1 and tc["points"] == 4 * (STEPS - 1)
+    # the fit is numpy.polyfit of the measured pairs at the highest degree (4 down to 1) that stays positive and
+    # does not fall within 4x the largest measured change, and R^2 is computed from its residuals
     import numpy as np
 
     xs, ys = C._pairs([b for r in prof["runs"] for b in r["models"]["transformer"].values()])
-    assert len(xs) == tc["points"]
-    np.testing.assert_allclose(tc["coeffs"], np.polyfit(xs, ys, 4), rtol=1e-9)
+    assert len(xs) == tc["points"] and tc["input_range"] == [min(xs), max(xs)]
+    np.testing.assert_allclose(tc["coeffs"], np.polyfit(xs, ys, tc["degree"]), rtol=1e-9)
+    for d in range(4, 0, -1):
+        c = np.polyfit(xs, ys, d)
+        ok = C.nonpositive_from(c, min(xs), max(xs)) is None and not C._turns_down(c, max(xs))
+        if ok or d == 1:
+            break
+    assert tc["degree"] == (d if ok else 4) and (tc["nonpositive_from"] is None) == ok
     pred = np.polyval(tc["coeffs"], xs)
     r2 = 1 - ((np.array(ys) - pred) ** 2).sum() / ((np.array(ys) - np.mean(ys)) ** 2).sum()
     assert tc["r2"] == pytest.approx(r2) and 0 < tc["r2"] <= 1
@@ -152,8 +159,10 @@ def test_a_polynomial_turning_down_past_the_measured_range_is_warned_about(full,
         fastcache_rt.enable(pipe, "teacache", profile=other).disable()
     assert "is <= 0 from an input change of 0.316" in caplog.text
     assert C.nonpositive_from(FLUX_TEACACHE_COEFFS, 0.02, 0.15) is None  # the published polynomial stays positive
+    # the shipped profile: degree 4 reaches 0 at 0.160 just past its largest change (0.148), degree 2 is kept
     shipped = C.load_profile(models.DEFAULT_PATH / "profile.json")["fit"]["transformer"]["teacache"]
-    assert shipped["nonpositive_from"] == C.nonpositive_from(shipped["coeffs"], *shipped["input_range"])
+    assert shipped["degree"] < 4 and shipped["nonpositive_from"] is None
+    assert C.nonpositive_from(shipped["coeffs"], *shipped["input_range"]) is None
 
 
 def test_resume_shards_and_merge_give_the_full_profile(full, pipe, tmp_path):
@@ -268,7 +277,7 @@ def test_two_expert_pipeline_gets_one_fit_per_expert():
     assert all(v is None for v in first[switch + 1:]) and all(v is not None for v in first[1:switch])
     for name in ("transformer", "transformer_2"):
         fit = prof["fit"][name]
-        assert len(fit["teacache"]["coeffs"]) == 5
+        assert len(fit["teacache"]["coeffs"]) == fit["teacache"]["degree"] + 1
         ratios = fit["magcache"]["ratios"]
         assert len(ratios) == 10 and 0 < fit["magcache"]["steps_measured"] < 10
     assert prof["fit"]["transformer"]["teacache"]["coeffs"] != prof["fit"]["transformer_2"]["teacache"]["coeffs"]
