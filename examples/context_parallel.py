@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import sys
 import time
@@ -129,8 +130,15 @@ def main(argv=None) -> int:
         cpu_fixes()
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout))
     try:
-        return run(args, rank, world, device)
+        code = run(args, rank, world, device)
+        dist.barrier()  # no rank tears its groups down while another still talks to it
+        return code
     finally:
+        # The pipeline outlives run(): its modules and hooks form reference cycles, and they hold the context-parallel
+        # mesh's process groups. Left to the collector they would be freed during interpreter shutdown, after the
+        # groups were destroyed, which can abort the process (gloo's threads tearing down with the interpreter).
+        # Collect them now, while everything is alive, then destroy the groups.
+        gc.collect()
         dist.destroy_process_group()
 
 

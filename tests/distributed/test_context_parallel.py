@@ -311,7 +311,8 @@ EXAMPLE = REPO / "examples" / "context_parallel.py"
 
 def _example(args, timeout=240.0):
     proc = run_script(EXAMPLE, 2, args, timeout=timeout)
-    text = proc.stdout + "\n" + proc.stderr
+    # on failure the ranks' whole stdout (how far they got) and the end of stderr (where it broke)
+    text = f"exit code {proc.returncode}\n--- stdout:\n{proc.stdout[-3000:]}\n--- stderr (end):\n{proc.stderr[-5000:]}"
     return proc, text
 
 
@@ -322,7 +323,7 @@ def _example(args, timeout=240.0):
 ])
 def test_example_runs(args):
     proc, text = _example(args)
-    assert proc.returncode == 0, text[-4000:]
+    assert proc.returncode == 0, text
     for r in range(2):
         m = re.search(rf"\[rank {r}\] uncached: [0-9.]+ s; max \|context-parallel - single-process\| pixel "
                       rf"difference ([0-9.e+-]+)", proc.stdout)
@@ -341,7 +342,7 @@ def test_example_runs(args):
 
 def test_example_cached_freqca():
     proc, text = _example(["--steps", "8", "--timeout", "20", "--method", "freqca", "--set", "warmup=2"])
-    assert proc.returncode == 0, text[-4000:]
+    assert proc.returncode == 0, text
     assert "decisions identical on every rank: True" in proc.stdout
 
 
