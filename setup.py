@@ -16,6 +16,7 @@ from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -88,13 +89,25 @@ class CMakeBuild(build_ext):
         self._built_in = extdir
 
 
+class BuildPy(build_py):
+    """The Triton kernels' modules (top-level ``kernels/``, deliberately not a package: see
+    ``fastcache_rt/kernels/__init__.py``) are copied into the wheel's ``fastcache_rt/kernels/``."""
+
+    def run(self) -> None:
+        super().run()
+        dest = Path(self.build_lib) / "fastcache_rt" / "kernels"
+        dest.mkdir(parents=True, exist_ok=True)
+        for src in sorted((ROOT / "kernels").glob("*.py")):
+            self.copy_file(str(src), str(dest / src.name))
+
+
 setup(
-    # every subpackage of fastcache_rt/ (policy, families, models, bench, ...) plus the Triton kernels from kernels/
-    packages=find_packages(include=["fastcache_rt", "fastcache_rt.*"]) + ["fastcache_rt.kernels"],
-    package_dir={"fastcache_rt": "fastcache_rt", "fastcache_rt.kernels": "kernels"},
+    # every subpackage of fastcache_rt/ (policy, families, models, bench, kernels, ...); the Triton kernels' modules
+    # come from the top-level kernels/ folder (BuildPy)
+    packages=find_packages(include=["fastcache_rt", "fastcache_rt.*"]),
     # the shipped demo model (a diffusers pipeline folder: configs, tokenizers, safetensors weights)
     package_data={"fastcache_rt.models": ["default/*", "default/*/*"]},
     ext_modules=[CMakeExtension("fastcache_rt._C")] + ([CMakeExtension("fastcache_rt._C_cuda")] if _want_cuda() else []),
-    cmdclass={"build_ext": CMakeBuild},
+    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
     zip_safe=False,
 )

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from fastcache_rt.ops import layout
 
-from . import cdiv, launch_options
+from .launch import cdiv, launch_options
 
 # Gate layouts (constexpr so that @triton.jit code may read them).
 S_STEP = tl.constexpr(layout.S_STEP)

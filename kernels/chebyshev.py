@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, launch_options, next_pow2, num_sms
+from .launch import cdiv, launch_options, next_pow2, num_sms
 
 NEG_INF = tl.constexpr(float("-inf"))
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, launch_options
+from .launch import cdiv, launch_options
 
 MODE_TAYLOR = tl.constexpr(0)
 MODE_HERMITE = tl.constexpr(1)

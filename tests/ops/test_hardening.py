@@ -107,7 +107,7 @@ def test_triton_band_sums_are_the_gpu_order_bitwise(monkeypatch, shape, dtype, b
     """The sums are a function of the input alone: the same bits for any SM count (A100: 108, H100: 132 ...) and
     equal to the specification of the GPU order (which the CUDA backend implements too)."""
     _triton()
-    import fastcache_rt.kernels as kpkg
+    from fastcache_rt.kernels import launch as kpkg
 
     kpkg._sm_count.cache_clear()
     monkeypatch.setattr(kpkg, "_sm_count", lambda device_type, index: sms)

@@ -1,4 +1,5 @@
-"""Triton kernels of fastcache_rt (installed as ``fastcache_rt.kernels``).
+"""Launch helpers shared by the Triton kernels of fastcache_rt (``fastcache_rt.kernels``, a namespace package:
+this folder has no ``__init__.py``, see README.md beside this file).
 
 Modules, one per op family, each with its ``@triton.jit`` kernels and thin launchers that take torch tensors (the
 canonical arguments of ``fastcache_rt/ops/_backend.py``) and launch exactly one kernel per call:
