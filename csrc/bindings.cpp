@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "gate_layout.h"
 #include "cpu/common.h"
 #include "cpu/ops.h"
 
@@ -57,6 +58,11 @@ PYBIND11_MODULE(_C, m) {
   m.attr("DTYPE_FLOAT32") = static_cast<int>(fc::kFloat32);
   m.attr("DTYPE_FLOAT16") = static_cast<int>(fc::kFloat16);
   m.attr("DTYPE_BFLOAT16") = static_cast<int>(fc::kBFloat16);
+  {
+    pybind11::dict layout;  // the gate layout compiled in (gate_layout.h), checked against layout.py at import
+    for (const auto& f : ::fastcache_rt::gate_layout::kFields) layout[f.name] = f.value;
+    m.attr("GATE_LAYOUT") = layout;
+  }
 
   m.def(
       "isa", [] { return fc::active_isa() == fc::kIsaAvx2 ? std::string("avx2") : std::string("generic"); },

@@ -4,15 +4,41 @@
     fastcache_rt.enable(pipe, "spectrum")     # or "teacache", "spectralcache", "freqca", "taylorseer", ...
     image = pipe(prompt, num_inference_steps=50).images[0]
     print(fastcache_rt.stats(pipe))
+
+``import fastcache_rt`` and ``fastcache_rt.ops`` / ``fastcache_rt.policy`` need only torch and numpy; the names that
+work on diffusers models (``enable``, ``calibrate``, ``tune``, ...) import diffusers when first used.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from . import ops  # noqa: E402
-from .api import Handle, cached, disable, enable, stats  # noqa: E402
-from .calibration import calibrate, load_profile, merge_profiles  # noqa: E402
+from . import ops, policy  # noqa: E402
 from .policy import PRESETS, Policy, load_policy, save_policy  # noqa: E402
-from .tuning import tune  # noqa: E402
+
+# name -> the module that defines it, imported on first use (it imports diffusers)
+_LAZY = {
+    "Handle": "api", "cached": "api", "disable": "api", "enable": "api", "stats": "api",
+    "calibrate": "calibration",
+    "load_profile": "profiles", "merge_profiles": "profiles",
+    "tune": "tuning",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastcache_rt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = ["PRESETS", "Handle", "Policy", "__version__", "cached", "calibrate", "disable", "enable", "load_policy",
-           "load_profile", "merge_profiles", "ops", "save_policy", "stats", "tune"]
+           "load_profile", "merge_profiles", "ops", "policy", "save_policy", "stats", "tune"]

@@ -15,7 +15,7 @@ from .controller import Controller
 from .families import family_for
 from .hooks import install, sync_parallel, uninstall
 from .policy import Policy, resolve_policy
-from .policy.gates import probes as gate_probes
+from .policy.gates import GATES, first_blocks
 
 logger = logging.getLogger("fastcache_rt")
 _ATTR = "_fastcache_rt"
@@ -91,27 +91,25 @@ def _check_grid(grid):
 
 
 def _apply_profile(pol: Policy, profile: dict, name: str, model) -> Policy:
-    """The policy with what the profile's fit for this transformer gives its gate: TeaCache's polynomial
-    (``coeffs``), MagCache's ratios (``ratios``)."""
-    import dataclasses
-
-    from .calibration import ProfileError, for_model
+    """The policy with what the profile's fit for this transformer gives its gate (the gate's ``from_profile``:
+    TeaCache's polynomial as ``coeffs``, MagCache's ratios as ``ratios``)."""
+    from .profiles import ProfileError, for_model
 
     fit = for_model(profile, name, model)
     gate = pol.gate
-    fields = {f.name for f in dataclasses.fields(gate)}
-    changes = {}
-    for field, method, key in (("coeffs", "teacache", "coeffs"), ("ratios", "magcache", "ratios")):
-        if field not in fields or getattr(gate, "calibrate", False):
-            continue
-        if getattr(gate, field) is not None:
+    reads = getattr(gate, "from_profile", None)
+    fields = getattr(gate, "profile", {}) or {}
+    for field in fields:
+        if getattr(gate, field, None) is not None and not getattr(gate, "calibrate", False):
             raise ValueError(f"profile: the policy's {type(gate).__name__} already has {field}=; pass one or the other")
-        if method not in fit:
-            raise ProfileError(f"profile: no {method} fit for {name} (too few measured steps in its runs)")
-        changes[field] = tuple(fit[method][key])
+    try:
+        changes = reads(fit) if callable(reads) else {}
+    except KeyError as e:
+        raise ProfileError(f"profile: no {e.args[0]} fit for {name} (too few measured steps in its runs)") from None
     if not changes:
-        raise ValueError(f"profile: the {type(gate).__name__} gate reads nothing from a profile (the TeaCache, "
-                         f"SpectralCache and MagCache gates do)")
+        readers = sorted(cls.__name__ for cls in GATES.values() if cls.profile)
+        raise ValueError(f"profile: the {type(gate).__name__} gate reads nothing from a profile (the "
+                         f"{', '.join(readers)} gates do)")
     return pol.with_overrides(**changes)
 
 
@@ -142,7 +140,7 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
     pol = resolve_policy(policy, **overrides)
     pols = {name: pol for name in models}
     if profile is not None:
-        from .calibration import load_profile
+        from .profiles import load_profile
 
         prof = load_profile(profile)
         pols = {name: _apply_profile(pol, prof, name, m) for name, m in models.items()}
@@ -157,10 +155,10 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
         resolve_group(None, group)  # TypeError / ValueError before anything is touched
     for name, m in models.items():
         sizes = [len(getattr(m, b.attr)) for b in fams[name].lists]
-        k = getattr(pol.gate, "blocks", 0) if "first_blocks" in gate_probes(pol.gate) else 0
+        k = first_blocks(pol.gate)
         if k > sizes[0] or k >= sum(sizes):
-            raise ValueError(f"blocks: the FBCache probe runs the first blocks of the first list and must leave "
-                             f"blocks to skip ({' + '.join(map(str, sizes))} blocks), got {k}")
+            raise ValueError(f"blocks: the {type(pol.gate).__name__} probe runs the first blocks of the first list "
+                             f"and must leave blocks to skip ({' + '.join(map(str, sizes))} blocks), got {k}")
     for m in [target, *models.values()]:
         if getattr(m, _ATTR, None) is not None:
             getattr(m, _ATTR).disable()
@@ -170,7 +168,7 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
     for name, m in models.items():
         fam, pol = fams[name], pols[name]
         coeffs = None
-        if pol.gate.probe == "modulated" and hasattr(pol.gate, "coeffs") and pol.gate.coeffs is None:
+        if getattr(pol.gate, "family_coeffs", False) and pol.gate.coeffs is None:
             if fam.teacache:
                 coeffs = next(iter(fam.teacache.values()))
             else:
@@ -182,19 +180,7 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
         _follow_parallelism(m, ctl, restore)
         controllers[name] = ctl
     if pipe is not None:
-        _watch_scheduler(pipe, list(controllers.values()), restore)
-
-        def rewatch():
-            _watch_scheduler(pipe, list(controllers.values()), restore)
-            sched = pipe.scheduler
-            ts = getattr(sched, "timesteps", None)
-            steps = (len(ts) if ts is not None else 0) - int(getattr(sched, "begin_index", None) or 0)
-            for c in controllers.values():
-                c.end_generation()
-                c.new_generation(steps if steps > 0 else None)
-
-        for c in controllers.values():
-            c.rewatch = rewatch
+        _PipelineWatch(pipe, list(controllers.values()), restore)
     handle = Handle(target, models, controllers, restore)
     for obj in [target, *models.values()]:
         setattr(obj, _ATTR, handle)
@@ -218,49 +204,71 @@ def _follow_parallelism(model, ctl: Controller, restore: list) -> None:
     _patch_attr(model, "enable_parallelism", enable_parallelism, restore)
 
 
-def _watch_scheduler(pipe, controllers: list[Controller], restore: list) -> None:
-    """The pipeline's scheduler announces each generation's step count (``set_timesteps``, ``set_begin_index``
-    for img2img) and its steps (``step``: the next transformer call is the first branch of the next step)."""
-    sched = getattr(pipe, "scheduler", None)
-    if sched is None or not hasattr(sched, "set_timesteps"):
-        return
-    original = sched.set_timesteps
+class _PipelineWatch:
+    """The pipeline's scheduler announces each generation's step count (``set_timesteps``, ``set_begin_index`` for
+    img2img) and its steps (``step``: the next transformer call is the first branch of the next step). A scheduler
+    replaced after ``enable`` is watched from the next transformer call on and announces the generation it has set
+    up (the controllers run ``check`` before each call, on the host)."""
 
-    # functools.wraps keeps the signature visible: pipelines inspect it (e.g. for a `sigmas` parameter)
-    @functools.wraps(original)
-    def set_timesteps(*args, **kwargs):
-        result = original(*args, **kwargs)
+    def __init__(self, pipe, controllers: list[Controller], restore: list):
+        self.pipe, self.controllers, self.restore = pipe, controllers, restore
+        self.scheduler = None
+        self.watch(getattr(pipe, "scheduler", None))
         for c in controllers:
-            c.end_generation()
-            c.new_generation(len(sched.timesteps))
-        return result
+            c.before_call.append(self.check)
 
-    _patch_attr(sched, "set_timesteps", set_timesteps, restore)
-    if hasattr(sched, "step"):
-        original_step = sched.step
+    def check(self) -> None:
+        sched = getattr(self.pipe, "scheduler", None)
+        if sched is self.scheduler:
+            return
+        self.watch(sched)
+        ts = getattr(sched, "timesteps", None)
+        steps = (len(ts) if ts is not None else 0) - int(getattr(sched, "begin_index", None) or 0)
+        self._announce(steps if steps > 0 else None)
 
-        @functools.wraps(original_step)
-        def step(*args, **kwargs):
-            for c in controllers:
-                c.step_done()
-            return original_step(*args, **kwargs)
+    def _announce(self, steps: int | None, close: bool = True) -> None:
+        for c in self.controllers:
+            if close:
+                c.end_generation()
+            c.new_generation(steps)
 
-        _patch_attr(sched, "step", step, restore)
-    if hasattr(sched, "set_begin_index"):
-        original_begin = sched.set_begin_index
+    def watch(self, sched) -> None:
+        self.scheduler = sched
+        if sched is None or not hasattr(sched, "set_timesteps"):
+            return
+        original = sched.set_timesteps
 
-        @functools.wraps(original_begin)
-        def set_begin_index(begin_index: int = 0, *args, **kwargs):
-            result = original_begin(begin_index, *args, **kwargs)
-            if begin_index:  # img2img: only the tail of the schedule runs
-                for c in controllers:
-                    c.new_generation(len(sched.timesteps) - int(begin_index))
+        # functools.wraps keeps the signature visible: pipelines inspect it (e.g. for a `sigmas` parameter)
+        @functools.wraps(original)
+        def set_timesteps(*args, **kwargs):
+            result = original(*args, **kwargs)
+            self._announce(len(sched.timesteps))
             return result
 
-        _patch_attr(sched, "set_begin_index", set_begin_index, restore)
-    for c in controllers:
-        c.scheduler = sched
-        c.pipe = pipe
+        _patch_attr(sched, "set_timesteps", set_timesteps, self.restore)
+        if hasattr(sched, "step"):
+            original_step = sched.step
+
+            @functools.wraps(original_step)
+            def step(*args, **kwargs):
+                for c in self.controllers:
+                    c.step_done()
+                return original_step(*args, **kwargs)
+
+            _patch_attr(sched, "step", step, self.restore)
+        if hasattr(sched, "set_begin_index"):
+            original_begin = sched.set_begin_index
+
+            @functools.wraps(original_begin)
+            def set_begin_index(begin_index: int = 0, *args, **kwargs):
+                result = original_begin(begin_index, *args, **kwargs)
+                if begin_index:  # img2img: only the tail of the schedule runs
+                    self._announce(len(sched.timesteps) - int(begin_index), close=False)
+                return result
+
+            _patch_attr(sched, "set_begin_index", set_begin_index, self.restore)
+        for c in self.controllers:
+            c.follow_steps()
 
 
 def _handle(target) -> Handle:

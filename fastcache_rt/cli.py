@@ -682,7 +682,7 @@ def cmd_tune(a) -> int:
         a.steps = 20
     profile = None
     if a.profile is not None:
-        from .calibration import ProfileError, load_profile
+        from .profiles import ProfileError, load_profile
 
         try:
             profile = load_profile(a.profile)

@@ -10,15 +10,17 @@ host ``if`` or ``torch.cond``); the last records the value its forecaster keeps 
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
 
-from .families import Family
+from .families import Family, bind, signature
 from .parallel import Shard
 from .policy import Policy
-from .policy.gates import probes as gate_probes
-from .stream import Step, StreamState
+from .policy.gates import first_blocks, probes as gate_probes
+from .policy.spec import StreamSpec
+from .stream import Step, StreamState, stream_stats
 
 logger = logging.getLogger("fastcache_rt")
 
@@ -57,6 +59,10 @@ def branch(compute, full, skip, operands: tuple):
 
 
 class Controller:
+    """The cached steps of one transformer. What belongs to the pipeline (its scheduler announcing generations and
+    steps) is told by the API through ``new_generation`` / ``step_done`` / ``follow_steps`` and the host callbacks
+    in ``before_call``; what belongs to a parallel layout by the hooks through ``set_group``."""
+
     def __init__(self, model, family: Family, policy: Policy, *, num_steps: int | None = None,
                  grid: tuple[int, ...] | None = None, coeffs=None, group=None):
         self.model = model
@@ -67,24 +73,21 @@ class Controller:
         self.coeffs = coeffs
         self.group = group  # the context-parallel process group given to enable (else diffusers' own)
         self.shard: Shard | None = None  # this rank's place in it, when the tokens are split over ranks
-        self.parallel_config = None  # the model's diffusers parallel config the shard was resolved from
-        self.parallel_synced = False
         self.lists = [list(getattr(model, b.attr)) for b in family.lists]
-        for m in [model, *(b for blocks in self.lists for b in blocks)]:
-            _signature(type(m))  # read here, not while torch.compile traces a call (it cannot trace inspect)
+        norm1 = getattr(self.lists[0][0], "norm1", None)
+        for m in [model, *(b for blocks in self.lists for b in blocks), *([norm1] if norm1 is not None else [])]:
+            signature(type(m))  # read here, not while torch.compile traces a call (it cannot trace inspect)
         self.probes = gate_probes(policy.gate)
-        self.probe_blocks = getattr(policy.gate, "blocks", 0) if "first_blocks" in self.probes else 0
+        self.probe_blocks = first_blocks(policy.gate)
         self.streams: dict[tuple, StreamState] = {}
         self.call: Call | None = None
-        self.calls_this_step = 0  # fallback branch identity: the call's position between scheduler steps
+        self.before_call: list = []  # host callbacks before each call, outside any compiled region (the API's)
+        self.by_position = False  # CFG branches told apart by their position between announced steps
+        self.calls_this_step = 0
         self.gen_steps = 0  # scheduler steps of this generation so far
-        self.scheduler = None  # the pipeline's scheduler, when it announces generations and steps
-        self.pipe = None
-        self.rewatch = None  # set by the API: watch the pipeline's current scheduler
         self.controller_seconds = 0.0
         self.calls = 0
         self._warned: set[str] = set()
-        self._norm1_emb: bool | None = None  # the probe's norm1 takes the conditioning as ``emb=``
         self._last: list[dict] = []  # what stats() reports of the last finished generation
         self._last_time = (0.0, 0)  # its controller seconds and calls
 
@@ -134,6 +137,11 @@ class Controller:
             self.streams.clear()
         self.shard = shard
 
+    def follow_steps(self) -> None:
+        """A scheduler announces this model's steps (``step_done``): without a cache context, a call's branch is
+        its position among the calls of its step."""
+        self.by_position = True
+
     def step_done(self) -> None:
         """The pipeline's scheduler finished a step: the next transformer call is the first branch of the next."""
         self.calls_this_step = 0
@@ -147,25 +155,22 @@ class Controller:
     # ----------------------------------------------------------------------------------------------------------
     # the transformer's hook
     # ----------------------------------------------------------------------------------------------------------
-    def before_call(self) -> None:
-        """Host bookkeeping before a call, outside any compiled region (from the pipeline's cache context, or at
-        the start of an eager call): a scheduler replaced after ``enable`` is watched from now on and announces
-        the generation it has set up."""
-        if self.pipe is not None and getattr(self.pipe, "scheduler", None) is not self.scheduler and \
-                self.rewatch is not None:
-            self.rewatch()
+    def host_bookkeeping(self) -> None:
+        """Run the host callbacks (the API's scheduler watch), outside any compiled region."""
+        for fn in self.before_call:
+            fn()
 
     def begin_call(self, kwargs: dict, context) -> None:
         fam = self.family
         if context is None and not torch.compiler.is_compiling():
-            self.before_call()
+            self.host_bookkeeping()
         off = any(kwargs.get(k) is not None for k in fam.uncached_kwargs)
         if off:
             self._warn_once("off", "fastcache_rt: %s called with %s: this call runs uncached", type(self.model).__name__,
                             ", ".join(k for k in fam.uncached_kwargs if kwargs.get(k) is not None))
         if context is not None:
             name = ("context", context.name)
-        elif self.scheduler is not None:  # no cache context: the call's position among the calls of this step
+        elif self.by_position:  # no cache context: the call's position among the calls of this step
             name = ("position", self.calls_this_step)
             self.calls_this_step += 1
         else:  # a bare transformer: one stream per shape (CFG branches called separately need a cache context)
@@ -212,11 +217,11 @@ class Controller:
         if kwargs.pop(RUN, False) or call is None or call.off:
             return original(*args, **kwargs)
         spec = self.family.lists[li]
-        kw = _bind(module, args, kwargs)
+        kw = bind(module, args, kwargs)
         if spec.per_block:  # the model's own loop runs this list: each block runs or hands on by itself
             return self.segment(call, li, j, j + 1, original, kw)
         if j > 0:  # the list's first block ran the whole list: hand its result on
-            return _pack(spec, kw[spec.hidden], kw.get(spec.encoder) if spec.encoder else None)
+            return spec.pack(kw[spec.hidden], kw.get(spec.encoder) if spec.encoder else None)
         return self.segment(call, li, 0, len(self.lists[li]), original, kw)
 
     def segment(self, call: Call, li: int, start: int, stop: int, original, kw: dict):
@@ -234,8 +239,8 @@ class Controller:
             call.step = Step(st.index if not torch.compiler.is_compiling() else None, st.step)
             call.compute = None
             if "modulated" in self.probes:  # the family's probe reads the first block's input
-                call.step.probes["modulated"] = self._probe(kw, hidden)
-                call.step.replicated = self._replicated(call.step.probes["modulated"], hidden)
+                probe = call.step.probes["modulated"] = self.family.probe_of(self.lists[0][0], kw, hidden)
+                call.step.replicated = self.family.probe_replicated(probe, hidden)
             if self.probe_blocks and not spec.per_block:  # the first blocks always run (model time)
                 self._tick(t0)
                 hidden, enc = self._run(li, original, own, kw, hidden, enc, 0, self.probe_blocks)
@@ -266,7 +271,7 @@ class Controller:
 
         def skip(h, *e):
             if last and site != "output":
-                h = self._joined(spec, h, self._forecast(call))
+                h = spec.rejoin(h, self._forecast(call))
             return (h, *e)
 
         if not isinstance(compute, bool):
@@ -278,11 +283,11 @@ class Controller:
 
         # 4. after the last block: record the site value (the "output" site records in end_call)
         if last and site != "output":
-            img = self._image(spec, h, call.base)
+            img = spec.image(h, call.base.shape[-2])
             value = None if compute is False else img - call.base if site == "residual" else img
             self._finish(call, value, lambda: img - call.base)
         self._tick(t1)
-        return _pack(spec, h, e)
+        return spec.pack(h, e)
 
     # ----------------------------------------------------------------------------------------------------------
     def _stream(self, call: Call, hidden: torch.Tensor) -> StreamState:
@@ -299,9 +304,9 @@ class Controller:
                     raise ValueError(f"site: 'output' needs the latent input {self.family.hidden_arg!r} as one tensor; "
                                      f"{self.family.name} passes {type(latent).__name__}: use site='hidden'")
                 shape, dtype = tuple(latent.shape), latent.dtype
-            grid = self.grid or (self.family.grid(self.model, call.kwargs) if self.family.grid else None)
-            st = StreamState(self.policy, num_steps, shape, dtype, hidden.device, grid, self.coeffs, tuple(hidden.shape),
-                             self.shard)
+            grid = self.grid or self.family.token_grid(self.model, call.kwargs)
+            spec = StreamSpec(shape, dtype, hidden.device, num_steps, grid, self.shard, self.coeffs)
+            st = StreamState(self.policy, spec, tokens=tuple(hidden.shape))
             self.streams[key] = st
         if not torch.compiler.is_compiling():
             st.last_use = self.calls
@@ -358,64 +363,19 @@ class Controller:
             # the block whose hook this is runs through the rest of its hook chain; the others through their
             # module call, as the model calls them (the marker tells fastcache_rt's hook on them to run the block)
             out = original(**kw) if j == own else blocks[j](**kw, **{RUN: True})
-            hidden, enc = _unpack(spec, out, enc)
+            hidden, enc = spec.unpack(out, enc)
         return hidden, enc
-
-    def _probe(self, kw: dict, hidden: torch.Tensor) -> torch.Tensor:
-        fam = self.family
-        if fam.probe == "temb":
-            return kw[fam.temb]
-        if fam.probe == "hidden":
-            return hidden
-        norm1 = self.lists[0][0].norm1
-        if self._norm1_emb is None:
-            import inspect
-
-            self._norm1_emb = "emb" in inspect.signature(type(norm1).forward).parameters
-        out = norm1(hidden, emb=kw[fam.temb]) if self._norm1_emb else norm1(hidden, kw[fam.temb])
-        return out[0] if isinstance(out, tuple) else out
-
-    def _replicated(self, probe: torch.Tensor, hidden: torch.Tensor) -> bool:
-        """Whether every context-parallel rank holds the same whole probe: a timestep embedding does, unless it is
-        per token (Wan 2.2 TI2V: ``(B, tokens, 6, D)``, split with the tokens); a probe made from the tokens
-        never. A replicated probe read as per-token costs one reduction whose sums are N times the single
-        process's: every rank still decides alike."""
-        if self.family.probe != "temb":
-            return False
-        return not (probe.dim() > 2 and probe.shape[1] == hidden.shape[-2])
 
     def _image_part(self, call: Call, spec, hidden: torch.Tensor) -> torch.Tensor:
         """The image tokens of the first list's input: all of it, or, where the model joined text and image
-        tokens before the first list, the part the family's token grid covers."""
+        tokens before the first list, the part the family's token grid covers (this rank's share of it)."""
         if spec.joined is None:
             return hidden
-        grid = self.grid or (self.family.grid(self.model, call.kwargs) if self.family.grid else None)
+        grid = self.grid or self.family.token_grid(self.model, call.kwargs)
         if grid is None:
             return hidden
-        n = 1
-        for g in grid:
-            n *= g
-        if self.shard is not None:  # this rank's share of the image tokens (the text tokens are split too)
-            n //= self.shard.size
-        if n >= hidden.shape[-2]:
-            return hidden
-        return hidden[..., -n:, :] if spec.joined == "text_first" else hidden[..., :n, :]
-
-    @staticmethod
-    def _image(spec, h: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        n = base.shape[-2]
-        if spec.joined is None or h.shape[-2] == n:
-            return h
-        return h[..., -n:, :] if spec.joined == "text_first" else h[..., :n, :]
-
-    @staticmethod
-    def _joined(spec, h_in: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
-        n = img.shape[-2]
-        if spec.joined is None or h_in.shape[-2] == n:
-            return img
-        if spec.joined == "text_first":
-            return torch.cat([h_in[..., :-n, :], img], dim=-2)
-        return torch.cat([img, h_in[..., n:, :]], dim=-2)
+        n = math.prod(grid) // (self.shard.size if self.shard is not None else 1)
+        return hidden if n >= hidden.shape[-2] else spec.image(hidden, n)
 
     def _clock(self) -> float:
         return 0.0 if torch.compiler.is_compiling() else time.perf_counter()
@@ -456,19 +416,7 @@ class Controller:
 
 
     def _stream_stats(self) -> list[dict]:
-        per = []
-        for key, s in self.streams.items():
-            if not s.ran:  # a stream of another shape or branch, idle in this generation
-                continue
-            log = s.decisions()
-            row = {"branch": key[0][1], "shape": list(key[1]), "computed": [i for i, c in enumerate(log) if c is True],
-                   "cached": [i for i, c in enumerate(log) if c is False], "nonfinite": int(s.events[0])}
-            if hasattr(s.gate, "measurements"):  # a calibration run: every signal at every step of the generation
-                row["calibration"] = s.gate.measurements(len(log))
-                if "mag" in row["calibration"]:
-                    row["mag_ratios"] = row["calibration"]["mag"][sum(c is None for c in log):]  # its own steps
-            per.append(row)
-        return per
+        return [stream_stats(key, st) for key, st in self.streams.items() if st.ran]
 
 
 def _signatures_outside_cond(blocks) -> None:
@@ -483,42 +431,3 @@ def _signatures_outside_cond(blocks) -> None:
             proc = getattr(mod, "processor", None)
             if proc is not None and callable(proc):
                 inspect.signature(proc.__call__)
-
-
-# -------------------------------------------------------------------------------------------------------------
-# block I/O, by the family's declaration
-# -------------------------------------------------------------------------------------------------------------
-_SIGNATURES: dict[type, list[str]] = {}
-
-
-def _signature(cls) -> list[str]:
-    """The names of ``cls.forward``'s parameters after ``self``."""
-    names = _SIGNATURES.get(cls)
-    if names is None:
-        import inspect
-
-        params = list(inspect.signature(cls.forward).parameters.values())[1:]
-        names = _SIGNATURES[cls] = [p.name for p in params]
-    return names
-
-
-def _bind(module, args, kwargs) -> dict:
-    """The call's arguments by name (blocks are called positionally by some models, by keyword by others)."""
-    if not args:
-        return dict(kwargs)
-    kw = dict(zip(_signature(type(module)), args))
-    kw.update(kwargs)
-    return kw
-
-
-def _unpack(spec, out, enc):
-    if spec.returns == ("hidden",):
-        return (out[0] if isinstance(out, tuple) else out), enc
-    vals = dict(zip(spec.returns, out))
-    return vals["hidden"], vals.get("encoder", enc)
-
-
-def _pack(spec, hidden, enc):
-    if spec.returns == ("hidden",):
-        return hidden
-    return tuple(hidden if r == "hidden" else enc for r in spec.returns)

@@ -5,11 +5,14 @@ context parallelism): a stateful hook on the transformer (whose ``StateManager``
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from .controller import Controller, _bind
+from .controller import Controller
+from .families import bind
 from .parallel import resolve_group
 
 MODEL_HOOK = "fastcache_rt"
@@ -33,7 +36,7 @@ class _Manager(StateManager):
         super().set_context(context)
         if context is not None:
             sync_parallel(self.controller.model, self.controller)
-            self.controller.before_call()
+            self.controller.host_bookkeeping()
 
 
 class TransformerHook(ModelHook):
@@ -55,7 +58,7 @@ class TransformerHook(ModelHook):
         # no try/except here: under torch.compile a try block around the blocks' torch.cond changes how dynamo
         # traces exceptions raised and handled inside them (diffusers' attention inspects its processor's
         # signature), and fails; a call that raised leaves ``ctl.call`` set until the next call replaces it
-        ctl.begin_call(_bind(module, args, kwargs), self.state_manager._context)
+        ctl.begin_call(bind(module, args, kwargs), self.state_manager._context)
         return ctl.end_call(original(*args, **kwargs))
 
     def reset_state(self, module):
@@ -130,15 +133,20 @@ def order_hooks(model, controller: Controller) -> None:
     model._diffusers_hook.invalidate_child_registries_cache()
 
 
+# the model's diffusers parallel config each controller's group and hook order were last synced with
+_SYNCED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_NEVER = object()
+
+
 def sync_parallel(model, controller: Controller) -> None:
     """Follow the model's context parallelism (``enable_parallelism`` before or after ``enable``): the group its
     tokens are split over, and the hooks' order. Host work, outside any compiled region; a pointer comparison
     when nothing changed."""
     cfg = getattr(model, "_parallel_config", None)
-    if controller.parallel_synced and cfg is controller.parallel_config:
+    if _SYNCED.get(controller, _NEVER) is cfg:
         return
     controller.set_group(resolve_group(model, controller.group))
-    controller.parallel_config, controller.parallel_synced = cfg, True
+    _SYNCED[controller] = cfg
     if cfg is not None:
         order_hooks(model, controller)
 

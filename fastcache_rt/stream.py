@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .policy.spec import StreamSpec
+
 
 @dataclass
 class Step:
@@ -24,20 +26,22 @@ class Step:
 
 
 class StreamState:
-    def __init__(self, policy, num_steps: int, site_shape, site_dtype, device, grid=None, coeffs=None, tokens=None,
-                 shard=None):
+    def __init__(self, policy, spec: StreamSpec, tokens: tuple[int, ...] | None = None):
+        """``spec``: the cached site tensor's stream (``StreamSpec``); ``tokens``: the shape of the image tokens the
+        gate measures (the site's shape where not given). Under context parallelism (``spec.shard``) both are this
+        rank's share; the "output" site caches the model's output, which diffusers gathers whole on every rank, so
+        its forecaster gets no shard."""
+        num_steps, device = spec.num_steps, spec.device
         self.num_steps = num_steps
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         self.last_full = torch.zeros((), dtype=torch.int64, device=device)
         self.has_cache = torch.zeros((), dtype=torch.bool, device=device)  # compiled mode: a step was computed
         self.log = torch.zeros(num_steps + 1, dtype=torch.bool, device=device)  # compiled mode's record (+ overflow)
         self.events = torch.zeros(1, dtype=torch.int64, device=device)  # computed steps with a non-finite value
-        # ``shard``: the context-parallel group the tokens are split over (this rank's tokens only), or None; the
-        # "output" site caches the model's output, which diffusers gathers whole on every rank
-        self.gate = policy.gate.make_state(num_steps, device, coeffs, tokens or site_shape, shard)
-        self.shape = tuple(site_shape)
-        self.fc = policy.forecaster.make_state(self.shape, site_dtype, device, num_steps, grid,
-                                               shard if policy.site != "output" else None)
+        self.spec = spec
+        self.gate = policy.gate.make_state(spec.replace(shape=tuple(tokens or spec.shape)))
+        self.shape = tuple(spec.shape)
+        self.fc = policy.forecaster.make_state(spec if policy.site != "output" else spec.replace(shard=None))
         # eager mode advances the device counters only where a gate or the forecaster reads them
         self.uses_step = bool(self.fc.uses_step or self.gate.uses_step)
         self.index = 0  # host step index (eager)
@@ -114,3 +118,16 @@ class StreamState:
                 total += t.numel() * t.element_size()
         return total
 
+
+
+def stream_stats(key: tuple, st: StreamState) -> dict:
+    """What ``stats()`` reports of one stream's generation: its branch and shape, computed and cached steps, the
+    computed steps with a non-finite result, and a calibration gate's measurements."""
+    log = st.decisions()
+    row = {"branch": key[0][1], "shape": list(key[1]), "computed": [i for i, c in enumerate(log) if c is True],
+           "cached": [i for i, c in enumerate(log) if c is False], "nonfinite": int(st.events[0])}
+    if hasattr(st.gate, "measurements"):  # a calibration run: every signal at every step of the generation
+        row["calibration"] = st.gate.measurements(len(log))
+        if "mag" in row["calibration"]:
+            row["mag_ratios"] = row["calibration"]["mag"][sum(c is None for c in log):]  # its own steps
+    return row

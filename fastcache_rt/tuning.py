@@ -24,20 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .policy import (
-    Chebyshev,
-    FBCacheGate,
-    FixedInterval,
-    FreqCa,
-    MagCacheGate,
-    Policy,
-    Reuse,
-    SpectralCacheGate,
-    SpectrumSchedule,
-    Taylor,
-    TeaCacheGate,
-    policy_to_dict,
-)
+from .policy import Policy, policy_to_dict
+from .policy.gates import GATES
 
 METRICS = {"psnr": "dB, higher is closer", "ssim": "higher is closer", "rel_l2": "of the final latents, lower is closer"}
 
@@ -56,10 +44,6 @@ class Arm:
     nfe: Callable | None = None
 
 
-def _geometric(lo: float, hi: float, n: int) -> list[float]:
-    return [float(f"{lo * (hi / lo) ** (i / (n - 1)):.3g}") for i in range(n)]
-
-
 def _schedule_arm(name, gate_of, knobs, forecaster, site, steps) -> Arm:
     def nfe(k, s):
         return sum(gate_of(k).schedule(s))
@@ -74,49 +58,21 @@ def _schedule_arm(name, gate_of, knobs, forecaster, site, steps) -> Arm:
     return Arm(name, lambda k: Policy(gate_of(k), forecaster, site, name), ordered, nfe)
 
 
-def arms(steps: int, *, mag_ratios=None, coeffs=None) -> list[Arm]:
-    """Every arm searched. ``mag_ratios``: MagCache's calibrated ratios (the MagCache arm needs them);
-    ``coeffs``: a calibrated TeaCache polynomial (adds TeaCache / SpectralCache arms in its units)."""
-    # a knob moves the step count one way only; knobs of another kind (the warm-up, Spectrum's first gap) make
-    # separate arms, so that two settings at one step count are both reachable
-    intervals = (2, 3, 4, 5, 6, 7, 8, 10)
-    alphas = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
+def arms(steps: int, *, fit: dict | None = None) -> list[Arm]:
+    """Every arm searched: each registered gate's search space (``Gate.search``) x the forecasters it pairs with.
+    ``fit``: calibrated fields the gates may use ({"coeffs": a calibrated TeaCache polynomial, "ratios": MagCache's
+    ratios}); a gate whose ``needs_calibration`` fields are missing has no arm."""
+    fit = dict(fit or {})
     out = []
-    for warmup in (3, 1):
-        def interval(k, w=warmup):
-            return FixedInterval(interval=k, warmup=w)
-
-        for fc, site, label in ((Reuse(), "residual", "reuse"), (Taylor(order=1), "hidden", "taylor1"),
-                                (Taylor(order=2), "hidden", "taylor2"), (Taylor(order=1), "output", "taylor1@output"),
-                                (FreqCa(), "hidden", "freqca")):
-            out.append(_schedule_arm(f"interval(w{warmup})+{label}", interval, intervals, fc, site, steps))
-    for first in (2.0, 1.5):
-        def spec(a, f=first):
-            return SpectrumSchedule(interval=f, alpha=a)
-
-        for fc, label in ((Chebyshev(blend=0.5), "chebyshev"), (Taylor(order=1), "taylor1"),
-                          (Taylor(order=2), "taylor2")):
-            out.append(_schedule_arm(f"spectrum(i{first:g})+{label}", spec, alphas, fc, "hidden", steps))
-    tea = _geometric(0.05, 3.0, 12)
-    signal = [
-        ("teacache", lambda t: TeaCacheGate(threshold=t, coeffs=coeffs), tea),
-        ("spectralcache", lambda t: SpectralCacheGate(threshold=t, coeffs=coeffs), tea),
-        ("fbcache", lambda t: FBCacheGate(threshold=t), _geometric(0.01, 0.5, 12)),
-    ]
-    if coeffs is not None:  # the calibrated polynomial predicts the output's own change: smaller thresholds
-        cal = _geometric(0.005, 1.0, 12)
-        signal[0] = ("teacache", signal[0][1], cal)
-        signal[1] = ("spectralcache", signal[1][1], cal)
-    for gname, gate_of, grid in signal:
-        for fc, site, suffix in ((Reuse(), "residual", "reuse"), (Taylor(order=1), "residual", "taylor1")):
-            out.append(Arm(f"{gname}+{suffix}", lambda t, g=gate_of, f=fc, s=site, n=f"{gname}+{suffix}":
-                           Policy(g(t), f, s, n), list(grid)))
-    if mag_ratios is not None:
-        ratios = tuple(mag_ratios)
-        out.append(_schedule_arm("magcache+reuse", lambda t: MagCacheGate(threshold=t, ratios=ratios),
-                                 _geometric(0.005, 1.0, 14), Reuse(), "residual", steps))
-        out.append(_schedule_arm("magcache+taylor1", lambda t: MagCacheGate(threshold=t, ratios=ratios),
-                                 _geometric(0.005, 1.0, 14), Taylor(order=1), "residual", steps))
+    for cls in GATES.values():
+        for space in cls.search(fit):
+            for fc, site, label in space.forecasters:
+                name = f"{space.label}+{label}"
+                if space.schedule:
+                    out.append(_schedule_arm(name, space.make, space.knobs, fc, site, steps))
+                else:
+                    out.append(Arm(name, lambda k, g=space.make, f=fc, s=site, n=name: Policy(g(k), f, s, n),
+                                   list(space.knobs)))
     return out
 
 
@@ -358,24 +314,23 @@ def tune(pipe, targets, *, metric: str = "psnr", prompts, seeds=(0,), holdout_pr
     holdout_prompts = list(holdout_prompts or prompts)
     targets_ = [Target(metric, float(v)) for v in sorted(values, reverse=metric != "rel_l2")]
 
-    coeffs = None
+    fit = {}
     if profile is not None:
         from ._targets import split as _split
-        from .calibration import for_model, load_profile
+        from .profiles import calibrated_fields, for_model, load_profile
 
         prof = load_profile(profile)
         _, models = _split(pipe)
         name, model = next(iter(models.items()))
-        fit = for_model(prof, name, model)
-        coeffs = tuple(fit["teacache"]["coeffs"]) if "teacache" in fit else None
-        if mag_ratios is None and "magcache" in fit:
-            mag_ratios = fit["magcache"]["ratios"]
+        fit = calibrated_fields(for_model(prof, name, model))
+    if mag_ratios is not None:
+        fit["ratios"] = tuple(mag_ratios)
     t0 = time.perf_counter()
     search = Evaluator(pipe, prompts, seeds, steps, call_kwargs)
-    if mag_ratios is None:
-        mag_ratios = _mag_calibration(search)
-    tuner = Tuner(search, arms(steps, mag_ratios=mag_ratios, coeffs=coeffs),
-                  None if budget_minutes is None else 60.0 * budget_minutes, progress)
+    missing = {f for cls in GATES.values() for f in cls.needs_calibration if f not in fit}
+    if missing:  # gates that cannot run uncalibrated (MagCache's ratios): one calibration generation
+        fit.update({k: v for k, v in _calibration(search).items() if k in missing})
+    tuner = Tuner(search, arms(steps, fit=fit), None if budget_minutes is None else 60.0 * budget_minutes, progress)
     tuner.started = t0
     grid = sum(len(a.knobs) for a in tuner.arms)
     from tqdm.auto import tqdm
@@ -435,22 +390,25 @@ def tune(pipe, targets, *, metric: str = "psnr", prompts, seeds=(0,), holdout_pr
     }
 
 
-def _mag_calibration(ev: Evaluator) -> list[float]:
-    """MagCache's ratios from one generation of the search batch in calibration mode."""
+def _calibration(ev: Evaluator) -> dict:
+    """The calibrated fields (``profiles.calibrated_fields``) fitted from one generation of the search batch with
+    the calibration gate (every step computed, every signal measured)."""
     import fastcache_rt
 
-    handle = fastcache_rt.enable(ev.pipe, "magcache", calibrate=True)
+    from .policy.gates import Calibrate
+    from .profiles import _fit_model, calibrated_fields
+
+    handle = fastcache_rt.enable(ev.pipe, Policy(Calibrate(), name="calibrate"))
     try:
-        ev_kw = dict(ev.kw)
         gens = [torch.Generator(device="cpu").manual_seed(int(s)) for _, s in ev.batch]
         with torch.no_grad():
             ev.pipe(prompt=[p for p, _ in ev.batch], num_inference_steps=ev.steps, generator=gens,
-                    output_type="latent", **ev_kw)
-        ratios = handle.stats()["mag_ratios"]
+                    output_type="latent", **ev.kw)
+        series = [row["calibration"] for row in handle.controller.stats()["per_stream"] if "calibration" in row]
     finally:
         handle.disable()
     ev.generations += 1
-    return ratios
+    return calibrated_fields(_fit_model(series, ev.steps))
 
 
 __all__ = ["METRICS", "Arm", "Evaluator", "arms", "check_targets", "front", "front_png", "markdown", "tune"]

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common.h"
+#include "gate_layout.h"
 #include "ops.h"
 #include "kernels.h"
 
@@ -88,9 +89,9 @@ int band_sums(int dtype, const View3& cur, const View3& prev, int64_t B, int64_t
 
 // ---- gate epilogue ---------------------------------------------------------------------------------------
 
-// Indices of fastcache_rt/ops/layout.py (fastcache_rt/ops/_cpu.py checks they still agree at import).
-enum : int64_t { S_STEP, S_ACC, S_CONSEC, S_HAS_CACHE, S_LAST_COMPUTE, S_REL_L1, S_NONFINITE, S_COMPUTED, STATE_LEN };
-enum : int64_t { P_TAU, P_NUM_STEPS, P_TADS_MIN, P_TADS_MAX, P_MAX_CACHED, P_FORCE_LAST, PARAMS_LEN };
+// Indices of fastcache_rt/ops/layout.py (gate_layout.h is generated from it; the module exports them as
+// GATE_LAYOUT, which fastcache_rt/ops/_cpu.py compares with layout.py before use).
+using namespace ::fastcache_rt::gate_layout;
 
 inline int64_t ceil_log2(int64_t x) {
   if (x <= 2) return 1;

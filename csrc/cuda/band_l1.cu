@@ -46,6 +46,7 @@
 #include <climits>
 
 #include "cuda/band_order.h"
+#include "gate_layout.h"
 #include "cuda/common.cuh"
 
 namespace fastcache_rt {
@@ -64,10 +65,8 @@ constexpr int kWarps = kThreads / kWarpSize;        // 4
 constexpr int kMinBlocksPerSm = 6;
 constexpr int kLevel2Unroll = 4;                    // 16-byte partial loads in flight per lane (last block)
 
-// Layout of the gate state / params (fastcache_rt/ops/layout.py).
-constexpr int S_STEP = 0, S_ACC = 1, S_CONSEC = 2, S_HAS_CACHE = 3, S_LAST_COMPUTE = 4, S_REL_L1 = 5,
-              S_NONFINITE = 6, S_COMPUTED = 7;
-constexpr int P_TAU = 0, P_NUM_STEPS = 1, P_TADS_MIN = 2, P_TADS_MAX = 3, P_MAX_CACHED = 4, P_FORCE_LAST = 5;
+// Layout of the gate state / params: gate_layout.h, generated from fastcache_rt/ops/layout.py.
+using namespace ::fastcache_rt::gate_layout;
 
 // One self-resetting ticket counter per stream slot (zero-initialised when the module is loaded).
 __device__ unsigned int g_counters[kCounterSlots];

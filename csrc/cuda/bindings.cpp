@@ -18,6 +18,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "gate_layout.h"
 #include "cuda/launchers.h"
 
 namespace py = pybind11;
@@ -103,6 +104,11 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.attr("COUNTER_SLOTS") = fc::kCounterSlots;
   m.attr("MAX_ORDERS") = fc::kMaxOrders;
   m.attr("CUDART_VERSION") = CUDART_VERSION;
+  {
+    pybind11::dict layout;  // the gate layout compiled in (gate_layout.h), checked against layout.py at import
+    for (const auto& f : ::fastcache_rt::gate_layout::kFields) layout[f.name] = f.value;
+    m.attr("GATE_LAYOUT") = layout;
+  }
 
   m.def(
       "reduction_workspace_doubles",

@@ -4,7 +4,7 @@ one (yours, for a model fastcache_rt does not know yet)."""
 
 from __future__ import annotations
 
-from .base import Blocks, Family, patch_grid
+from .base import Blocks, Family, bind, patch_grid, signature
 
 _REGISTRY: list[Family] = []
 
@@ -49,4 +49,5 @@ def _load() -> None:
 
 _load()
 
-__all__ = ["Blocks", "Family", "families", "family_for", "patch_grid", "register_family", "supported_classes"]
+__all__ = ["Blocks", "Family", "bind", "families", "family_for", "patch_grid", "register_family", "signature",
+           "supported_classes"]

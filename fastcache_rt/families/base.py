@@ -4,6 +4,7 @@ TeaCache coefficients. The runtime (``fastcache_rt.hooks``) reads nothing else o
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,6 +32,60 @@ class Blocks:
     # states): the list is not taken over by its first block; each block runs or hands on in the model's loop
     # (under torch.compile: one torch.cond per block instead of one per list)
     per_block: bool = False
+
+    # -- a block's inputs and outputs, by this declaration ---------------------------------------------------------
+    def unpack(self, out, enc):
+        """(hidden, text tokens) of a block's return value (``enc``: the input's text tokens, kept where the block
+        returns none)."""
+        if self.returns == ("hidden",):
+            return (out[0] if isinstance(out, tuple) else out), enc
+        vals = dict(zip(self.returns, out))
+        return vals["hidden"], vals.get("encoder", enc)
+
+    def pack(self, hidden, enc):
+        """A block's return value from (hidden, text tokens)."""
+        if self.returns == ("hidden",):
+            return hidden
+        return tuple(hidden if r == "hidden" else enc for r in self.returns)
+
+    def image(self, h, n: int):
+        """The ``n`` image tokens of ``h`` (all of it where the list's input holds image tokens only)."""
+        if self.joined is None or h.shape[-2] == n:
+            return h
+        return h[..., -n:, :] if self.joined == "text_first" else h[..., :n, :]
+
+    def rejoin(self, h_in, img):
+        """``h_in`` with its image tokens replaced by ``img`` (the text tokens the model joined in kept)."""
+        import torch
+
+        n = img.shape[-2]
+        if self.joined is None or h_in.shape[-2] == n:
+            return img
+        if self.joined == "text_first":
+            return torch.cat([h_in[..., :-n, :], img], dim=-2)
+        return torch.cat([img, h_in[..., n:, :]], dim=-2)
+
+
+_SIGNATURES: dict[type, list[str]] = {}
+
+
+def signature(cls) -> list[str]:
+    """The names of ``cls.forward``'s parameters after ``self`` (read once per class: not while torch.compile
+    traces a call, which cannot trace ``inspect``)."""
+    names = _SIGNATURES.get(cls)
+    if names is None:
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]
+        names = _SIGNATURES[cls] = [p.name for p in params]
+    return names
+
+
+def bind(module, args, kwargs) -> dict:
+    """A module call's arguments by name (blocks are called positionally by some models, by keyword by others)."""
+    if not args:
+        return dict(kwargs)
+    kw = dict(zip(signature(type(module)), args))
+    kw.update(kwargs)
+    return kw
 
 
 @dataclass(frozen=True)
@@ -65,6 +120,31 @@ class Family:
                 raise ValueError(f"Family {self.name}: {b.attr}.returns must name 'hidden'")
             if b.joined not in (None, "text_first", "image_first"):
                 raise ValueError(f"Family {self.name}: {b.attr}.joined must be None, 'text_first' or 'image_first'")
+
+    # -- what the runtime reads of a call, by this declaration -----------------------------------------------------
+    def token_grid(self, model, kwargs: dict):
+        """(frames, height, width) of the call's image-token grid, where the declaration can tell."""
+        return self.grid(model, kwargs) if self.grid else None
+
+    def probe_of(self, first_block, kw: dict, hidden):
+        """The signal gates' probe at the first block: its modulated input (``norm1``), the conditioning
+        (``temb``) or the hidden tokens."""
+        if self.probe == "temb":
+            return kw[self.temb]
+        if self.probe == "hidden":
+            return hidden
+        norm1 = first_block.norm1
+        takes_emb = "emb" in signature(type(norm1))
+        out = norm1(hidden, emb=kw[self.temb]) if takes_emb else norm1(hidden, kw[self.temb])
+        return out[0] if isinstance(out, tuple) else out
+
+    def probe_replicated(self, probe, hidden) -> bool:
+        """Whether every context-parallel rank holds the same whole probe: a timestep embedding does, unless it is
+        per token (Wan 2.2 TI2V: ``(B, tokens, 6, D)``, split with the tokens); a probe made from the tokens
+        never."""
+        if self.probe != "temb":
+            return False
+        return not (probe.dim() > 2 and probe.shape[1] == hidden.shape[-2])
 
 
 def patch_grid(shape_attr_dims: tuple[int, ...], patch: tuple[int, ...]) -> tuple[int, ...]:

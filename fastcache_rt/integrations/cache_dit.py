@@ -68,6 +68,7 @@ from cache_dit.caching.cache_contexts import calibrators as _cd_calibrators
 from cache_dit.caching.cache_contexts.calibrators import CalibratorBase, CalibratorConfig
 
 from ..policy.forecasters import FreqCa, Taylor
+from ..policy.spec import StreamSpec
 from ..policy.presets import PRESETS
 
 __all__ = ["TESTED_CACHE_DIT", "ForecasterCalibrator", "FreqCaCalibrator", "FreqCaCalibratorConfig",
@@ -186,7 +187,7 @@ class ForecasterCalibrator(CalibratorBase):
         s = streams.get(key)
         if s is None:
             try:
-                fc = self.forecaster.make_state(key[0], Y.dtype, Y.device, n, self.grid)
+                fc = self.forecaster.make_state(StreamSpec(key[0], Y.dtype, Y.device, n, self.grid))
             except ValueError as e:
                 raise ValueError(f"{type(self).__name__}, stream {name!r} of shape {key[0]}: {e} (here: the "
                                  "calibrator config's grid=)") from None

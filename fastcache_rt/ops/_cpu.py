@@ -24,21 +24,12 @@ except ImportError as exc:  # not built (e.g. a source checkout without `pip ins
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
-# The gate layout compiled into csrc/cpu/band_l1.cpp.
-_LAYOUT = {
-    "S_STEP": 0, "S_ACC": 1, "S_CONSEC": 2, "S_HAS_CACHE": 3, "S_LAST_COMPUTE": 4, "S_REL_L1": 5,
-    "S_NONFINITE": 6, "S_COMPUTED": 7, "STATE_LEN": 8,
-    "P_TAU": 0, "P_NUM_STEPS": 1, "P_TADS_MIN": 2, "P_TADS_MAX": 3, "P_MAX_CACHED": 4, "P_FORCE_LAST": 5,
-    "PARAMS_LEN": 6,
-}  # fmt: skip
-
-
 def available() -> str | None:
     if _C is None:
         return _IMPORT_ERROR
-    changed = [k for k, v in _LAYOUT.items() if getattr(layout, k, None) != v]
+    changed = layout.mismatch(getattr(_C, "GATE_LAYOUT", None))
     if changed:
-        return f"fastcache_rt._C was built for another gate layout ({', '.join(changed)} changed in layout.py)"
+        return f"fastcache_rt._C was built for another gate layout ({changed}); rebuild it: pip install -e ."
     return None
 
 

@@ -32,6 +32,8 @@ import threading
 
 import torch
 
+from . import layout
+
 DEVICE_TYPES = ("cuda",)
 
 try:
@@ -51,6 +53,9 @@ def available() -> str | None:
             f"fastcache_rt._C_cuda cannot be imported ({_IMPORT_ERROR}); build it with "
             "FASTCACHE_RT_CUDA=1 pip install --no-build-isolation -e ."
         )
+    changed = layout.mismatch(getattr(_C, "GATE_LAYOUT", None))
+    if changed:
+        return f"fastcache_rt._C_cuda was built for another gate layout ({changed}); rebuild it"
     if not torch.cuda.is_available():
         if torch.version.cuda is None:
             return "no CUDA device: torch.cuda.is_available() is False (this torch is a CPU-only build)"

@@ -24,3 +24,43 @@ STATE_LEN = 8
 
 P_TAU, P_NUM_STEPS, P_TADS_MIN, P_TADS_MAX, P_MAX_CACHED, P_FORCE_LAST = range(6)
 PARAMS_LEN = 6
+
+
+def fields() -> dict[str, int]:
+    """Every index and length above, by name (the order of the file)."""
+    return {k: v for k, v in globals().items() if k[:2] in ("S_", "P_") or k in ("STATE_LEN", "PARAMS_LEN")}
+
+
+HEADER = "csrc/gate_layout.h"
+
+
+def mismatch(compiled: dict | None) -> str:
+    """What differs between a compiled module's ``GATE_LAYOUT`` and this layout ("" when nothing does)."""
+    if compiled is None:
+        return "it exports no GATE_LAYOUT"
+    ours = fields()
+    diff = sorted(k for k in set(ours) | set(compiled) if ours.get(k) != compiled.get(k))
+    return ", ".join(f"{k}: {compiled.get(k)} built, {ours.get(k)} here" for k in diff)
+
+
+def header() -> str:
+    """The C++ / CUDA header of this layout (``csrc/gate_layout.h``). This module is the one source: the header is
+    generated from it (``python -c "from fastcache_rt.ops import layout; print(layout.header(), end='')" >
+    csrc/gate_layout.h``), a test checks the committed
+    header against it, and each compiled module exports the layout it was built with (``GATE_LAYOUT``), which its
+    backend compares with this one before it is used."""
+    lines = [
+        "// Generated from fastcache_rt/ops/layout.py (its header()): do not edit. Indices of the gate state and",
+        "// params tensors; tests/ops/test_layout.py checks this file against layout.py.",
+        "#pragma once",
+        "",
+        "namespace fastcache_rt {",
+        "namespace gate_layout {",
+    ]
+    lines += [f"constexpr int {name} = {value};" for name, value in fields().items()]
+    lines += ["", "// every field by name: the compiled modules export it as GATE_LAYOUT",
+              "struct Field {", "  const char* name;", "  int value;", "};",
+              "constexpr Field kFields[] = {"]
+    lines += [f"    {{\"{name}\", {name}}}," for name in fields()]
+    lines += ["};", "}  // namespace gate_layout", "}  // namespace fastcache_rt", ""]
+    return "\n".join(lines)

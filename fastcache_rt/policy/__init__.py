@@ -1,15 +1,21 @@
 """Policies: composable gates x forecasters, validated dataclasses, and the presets."""
 
-from .forecasters import Chebyshev, FreqCa, Reuse, Taylor
+from .forecasters import FORECASTERS, Chebyshev, Forecaster, FreqCa, Reuse, Taylor, register_forecaster
 from .gates import (
     FLUX_TEACACHE_COEFFS,
+    GATES,
     EveryStep,
+    Gate,
+    ScheduleState,
+    SearchSpace,
+    SignalState,
     FBCacheGate,
     FixedInterval,
     MagCacheGate,
     SpectralCacheGate,
     SpectrumSchedule,
     TeaCacheGate,
+    register_gate,
 )
 from .presets import (
     PRESETS,
@@ -20,9 +26,12 @@ from .presets import (
     resolve_policy,
     save_policy,
 )
+from .spec import StreamSpec, masked, masked_write_
 
 __all__ = [
-    "FLUX_TEACACHE_COEFFS", "PRESETS", "Chebyshev", "EveryStep", "FBCacheGate", "FixedInterval", "FreqCa",
-    "MagCacheGate", "Policy", "Reuse", "SpectralCacheGate", "SpectrumSchedule", "Taylor", "TeaCacheGate",
-    "load_policy", "policy_from_dict", "policy_to_dict", "resolve_policy", "save_policy",
+    "FLUX_TEACACHE_COEFFS", "FORECASTERS", "GATES", "PRESETS", "Chebyshev", "EveryStep", "FBCacheGate",
+    "FixedInterval", "Forecaster", "FreqCa", "Gate", "MagCacheGate", "Policy", "Reuse", "ScheduleState",
+    "SearchSpace", "SignalState", "SpectralCacheGate", "SpectrumSchedule", "StreamSpec", "Taylor", "TeaCacheGate",
+    "load_policy", "masked", "masked_write_", "policy_from_dict", "policy_to_dict", "register_forecaster",
+    "register_gate", "resolve_policy", "save_policy",
 ]

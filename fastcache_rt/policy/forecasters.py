@@ -1,6 +1,7 @@
-"""Forecasters: what a skipped step gets. Each is a validated config dataclass with ``make_state(shape, dtype,
-device, num_steps, grid, shard)`` returning its device state (``shape``: this rank's tokens under context
-parallelism, ``grid``: the whole token grid, ``shard``: a ``fastcache_rt.parallel.Shard`` or None), which implements:
+"""Forecasters: what a skipped step gets. Each is a validated config dataclass (deriving from ``Forecaster``,
+registered by name with ``@register_forecaster``) with ``make_state(spec: StreamSpec)`` returning its device state
+(``spec.shape``: the cached site tensor, this rank's tokens under context parallelism; ``spec.grid``: the whole token
+grid; ``spec.shard``: a ``fastcache_rt.parallel.Shard`` or None), which implements:
 
     record(st, value, compute)  after the branch: remember this step's site value; ``compute`` is a host True
                                 (eager: called only on computed steps) or a device bool (compiled: the write is
@@ -11,7 +12,7 @@ parallelism, ``grid``: the whole token grid, ``shard``: a ``fastcache_rt.paralle
     tensors()                   device memory held (for ``cache_bytes``)
 
 The math runs in the fused ops (``chebyshev_forecast``, ``taylor_update`` / ``taylor_forecast``,
-``hermite_forecast``). A new forecaster is one class plus its name in ``FORECASTERS``."""
+``hermite_forecast``). A new forecaster is one class (and its test)."""
 
 from __future__ import annotations
 
@@ -20,38 +21,58 @@ from dataclasses import dataclass
 
 import torch
 
+import typing
+
 from .. import ops
 from ._validate import check, is_int, is_number
+from .spec import Registry, StreamSpec
+from .spec import masked as _masked
+from .spec import masked_write_
+
+FORECASTERS = Registry("forecaster")
+register_forecaster = FORECASTERS.register
 
 
-def _masked(compute, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    return new if compute is True else torch.where(compute, new, old)
+class Forecaster:
+    """Base of the forecasters: ``name`` (its key in policy files, ``@register_forecaster``) and
+    ``make_state(spec)``."""
+
+    name: typing.ClassVar[str] = ""
+
+    def make_state(self, spec: StreamSpec):
+        raise NotImplementedError
 
 
+@register_forecaster
 @dataclass(frozen=True)
-class Reuse:
+class Reuse(Forecaster):
     """Reuse the value cached at the last full step (TeaCache, FORA, FBCache, MagCache)."""
 
-    def make_state(self, shape, dtype, device, num_steps, grid, shard=None):
-        return ReuseState(shape, dtype, device)
+    name = "reuse"
+
+    def make_state(self, spec: StreamSpec):
+        return ReuseState(spec.shape, spec.dtype, spec.device)
 
 
+@register_forecaster
 @dataclass(frozen=True)
-class Taylor:
+class Taylor(Forecaster):
     """TaylorSeer: finite differences D^0..D^order over the full steps, forecast ``sum_i D^i x^i / i!`` at
     ``x`` steps since the last full step."""
 
     order: int = 1
+    name = "taylor"
 
     def __post_init__(self):
         check(self, "order", is_int(self.order) and 0 <= self.order <= 8, "an int in [0, 8]")
 
-    def make_state(self, shape, dtype, device, num_steps, grid, shard=None):
-        return TaylorState(self.order, shape, dtype, device)
+    def make_state(self, spec: StreamSpec):
+        return TaylorState(self.order, spec.shape, spec.dtype, spec.device)
 
 
+@register_forecaster
 @dataclass(frozen=True)
-class Chebyshev:
+class Chebyshev(Forecaster):
     """Spectrum: ridge regression on a Chebyshev basis of the run's time projected onto [-1, 1], over the last
     ``history`` full steps; ``blend`` < 1 mixes in a linear extrapolation of the last two (``(1 - blend)``)."""
 
@@ -59,6 +80,7 @@ class Chebyshev:
     lam: float = 0.1
     blend: float = 1.0
     history: int = 16
+    name = "chebyshev"
 
     def __post_init__(self):
         check(self, "degree", is_int(self.degree) and 0 <= self.degree <= 16, "an int in [0, 16]")
@@ -66,12 +88,13 @@ class Chebyshev:
         check(self, "blend", is_number(self.blend) and 0 <= self.blend <= 1, "a number in [0, 1]")
         check(self, "history", is_int(self.history) and 1 <= self.history <= 128, "an int in [1, 128]")
 
-    def make_state(self, shape, dtype, device, num_steps, grid, shard=None):
-        return ChebyshevState(self, shape, dtype, device, num_steps)
+    def make_state(self, spec: StreamSpec):
+        return ChebyshevState(self, spec.shape, spec.dtype, spec.device, spec.num_steps)
 
 
+@register_forecaster
 @dataclass(frozen=True)
-class FreqCa:
+class FreqCa(Forecaster):
     """FreqCa: split the cached tensor over the token grid with an orthonormal DCT (2-D over height x width for
     images, 3-D over frames x height x width for video); the low band (radial index <= ``cutoff`` of the largest)
     is reused, the high band forecast with Hermite-weighted finite differences up to ``order`` (scale 0.71)."""
@@ -79,17 +102,15 @@ class FreqCa:
     cutoff: float = 0.1
     order: int = 2
     scale: float = 0.71
+    name = "freqca"
 
     def __post_init__(self):
         check(self, "cutoff", is_number(self.cutoff) and 0 <= self.cutoff <= 1, "a fraction in [0, 1]")
         check(self, "order", is_int(self.order) and 0 <= self.order <= 8, "an int in [0, 8]")
         check(self, "scale", is_number(self.scale) and self.scale > 0, "a finite number > 0")
 
-    def make_state(self, shape, dtype, device, num_steps, grid, shard=None):
-        return FreqCaState(self, shape, dtype, device, grid, shard)
-
-
-FORECASTERS = {"reuse": Reuse, "taylor": Taylor, "chebyshev": Chebyshev, "freqca": FreqCa}
+    def make_state(self, spec: StreamSpec):
+        return FreqCaState(self, spec.shape, spec.dtype, spec.device, spec.grid, spec.shard)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,7 +125,7 @@ class ReuseState:
         self.buf = torch.zeros(shape, dtype=dtype, device=device)
 
     def record(self, st, v, compute) -> None:
-        self.buf.copy_(_masked(compute, v, self.buf))
+        masked_write_(self.buf, v, compute)
 
     def predict(self, st) -> torch.Tensor:
         return self.buf
@@ -254,7 +275,7 @@ class FreqCaState:
 
     def record(self, st, v, compute) -> None:
         lo = self.lowpass(v)
-        self.low.copy_(_masked(compute, lo, self.low))
+        masked_write_(self.low, lo, compute)
         TaylorState._update(self, self.diffs, v - lo, st, compute)
 
     def predict(self, st) -> torch.Tensor:

@@ -1,6 +1,8 @@
-"""Gates: when to run the transformer. Each gate is a validated config dataclass with ``make_state(num_steps,
-device, coeffs, tokens, shard)`` returning its state object, which implements the protocol below; the controller
-knows nothing else of a gate. A new gate is one class here (or in any module) plus its name in ``GATES``.
+"""Gates: when to run the transformer. Each gate is a validated config dataclass deriving from ``Gate`` with
+``make_state(spec: StreamSpec)`` returning its state object, which implements the protocol below; the controller
+knows nothing else of a gate. A gate also declares what the rest of the library asks of it (``Gate``): its name
+(``@register_gate``), the probe it reads, the blocks it always runs, what it reads from a calibration profile and
+its speed knob for the tuner. A new gate is one class (here or in any module) and its test.
 
 Schedule gates (every step, fixed interval, Spectrum's adaptive interval, MagCache with calibrated ratios) depend
 only on the step index: their compute mask is known before the run, so in eager mode they decide on the host with
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,31 +22,114 @@ import torch
 from .. import ops
 from ..ops import layout as L
 from ._validate import check, check_coeffs, is_int, is_number
+from .forecasters import FreqCa, Reuse, Taylor
+from .spec import Registry, StreamSpec, masked_write_
 
 FLUX_TEACACHE_COEFFS = (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861)
 
+GATES = Registry("gate")
+register_gate = GATES.register
+
 
 @dataclass(frozen=True)
-class EveryStep:
+class SearchSpace:
+    """One family of the tuner's arms: ``make(knob) -> gate`` over ``knobs`` (slow to fast), each paired with every
+    ``(forecaster, site, label)`` of ``forecasters``; ``schedule``: the gate's computed steps are known before the
+    run (``gate.schedule(S)``), so the tuner skips settings no faster than its best."""
+
+    label: str
+    make: Callable
+    knobs: tuple
+    forecasters: tuple
+    schedule: bool = False
+
+
+def _geometric(lo: float, hi: float, n: int) -> tuple[float, ...]:
+    return tuple(float(f"{lo * (hi / lo) ** (i / (n - 1)):.3g}") for i in range(n))
+
+
+# what the tuner pairs the gates with: reuse at the residual, and one forecaster of order 1
+_REUSE_OR_TAYLOR = ((Reuse(), "residual", "reuse"), (Taylor(order=1), "residual", "taylor1"))
+
+
+class Gate:
+    """What the library asks of a gate (class attributes and methods a gate overrides where they apply):
+
+    name           its key in policy files and ``GATES`` (``@register_gate`` registers it)
+    probe          None, "modulated" (the family's probe) or "first_blocks" (the first blocks' residual): what its
+                   decision reads; a gate reading several lists them in ``probes``
+    first_blocks() blocks of the first list that run on every step before the decision (FBCache)
+    profile        {field: (fit entry, key)}: what ``enable(..., profile=)`` sets from a calibration profile
+    family_coeffs  True: ``coeffs=None`` takes the model family's published TeaCache polynomial
+    knob           the field the tuner and the benchmark sweep (larger is faster)
+    search(fit)    the tuner's arms (``SearchSpace``), given the calibrated fields it has (``fit``)
+    needs_calibration  fields without which ``search`` returns nothing and ``make_state`` cannot run
+    make_state(spec) -> its device state (the protocol below)
+    """
+
+    name: typing.ClassVar[str] = ""
+    probe: typing.ClassVar[str | None] = None
+    profile: typing.ClassVar[dict] = {}
+    family_coeffs: typing.ClassVar[bool] = False
+    knob: typing.ClassVar[str | None] = None
+    needs_calibration: typing.ClassVar[tuple] = ()
+
+    def first_blocks(self) -> int:
+        return 0
+
+    def from_profile(self, fit: dict) -> dict:
+        """The field changes a calibration profile's fitted entry (``fit``: {"teacache": ..., "magcache": ...})
+        gives this gate; ValueError / KeyError where it has nothing for it."""
+        out = {}
+        for field, (entry, key) in self.profile.items():
+            if entry not in fit:
+                raise KeyError(entry)
+            out[field] = tuple(fit[entry][key])
+        return out
+
+    @classmethod
+    def search(cls, fit: dict) -> list[SearchSpace]:
+        """The tuner's search space (``fit``: calibrated field values, e.g. {"coeffs": ..., "ratios": ...})."""
+        return []
+
+    def check_ready(self) -> None:
+        """What can only be checked when the policy is about to run."""
+
+    def make_state(self, spec: StreamSpec):
+        raise NotImplementedError
+
+
+class _Schedule(Gate):
+    """A gate whose compute mask is a function of the step count alone (``schedule``)."""
+
+    def schedule(self, num_steps: int) -> list[bool]:
+        raise NotImplementedError
+
+    def make_state(self, spec: StreamSpec):
+        return ScheduleState(self.schedule(spec.num_steps), spec.device)
+
+
+@register_gate
+@dataclass(frozen=True)
+class EveryStep(_Schedule):
     """Run the transformer at every step (no caching): the baseline."""
 
-    probe = None
+    name = "every"
 
     def schedule(self, num_steps: int) -> list[bool]:
         return [True] * num_steps
 
-    def make_state(self, num_steps: int, device, coeffs=None, tokens=None, shard=None):
-        return ScheduleState(self.schedule(num_steps), device)
 
-
+@register_gate
 @dataclass(frozen=True)
-class FixedInterval:
+class FixedInterval(_Schedule):
     """Run the first ``warmup`` steps, then one step in every ``interval`` (FORA; TaylorSeer and FreqCa with
     warm-up 3): full iff ``s < warmup or (s - warmup + 1) % interval == 0``."""
 
     interval: int = 3
     warmup: int = 1
-    probe = None
+    name = "interval"
+    knob = "interval"
 
     def __post_init__(self):
         check(self, "interval", is_int(self.interval) and self.interval >= 1, "an int >= 1")
@@ -52,18 +138,27 @@ class FixedInterval:
     def schedule(self, num_steps: int) -> list[bool]:
         return [s < self.warmup or (s - self.warmup + 1) % self.interval == 0 for s in range(num_steps)]
 
-    make_state = EveryStep.make_state
+    @classmethod
+    def search(cls, fit: dict) -> list[SearchSpace]:
+        # the warm-up is a knob of another kind: one space each, so two settings at one step count are both reached
+        pairs = ((Reuse(), "residual", "reuse"), (Taylor(order=1), "hidden", "taylor1"),
+                 (Taylor(order=2), "hidden", "taylor2"), (Taylor(order=1), "output", "taylor1@output"),
+                 (FreqCa(), "hidden", "freqca"))
+        return [SearchSpace(f"interval(w{w})", lambda k, w=w: cls(interval=k, warmup=w), (2, 3, 4, 5, 6, 7, 8, 10),
+                            pairs, schedule=True) for w in (3, 1)]
 
 
+@register_gate
 @dataclass(frozen=True)
-class SpectrumSchedule:
+class SpectrumSchedule(_Schedule):
     """Spectrum's adaptive interval: ``warmup`` full steps, then gaps ``floor(interval + j * alpha)``, j = 0, 1, ...
     50 steps, interval 2, alpha 0.75, warm-up 5 -> 14 full steps; alpha 3.0 -> 10."""
 
     interval: float = 2.0
     alpha: float = 0.75
     warmup: int = 5
-    probe = None
+    name = "spectrum"
+    knob = "alpha"
 
     def __post_init__(self):
         check(self, "interval", is_number(self.interval) and self.interval >= 1, "a finite number >= 1")
@@ -83,31 +178,52 @@ class SpectrumSchedule:
             out[s] = True
         return out
 
-    make_state = EveryStep.make_state
+    @classmethod
+    def search(cls, fit: dict) -> list[SearchSpace]:
+        from .forecasters import Chebyshev
+
+        pairs = ((Chebyshev(blend=0.5), "hidden", "chebyshev"), (Taylor(order=1), "hidden", "taylor1"),
+                 (Taylor(order=2), "hidden", "taylor2"))
+        alphas = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
+        return [SearchSpace(f"spectrum(i{first:g})", lambda a, f=first: cls(interval=f, alpha=a), alphas, pairs,
+                            schedule=True) for first in (2.0, 1.5)]
 
 
+@register_gate
 @dataclass(frozen=True)
-class TeaCacheGate:
+class TeaCacheGate(Gate):
     """TeaCache: relative L1 change of the modulated input (first block's norm1), rescaled by a per-model polynomial
     (highest power first) and accumulated; compute when the sum reaches ``threshold``. First and last steps run.
     ``coeffs=None``: the model family's published coefficients (identity where none are published)."""
 
     threshold: float = 0.6
     coeffs: tuple[float, ...] | None = None
+    name = "teacache"
     probe = "modulated"
+    profile = {"coeffs": ("teacache", "coeffs")}
+    family_coeffs = True
+    knob = "threshold"
 
     def __post_init__(self):
         check(self, "threshold", _pos(self.threshold), "a finite number > 0")
         if self.coeffs is not None:
             object.__setattr__(self, "coeffs", check_coeffs(self, "coeffs", self.coeffs))
 
-    def make_state(self, num_steps: int, device, coeffs=None, tokens=None, shard=None):
-        return SignalState("modulated", self.threshold, num_steps, device, coeffs=self.coeffs or coeffs or (1.0, 0.0),
-                           shard=shard)
+    @classmethod
+    def search(cls, fit: dict) -> list[SearchSpace]:
+        coeffs = fit.get("coeffs")
+        # a calibrated polynomial predicts the output's own change: smaller thresholds
+        grid = _geometric(0.05, 3.0, 12) if coeffs is None else _geometric(0.005, 1.0, 12)
+        return [SearchSpace(cls.name, lambda t: cls(threshold=t, coeffs=coeffs), grid, _REUSE_OR_TAYLOR)]
+
+    def make_state(self, spec: StreamSpec):
+        return SignalState("modulated", self.threshold, spec.num_steps, spec.device,
+                           coeffs=self.coeffs or spec.coeffs or (1.0, 0.0), shard=spec.shard)
 
 
+@register_gate
 @dataclass(frozen=True)
-class SpectralCacheGate:
+class SpectralCacheGate(Gate):
     """SpectralCache: the TeaCache gate plus TADS (cosine-bell threshold scale ``tads`` = (s_min, s_max)),
     CEB (at most ``max_cached`` consecutive cached steps) and FDC (channel split at ``split`` * D with per-band
     threshold multipliers ``gammas``)."""
@@ -118,7 +234,12 @@ class SpectralCacheGate:
     max_cached: int = 2
     split: float = 0.5
     gammas: tuple[float, float] = (0.8, 1.5)
+    name = "spectralcache"
     probe = "modulated"
+    profile = TeaCacheGate.profile
+    family_coeffs = True
+    knob = "threshold"
+    search = classmethod(TeaCacheGate.search.__func__)
 
     def __post_init__(self):
         check(self, "threshold", _pos(self.threshold), "a finite number > 0")
@@ -134,32 +255,43 @@ class SpectralCacheGate:
         check(self, "gammas", g is not None and all(_pos(v) for v in g), "two finite numbers > 0")
         object.__setattr__(self, "gammas", g)
 
-    def make_state(self, num_steps: int, device, coeffs=None, tokens=None, shard=None):
-        return SignalState("modulated", self.threshold, num_steps, device, coeffs=self.coeffs or coeffs or (1.0, 0.0),
-                           tads=self.tads, max_cached=self.max_cached, split=self.split, gammas=self.gammas,
-                           shard=shard)
+    def make_state(self, spec: StreamSpec):
+        return SignalState("modulated", self.threshold, spec.num_steps, spec.device,
+                           coeffs=self.coeffs or spec.coeffs or (1.0, 0.0), tads=self.tads, max_cached=self.max_cached,
+                           split=self.split, gammas=self.gammas, shard=spec.shard)
 
 
+@register_gate
 @dataclass(frozen=True)
-class FBCacheGate:
+class FBCacheGate(Gate):
     """First-block cache (FBCache / DBCache F1B0): run the first ``blocks`` blocks every step; skip the rest when the
     relative L1 change of their residual against the last computed step is below ``threshold``."""
 
     threshold: float = 0.05
     blocks: int = 1
+    name = "fbcache"
     probe = "first_blocks"
+    knob = "threshold"
 
     def __post_init__(self):
         check(self, "threshold", _pos(self.threshold), "a finite number > 0")
         check(self, "blocks", is_int(self.blocks) and self.blocks >= 1, "an int >= 1")
 
-    def make_state(self, num_steps: int, device, coeffs=None, tokens=None, shard=None):
-        return SignalState("first_blocks", self.threshold, num_steps, device, coeffs=(1.0, 0.0), accumulate=False,
-                           against_last_computed=True, shard=shard)
+    def first_blocks(self) -> int:
+        return self.blocks
+
+    @classmethod
+    def search(cls, fit: dict) -> list[SearchSpace]:
+        return [SearchSpace(cls.name, lambda t: cls(threshold=t), _geometric(0.01, 0.5, 12), _REUSE_OR_TAYLOR)]
+
+    def make_state(self, spec: StreamSpec):
+        return SignalState("first_blocks", self.threshold, spec.num_steps, spec.device, coeffs=(1.0, 0.0),
+                           accumulate=False, against_last_computed=True, shard=spec.shard)
 
 
+@register_gate
 @dataclass(frozen=True)
-class MagCacheGate:
+class MagCacheGate(_Schedule):
     """MagCache: calibrated per-step magnitude ratios of the residual; ``ratio *= gamma_s``, ``err += |1 - ratio|``;
     skip while ``err <= threshold`` and at most ``max_skip`` steps since the last full one; the first
     ``round(retention * S)`` steps run. ``ratios`` come from a calibration run (``calibrate=True`` computes every
@@ -172,7 +304,10 @@ class MagCacheGate:
     retention: float = 0.1
     ratios: tuple[float, ...] | None = None
     calibrate: bool = False
-    probe = None
+    name = "magcache"
+    profile = {"ratios": ("magcache", "ratios")}
+    knob = "threshold"
+    needs_calibration = ("ratios",)
 
     def __post_init__(self):
         check(self, "threshold", _pos(self.threshold), "a finite number > 0")
@@ -223,37 +358,61 @@ class MagCacheGate:
             out.append(compute)
         return out
 
-    def make_state(self, num_steps: int, device, coeffs=None, tokens=None, shard=None):
+    def from_profile(self, fit: dict) -> dict:
+        return {} if self.calibrate else super().from_profile(fit)
+
+    @classmethod
+    def search(cls, fit: dict) -> list[SearchSpace]:
+        ratios = fit.get("ratios")
+        if ratios is None:
+            return []
+        ratios = tuple(ratios)
+        return [SearchSpace(cls.name, lambda t: cls(threshold=t, ratios=ratios), _geometric(0.005, 1.0, 14),
+                            _REUSE_OR_TAYLOR, schedule=True)]
+
+    def make_state(self, spec: StreamSpec):
         self.check_ready()
         if self.calibrate:
-            return CalibrationState(num_steps, device, tokens, shard)
-        return ScheduleState(self.schedule(num_steps), device)
+            return CalibrationState(spec)
+        return super().make_state(spec)
 
 
+@register_gate
 @dataclass(frozen=True)
-class Calibrate:
+class Calibrate(Gate):
     """Not a caching gate: every step computes, and the signals every gate reads are measured per step (the
     relative L1 change of the probe, of the first ``blocks`` blocks' residual and of the model's output, and
     MagCache's residual-norm ratio; ``CalibrationState``). ``fastcache_rt.calibrate`` runs it over prompts and seeds
     and fits a profile from the measurements (``stats(target)["per_stream"][i]["calibration"]``)."""
 
     blocks: int = 1
+    name = "calibrate"
     probe = "modulated"
     probes = ("modulated", "first_blocks")
 
     def __post_init__(self):
         check(self, "blocks", is_int(self.blocks) and self.blocks >= 1, "an int >= 1")
 
-    def make_state(self, num_steps: int, device, coeffs=None, tokens=None, shard=None):
-        return CalibrationState(num_steps, device, tokens, shard, signals=("input", "output", "first_block", "mag"))
+    def first_blocks(self) -> int:
+        return self.blocks
+
+    def make_state(self, spec: StreamSpec):
+        return CalibrationState(spec, signals=("input", "output", "first_block", "mag"))
 
 
 def probes(gate) -> tuple[str, ...]:
     """Every probe a gate reads: its ``probes``, else its one ``probe`` (the one its decision reads)."""
     found = getattr(gate, "probes", None)
     if found is None:
-        found = () if gate.probe is None else (gate.probe,)
+        probe = getattr(gate, "probe", None)
+        found = () if probe is None else (probe,)
     return tuple(found)
+
+
+def first_blocks(gate) -> int:
+    """Blocks of the first list the gate runs every step before deciding (0 for a gate not deriving from Gate)."""
+    fn = getattr(gate, "first_blocks", None)
+    return int(fn()) if callable(fn) else 0
 
 
 def _pos(v) -> bool:
@@ -274,24 +433,11 @@ def _pair(obj, name: str):
     return t if len(t) == 2 else None
 
 
-GATES = {
-    "every": EveryStep,
-    "interval": FixedInterval,
-    "spectrum": SpectrumSchedule,
-    "teacache": TeaCacheGate,
-    "spectralcache": SpectralCacheGate,
-    "fbcache": FBCacheGate,
-    "magcache": MagCacheGate,
-    "calibrate": Calibrate,
-}
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Device state of each gate, made by ``make_state(num_steps, device, coeffs, tokens, shard)`` (``tokens``: the shape
-# of the image tokens the stream caches, this rank's under context parallelism; ``shard``: a
-# ``fastcache_rt.parallel.Shard`` when the tokens are split over a context-parallel group, else None: what a gate
-# measures over the tokens is reduced over it, so every rank decides alike) and behind one protocol (the controller
-# calls only these methods):
+# Device state of each gate, made by ``make_state(spec)`` (``spec.shape``: the image tokens the stream caches, this
+# rank's under context parallelism; ``spec.shard``: a ``fastcache_rt.parallel.Shard`` when the tokens are split over
+# a context-parallel group, else None: what a gate measures over the tokens is reduced over it, so every rank
+# decides alike) and behind one protocol (the controller calls only these methods):
 #   probe                      None, "modulated" (the family's probe) or "first_blocks" (FBCache's residual): the
 #                              probe its decision reads (``step.probe``); a gate reading several names them in
 #                              ``probes`` (``step.probes``: name -> tensor)
@@ -305,14 +451,6 @@ GATES = {
 # ``step`` is a ``fastcache_rt.stream.Step``: host index (None under torch.compile), device index, probe (and
 # whether the probe is whole on every rank, e.g. a timestep embedding: then nothing is reduced).
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _masked_copy_(dst: torch.Tensor, src: torch.Tensor, compute) -> None:
-    """dst = src where ``compute``: a plain copy for a host True, nothing for a host False, ``where`` on the device."""
-    if compute is True:
-        dst.copy_(src)
-    elif compute is not False:
-        dst.copy_(torch.where(compute, src, dst))
 
 
 class ScheduleState:
@@ -362,14 +500,15 @@ class CalibrationState(ScheduleState):
     uses_step = True
     PROBE_SIGNALS: typing.ClassVar[dict] = {"modulated": "input", "first_blocks": "first_block"}
 
-    def __init__(self, num_steps: int, device, tokens, shard=None, signals=("mag",)):
+    def __init__(self, spec: StreamSpec, signals=("mag",)):
+        num_steps, device = spec.num_steps, spec.device
         super().__init__([True] * num_steps, device)
-        self.shard = shard
+        self.shard = spec.shard
         self.signals = tuple(signals)
         self.measured = torch.full((len(self.signals), num_steps + 1), float("nan"), device=device)
         # every buffer the compiled path uses is made here: under torch.compile a stream is created inside the
         # first traced call, and an attribute set later on an object made in the trace does not survive it
-        self.prev_norm = torch.ones(tuple(tokens)[:-1], device=device)
+        self.prev_norm = torch.ones(tuple(spec.shape)[:-1], device=device)
         self.seen = torch.zeros((), dtype=torch.bool, device=device)
         self.prev: dict[str, torch.Tensor] = {}  # the previous step's probes and output (eager)
         self.fresh: set[str] = set()  # signals whose previous value is from this generation
@@ -496,7 +635,7 @@ class SignalState:
 
     def after(self, step, compute, residual) -> None:
         if self.against_last:  # FBCache compares with the last *computed* step
-            _masked_copy_(self.prev, step.probe, compute)
+            masked_write_(self.prev, step.probe, compute)
 
     def reset(self) -> None:
         self.state.zero_()

@@ -107,8 +107,8 @@ POLICY_FORMAT = "fastcache_rt.policy"
 POLICY_VERSION = 1
 
 
-def _part(obj) -> dict:
-    out = {"type": next(k for k, v in {**GATES, **FORECASTERS}.items() if type(obj) is v)}
+def _part(obj, registry) -> dict:
+    out = {"type": registry.name_of(obj)}
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
         out[f.name] = list(v) if isinstance(v, tuple) else v
@@ -118,7 +118,7 @@ def _part(obj) -> dict:
 def policy_to_dict(policy: Policy) -> dict:
     """The policy as plain JSON data (every field of its gate and forecaster)."""
     return {"format": POLICY_FORMAT, "version": POLICY_VERSION, "name": policy.name, "site": policy.site,
-            "gate": _part(policy.gate), "forecaster": _part(policy.forecaster)}
+            "gate": _part(policy.gate, GATES), "forecaster": _part(policy.forecaster, FORECASTERS)}
 
 
 def policy_from_dict(data: dict, source: str = "policy") -> Policy:

@@ -15,7 +15,7 @@ cache_dit = pytest.importorskip("cache_dit")
 
 from fastcache_rt.bench import methods as M
 from fastcache_rt.bench.harness import Harness, Settings
-from fastcache_rt.policy import Chebyshev, FixedInterval, FreqCa, Policy, Taylor
+from fastcache_rt.policy import Chebyshev, FixedInterval, FreqCa, Policy, StreamSpec, Taylor
 from fastcache_rt.stream import StreamState
 
 with M.quiet_peers():
@@ -28,7 +28,7 @@ PROMPTS = ["red circle", "blue square"]
 def _replay(cal, fc, shape, computed, num_steps, grid=None, seed=0, name="Bn_residual"):
     """Drive ``cal`` the way cache-dit does and fastcache_rt's own ``StreamState`` the way its hooks do, with the
     same computed steps and values; return how many skipped steps were compared."""
-    st = StreamState(Policy(FixedInterval(), fc, "hidden"), num_steps, shape, torch.float32, "cpu", grid=grid)
+    st = StreamState(Policy(FixedInterval(), fc, "hidden"), StreamSpec(shape, torch.float32, "cpu", num_steps, grid))
     st.reset()
     cal.reset_cache()
     g = torch.Generator().manual_seed(seed)

@@ -10,6 +10,7 @@ import torch
 
 import fastcache_rt
 from fastcache_rt import calibration as C
+from fastcache_rt import profiles as P
 from fastcache_rt.cli import main
 from fastcache_rt.policy import Policy
 from fastcache_rt.policy.gates import Calibrate
@@ -99,19 +100,19 @@ def test_profile_fit(full, pipe):
     assert json.loads(out.read_text())["runs"] == prof["runs"]  # written after the last run
     assert len(prof["runs"]) == 4 and prof["prompts"] == 2 and prof["seeds"] == [0, 1]
     entry = prof["models"]["transformer"]
-    assert entry["class"] == "FluxTransformer2DModel" and entry["config_hash"] == C.config_hash(pipe.transformer)
+    assert entry["class"] == "FluxTransformer2DModel" and entry["config_hash"] == P.config_hash(pipe.transformer)
     tc = prof["fit"]["transformer"]["teacache"]
     assert len(tc["coeffs"]) == tc["degree"] + 1 and tc["points"] == 4 * (STEPS - 1)
     # the fit is numpy.polyfit of the measured pairs at the highest degree (4 down to 1) that stays positive and
     # does not fall within 4x the largest measured change, and R^2 is computed from its residuals
     import numpy as np
 
-    xs, ys = C._pairs([b for r in prof["runs"] for b in r["models"]["transformer"].values()])
+    xs, ys = P._pairs([b for r in prof["runs"] for b in r["models"]["transformer"].values()])
     assert len(xs) == tc["points"] and tc["input_range"] == [min(xs), max(xs)]
     np.testing.assert_allclose(tc["coeffs"], np.polyfit(xs, ys, tc["degree"]), rtol=1e-9)
     for d in range(4, 0, -1):
         c = np.polyfit(xs, ys, d)
-        ok = C.nonpositive_from(c, min(xs), max(xs)) is None and not C._turns_down(c, max(xs))
+        ok = P.nonpositive_from(c, min(xs), max(xs)) is None and not P._turns_down(c, max(xs))
         if ok or d == 1:
             break
     assert tc["degree"] == (d if ok else 4) and (tc["nonpositive_from"] is None) == ok
@@ -153,16 +154,16 @@ def test_a_polynomial_turning_down_past_the_measured_range_is_warned_about(full,
     tc = other["fit"]["transformer"]["teacache"]
     tc["coeffs"] = [-100.0, 0.0, 0.0, 0.0, 1.0]  # 1 - 100 x^4: zero at x = 0.316
     tc["input_range"] = [0.02, 0.1]
-    tc["nonpositive_from"] = C.nonpositive_from(tc["coeffs"], 0.02, 0.1)
+    tc["nonpositive_from"] = P.nonpositive_from(tc["coeffs"], 0.02, 0.1)
     assert tc["nonpositive_from"] == pytest.approx(0.1 ** 0.5, abs=2e-3)
     with caplog.at_level("WARNING", logger="fastcache_rt"):
         fastcache_rt.enable(pipe, "teacache", profile=other).disable()
     assert "is <= 0 from an input change of 0.316" in caplog.text
-    assert C.nonpositive_from(FLUX_TEACACHE_COEFFS, 0.02, 0.15) is None  # the published polynomial stays positive
+    assert P.nonpositive_from(FLUX_TEACACHE_COEFFS, 0.02, 0.15) is None  # the published polynomial stays positive
     # the shipped profile: degree 4 reaches 0 at 0.160 just past its largest change (0.148), degree 2 is kept
     shipped = C.load_profile(models.DEFAULT_PATH / "profile.json")["fit"]["transformer"]["teacache"]
     assert shipped["degree"] < 4 and shipped["nonpositive_from"] is None
-    assert C.nonpositive_from(shipped["coeffs"], *shipped["input_range"]) is None
+    assert P.nonpositive_from(shipped["coeffs"], *shipped["input_range"]) is None
 
 
 def test_resume_shards_and_merge_give_the_full_profile(full, pipe, tmp_path):

@@ -310,6 +310,7 @@ def shard_ops(rank, world_size, channels):
     import torch.distributed as dist
 
     from fastcache_rt.parallel import Shard
+    from fastcache_rt.policy import StreamSpec
     from fastcache_rt.policy.forecasters import FreqCa
 
     sh = Shard(dist.group.WORLD)
@@ -325,8 +326,8 @@ def shard_ops(rank, world_size, channels):
     else:
         res["channels"] = res["roundtrip"] = True  # the all-to-all needs channels divisible by the ranks
     fc = FreqCa(cutoff=0.4)
-    single = fc.make_state(tuple(full.shape), torch.float32, "cpu", 8, grid)
-    sharded = fc.make_state(tuple(mine.shape), torch.float32, "cpu", 8, grid, sh)
+    single = fc.make_state(StreamSpec(tuple(full.shape), torch.float32, "cpu", 8, grid))
+    sharded = fc.make_state(StreamSpec(tuple(mine.shape), torch.float32, "cpu", 8, grid, sh))
     want = sh.own_tokens(single.lowpass(full))
     res["lowpass_err"] = float((sharded.lowpass(mine) - want).abs().max() / want.abs().max())
     return res

@@ -115,7 +115,7 @@ def test_magcache_calibrates_then_runs(name):
 def test_calibration_measures_every_signal_and_changes_nothing(name):
     """The calibration gate (``fastcache_rt.calibrate``'s) on every family: each signal measured at every step after
     the first, the output bitwise the uncached run's, and a TeaCache polynomial fitted from one run."""
-    from fastcache_rt.calibration import _fit_model
+    from fastcache_rt.profiles import _fit_model
     from fastcache_rt.policy.gates import Calibrate
 
     m = model(name)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastcache_rt.policy import Chebyshev, FixedInterval, FreqCa, MagCacheGate, SpectrumSchedule, Taylor
+from fastcache_rt.policy import StreamSpec
 from fastcache_rt.policy.forecasters import dct_matrix
 from fastcache_rt.stream import Step
 
@@ -18,7 +19,7 @@ from fastcache_rt.stream import Step
                                   MagCacheGate(ratios=(1.0, 0.99, 0.97, 1.02, 0.9), threshold=0.1)])
 def test_schedule_gates_decide_alike_on_host_and_device(gate):
     S = 23
-    st = gate.make_state(S, "cpu")
+    st = gate.make_state(StreamSpec((1, 4, 8), num_steps=S))
     for s in range(S + 3):  # past the end: compute
         host = st.decide(Step(s, torch.tensor(s)))
         dev = st.decide(Step(None, torch.tensor(s)))
@@ -36,8 +37,8 @@ class _Stream:
 def test_masked_record_equals_conditional_record(fc):
     """The compiled path records every step masked by the decision; the eager path records computed steps only."""
     shape, S = (2, 12, 5), 12
-    a = fc.make_state(shape, torch.float32, "cpu", S, (1, 3, 4))
-    b = fc.make_state(shape, torch.float32, "cpu", S, (1, 3, 4))
+    a = fc.make_state(StreamSpec(shape, torch.float32, "cpu", S, (1, 3, 4)))
+    b = fc.make_state(StreamSpec(shape, torch.float32, "cpu", S, (1, 3, 4)))
     g = torch.Generator().manual_seed(0)
     decisions = [True, True, False, True, False, False, True, False, True, True, False, True]
     last = 0
@@ -68,7 +69,7 @@ def _kron_lowpass(v, grid, cutoff):
 @pytest.mark.parametrize("grid", [(1, 5, 7), (3, 4, 5), (2, 1, 6), (4, 3, 3)])
 def test_freqca_split_is_the_3d_low_pass_projection(grid):
     N = grid[0] * grid[1] * grid[2]
-    st = FreqCa(cutoff=0.3).make_state((N, 6), torch.float32, "cpu", 10, grid)
+    st = FreqCa(cutoff=0.3).make_state(StreamSpec((N, 6), torch.float32, "cpu", 10, grid))
     v = torch.randn(N, 6, generator=torch.Generator().manual_seed(1))
     low = st.lowpass(v)
     torch.testing.assert_close(low, _kron_lowpass(v, grid, 0.3), rtol=1e-5, atol=1e-5)
@@ -77,6 +78,6 @@ def test_freqca_split_is_the_3d_low_pass_projection(grid):
 
 def test_freqca_grid_must_cover_the_tokens():
     with pytest.raises(ValueError, match="grid"):
-        FreqCa().make_state((1, 10, 4), torch.float32, "cpu", 10, (1, 3, 4))
+        FreqCa().make_state(StreamSpec((1, 10, 4), torch.float32, "cpu", 10, (1, 3, 4)))
     with pytest.raises(ValueError, match="grid"):
-        FreqCa().make_state((1, 10, 4), torch.float32, "cpu", 10, None)  # not square: needs grid=
+        FreqCa().make_state(StreamSpec((1, 10, 4), torch.float32, "cpu", 10, None))  # not square: needs grid=
