@@ -347,17 +347,7 @@ def cmd_generate(a) -> int:
         kw.update(sample_defaults(models))
     dtype = getattr(torch, a.dtype)
     pipe, _ = load_pipeline(a.model, a.device, dtype)
-    if a.height is not None:
-        kw["height"] = a.height
-    if a.width is not None:
-        kw["width"] = a.width
-    if a.guidance_scale is not None:
-        kw["guidance_scale"] = a.guidance_scale
-    if a.max_sequence_length is not None:
-        kw["max_sequence_length"] = a.max_sequence_length
-    if a.num_frames is not None:
-        kw["num_frames"] = a.num_frames
-    check_size(pipe, kw)
+    kw = call_kwargs(a, pipe, kw)
     try:
         fastcache_rt.enable(pipe, a.policy, **overrides)
     except (ValueError, TypeError) as e:
@@ -392,63 +382,6 @@ def cmd_generate(a) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 # bench
 # ---------------------------------------------------------------------------------------------------------------------
-PEER_NAMES = ("diffusers-fbcache", "diffusers-taylorseer", "diffusers-magcache", "diffusers-seacache",
-              "cache-dit-dbcache", "cache-dit-taylorseer", "cache-dit-spectrum")
-
-
-def _select_methods(names):
-    from .bench.methods import PRESET_ORDER
-
-    if names is None:
-        return set(PRESET_ORDER), set(PEER_NAMES)
-    ours, peers = set(), set()
-    for n in names:
-        k = n.strip().lower()
-        if k in PRESET_ORDER:
-            ours.add(k)
-        elif k in PEER_NAMES:
-            peers.add(k)
-        elif k in ("diffusers", "cache-dit"):
-            peers.update(p for p in PEER_NAMES if p.startswith(k + "-"))
-        elif k == "none":
-            continue
-        else:
-            raise UsageError(f"--methods: unknown method {n!r}; choose from {', '.join(PRESET_ORDER + PEER_NAMES)}, "
-                             f"diffusers, cache-dit")
-    return ours, peers
-
-
-def _peer_configs(peers: set, quick: bool, warn):
-    from .bench import methods as M
-
-    out = []
-    d = M.diffusers_configs(quick)
-    picks = {"diffusers-fbcache": "FirstBlockCache", "diffusers-taylorseer": "TaylorSeerCache",
-             "diffusers-magcache": "MagCache", "diffusers-seacache": "SeaCache"}
-    for name, prefix in picks.items():
-        if name in peers:
-            out += [c for c in d if c.method.startswith(prefix)]
-    if peers & {"cache-dit-dbcache", "cache-dit-taylorseer", "cache-dit-spectrum"}:
-        ok, why = M.cache_dit_available()
-        if not ok:
-            warn(f"cache-dit not importable ({why}): its rows are left out")
-        else:
-            if "cache-dit-spectrum" in peers:
-                import importlib
-
-                try:  # fastcache_rt's calibrator plug-in checks the cache-dit version it was tested with
-                    with M.quiet_peers():
-                        importlib.import_module(f"{__package__}.integrations.cache_dit")
-                except RuntimeError as e:
-                    warn(f"{e}: the cache-dit Spectrum rows are left out")
-                    peers = peers - {"cache-dit-spectrum"}
-            for c in M.cache_dit_configs(quick):
-                kind = "spectrum" if "Spectrum" in c.method else "taylorseer" if "TaylorSeer" in c.method else "dbcache"
-                if f"cache-dit-{kind}" in peers:
-                    out.append(c)
-    return out
-
-
 def cmd_bench(a) -> int:
     from .bench import analysis as A
     from .bench import methods as M
@@ -463,7 +396,10 @@ def cmd_bench(a) -> int:
 
         torch.set_num_threads(a.threads)
     mode = QUICK if a.quick else FULL
-    ours, peers = _select_methods(a.methods)
+    try:
+        ours, peers = M.select_methods(a.methods)
+    except ValueError as e:
+        raise UsageError(f"--methods: {e}") from None
     tuned = []
     for path in a.policy:
         try:
@@ -497,13 +433,7 @@ def cmd_bench(a) -> int:
         classes = list(a.classes)
         kw.update(height=64, width=64, guidance_scale=1.0)
     pipe, _ = load_pipeline(a.model)
-    if a.height is not None:
-        kw["height"] = a.height
-    if a.width is not None:
-        kw["width"] = a.width
-    if a.max_sequence_length is not None:
-        kw["max_sequence_length"] = a.max_sequence_length
-    check_size(pipe, kw)
+    kw = call_kwargs(a, pipe, kw)
     height, width = kw.pop("height"), kw.pop("width")
     from diffusers import FluxPipeline
 
@@ -512,7 +442,7 @@ def cmd_bench(a) -> int:
     settings = Settings(prompts=classes, seeds=list(a.seeds or mode["seeds"]), steps=a.steps, height=height,
                         width=width, call_kwargs=kw, rounds=a.rounds or mode["rounds"],
                         uncached_every=mode["uncached_every"])
-    configs = M.our_configs(a.steps, a.quick, ours) + tuned + _peer_configs(peers, a.quick, warn)
+    configs = M.our_configs(a.steps, a.quick, ours) + tuned + M.peer_configs(peers, a.quick, warn)
     if not configs:
         raise UsageError("--methods: nothing left to run")
     print(f"fastcache-rt bench: {len(configs)} configurations, {len(settings.batch)} images per call "
@@ -582,16 +512,27 @@ def _prepare(a):
     return shipped
 
 
-def _load_for(a, shipped):
-    import torch
+CALL_OPTIONS = ("height", "width", "guidance_scale", "max_sequence_length", "num_frames")
 
-    kw = sample_defaults(shipped) if shipped is not None else {}
-    pipe, _ = load_pipeline(a.model, a.device, getattr(torch, a.dtype))
-    for name in ("height", "width", "guidance_scale", "max_sequence_length", "num_frames"):
-        v = getattr(a, name)
+
+def call_kwargs(a, pipe, base: dict) -> dict:
+    """The pipeline call's arguments, assembled in one place for every command: ``base`` (the shipped model's
+    sampling defaults, or a command's own) with the call options given on the command line (those the command
+    has) on top, checked against the pipeline's sizes."""
+    kw = dict(base)
+    for name in CALL_OPTIONS:
+        v = getattr(a, name, None)
         if v is not None:
             kw[name] = v
     check_size(pipe, kw)
+    return kw
+
+
+def _load_for(a, shipped):
+    import torch
+
+    pipe, _ = load_pipeline(a.model, a.device, getattr(torch, a.dtype))
+    kw = call_kwargs(a, pipe, sample_defaults(shipped) if shipped is not None else {})
     try:
         import fastcache_rt.families as F
         from fastcache_rt._targets import split as _split

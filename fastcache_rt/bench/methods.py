@@ -71,18 +71,24 @@ def _label(overrides: dict) -> str:
 # fastcache_rt
 # ----------------------------------------------------------------------------------------------------------------
 def ours(preset: str, overrides: dict, *, default=False, tags=()) -> Config:
+    from ..policy.gates import first_blocks
+
+    gate = fastcache_rt.PRESETS[preset].gate
+    # a gate that cannot run uncalibrated (MagCache's ratios) gets them from one calibration run of the harness
+    needs = "ours_mag" if "ratios" in getattr(gate, "needs_calibration", ()) else None
+
     def enable(pipe, ctx: Context):
         kw = dict(overrides)
-        if preset == "magcache":
-            kw["ratios"] = ctx.ratios["ours_mag"]
+        if needs is not None:
+            kw["ratios"] = ctx.ratios[needs]
         fastcache_rt.enable(pipe, preset, **kw)
 
     def disable(pipe):
         fastcache_rt.disable(pipe)
 
-    return Config(preset, OURS, _label(overrides), enable, disable, default=default, tags=tuple(tags),
-                  needs="ours_mag" if preset == "magcache" else None,
-                  note="first block runs every step" if preset == "fbcache" else "")
+    k = first_blocks(gate)
+    return Config(preset, OURS, _label(overrides), enable, disable, default=default, tags=tuple(tags), needs=needs,
+                  note=f"first block{'s' if k > 1 else ''} run{'' if k > 1 else 's'} every step" if k else "")
 
 
 def ours_applied(preset: str, overrides: dict) -> Config:
@@ -126,7 +132,7 @@ def policy_file(path) -> Config:
 def _budget_tags(steps: int, preset: str, overrides: dict) -> tuple:
     if steps != BUDGET_STEPS or "site" in overrides:  # the budget comparison uses each preset's own site
         return ()
-    kind = "spectrum" if preset == "spectrum" else "interval"
+    kind = fastcache_rt.PRESETS[preset].gate.name  # BUDGETS are keyed by gate: "spectrum" or "interval"
     return tuple(f"budget{n}" for n, b in BUDGETS.items() if all(overrides.get(k) == v for k, v in b[kind].items()))
 
 
@@ -468,4 +474,62 @@ def cache_dit_configs(quick: bool) -> list[Config]:
     out = [cache_dit_dbcache(t, None, default=t == 0.1) for t in th]
     out += [cache_dit_dbcache(t, "taylorseer", default=t == 0.1) for t in th]
     out += [cache_dit_dbcache(t, "spectrum", default=t == 0.1) for t in th]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# choosing methods by name (the command line's --methods)
+# ----------------------------------------------------------------------------------------------------------------
+PEER_NAMES = ("diffusers-fbcache", "diffusers-taylorseer", "diffusers-magcache", "diffusers-seacache",
+              "cache-dit-dbcache", "cache-dit-taylorseer", "cache-dit-spectrum")
+
+
+def select_methods(names) -> tuple[set, set]:
+    """The fastcache_rt presets and the peers' method names a ``--methods`` list picks (all where None)."""
+    if names is None:
+        return set(PRESET_ORDER), set(PEER_NAMES)
+    ours, peers = set(), set()
+    for n in names:
+        k = n.strip().lower()
+        if k in PRESET_ORDER:
+            ours.add(k)
+        elif k in PEER_NAMES:
+            peers.add(k)
+        elif k in ("diffusers", "cache-dit"):
+            peers.update(p for p in PEER_NAMES if p.startswith(k + "-"))
+        elif k == "none":
+            continue
+        else:
+            raise ValueError(f"unknown method {n!r}; choose from {', '.join(PRESET_ORDER + PEER_NAMES)}, "
+                             f"diffusers, cache-dit")
+    return ours, peers
+
+
+def peer_configs(peers: set, quick: bool, warn) -> list[Config]:
+    """The peers' configurations of the picked method names (``warn``: told why a peer's rows are left out)."""
+    out = []
+    d = diffusers_configs(quick)
+    picks = {"diffusers-fbcache": "FirstBlockCache", "diffusers-taylorseer": "TaylorSeerCache",
+             "diffusers-magcache": "MagCache", "diffusers-seacache": "SeaCache"}
+    for name, prefix in picks.items():
+        if name in peers:
+            out += [c for c in d if c.method.startswith(prefix)]
+    if peers & {"cache-dit-dbcache", "cache-dit-taylorseer", "cache-dit-spectrum"}:
+        ok, why = cache_dit_available()
+        if not ok:
+            warn(f"cache-dit not importable ({why}): its rows are left out")
+        else:
+            if "cache-dit-spectrum" in peers:
+                import importlib
+
+                try:  # fastcache_rt's calibrator plug-in checks the cache-dit version it was tested with
+                    with quiet_peers():
+                        importlib.import_module("fastcache_rt.integrations.cache_dit")
+                except RuntimeError as e:
+                    warn(f"{e}: the cache-dit Spectrum rows are left out")
+                    peers = peers - {"cache-dit-spectrum"}
+            for c in cache_dit_configs(quick):
+                kind = "spectrum" if "Spectrum" in c.method else "taylorseer" if "TaylorSeer" in c.method else "dbcache"
+                if f"cache-dit-{kind}" in peers:
+                    out.append(c)
     return out

@@ -106,8 +106,8 @@ def test_targets_are_checked():
 
 # ---------------------------------------------------------------------------------------------------- policy files
 def test_policy_files_round_trip_every_preset_and_arm(tmp_path):
-    pols = list(PRESETS.values()) + [a.make(a.knobs[0]) for a in T.arms(50, mag_ratios=[1.0] * 50,
-                                                                          coeffs=(1.0, 0.0))]
+    pols = list(PRESETS.values()) + [a.make(a.knobs[0]) for a in T.arms(50, fit={"ratios": [1.0] * 50,
+                                                                               "coeffs": (1.0, 0.0)})]
     for i, pol in enumerate(pols):
         path = tmp_path / f"p{i}.json"
         save_policy(pol, path)
