@@ -20,15 +20,13 @@ from .parallel import Shard
 from .policy import Policy
 from .policy.gates import first_blocks, probes as gate_probes
 from .policy.spec import StreamSpec
-from .stream import Step, StreamState, stream_stats
+from .generation import Generations
+from .stream import Step, StreamState
 
 logger = logging.getLogger("fastcache_rt")
 
 # keyword marking a block call made by the list takeover itself
 RUN = "_fastcache_rt_run"
-
-# Streams of one transformer at once: a CFG pair (or triple) at a few shapes.
-MAX_STREAMS = 8
 
 
 class Call:
@@ -68,7 +66,7 @@ class Controller:
         self.model = model
         self.family = family
         self.policy = policy
-        self.num_steps = num_steps
+        self.gens = Generations(num_steps)  # the streams, their generations and their report
         self.grid = grid
         self.coeffs = coeffs
         self.group = group  # the context-parallel process group given to enable (else diffusers' own)
@@ -79,54 +77,28 @@ class Controller:
             signature(type(m))  # read here, not while torch.compile traces a call (it cannot trace inspect)
         self.probes = gate_probes(policy.gate)
         self.probe_blocks = first_blocks(policy.gate)
-        self.streams: dict[tuple, StreamState] = {}
         self.call: Call | None = None
         self.before_call: list = []  # host callbacks before each call, outside any compiled region (the API's)
         self.by_position = False  # CFG branches told apart by their position between announced steps
         self.calls_this_step = 0
         self.gen_steps = 0  # scheduler steps of this generation so far
-        self.controller_seconds = 0.0
-        self.calls = 0
         self._warned: set[str] = set()
-        self._last: list[dict] = []  # what stats() reports of the last finished generation
-        self._last_time = (0.0, 0)  # its controller seconds and calls
 
     # ----------------------------------------------------------------------------------------------------------
     # generations
     # ----------------------------------------------------------------------------------------------------------
     def new_generation(self, num_steps: int | None = None) -> None:
         """Announced by the pipeline (its scheduler's set_timesteps), the cache context, or the user."""
-        if num_steps is not None:
-            if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-                raise ValueError(f"num_steps: must be an int >= 1, got {num_steps!r}")
-        self.report_events()
-        if num_steps is not None and num_steps != self.num_steps:
-            self.num_steps = num_steps
-            self.streams.clear()  # buffers sized by the step count are allocated anew
-        for st in self.streams.values():
-            st.reset()
+        self.gens.new(num_steps)
         self.calls_this_step = 0
         self.gen_steps = 0
-        self.controller_seconds = 0.0
-        self.calls = 0
 
     def end_generation(self) -> None:
         """The pipeline finished a generation (diffusers resets stateful hooks at the end of every pipeline call):
         keep what ``stats`` reports of it, warn about what it saw, and start the next one clean."""
-        if any(st.ran for st in self.streams.values()):
-            self._last = self._stream_stats()
-            self._last_time = (self.controller_seconds, self.calls)
-            self.new_generation(None)
-
-    def report_events(self) -> None:
-        """Warnings for what the device saw (read at the end of a generation, never inside a step)."""
-        for st in self.streams.values():
-            if st.ran:
-                bad = int(st.events[0])
-                if bad:
-                    logger.warning("fastcache_rt: %d computed step(s) of this generation had a non-finite result "
-                                   "(the model produced NaN/Inf; caching did not cause it)", bad)
-                    st.events.zero_()
+        if self.gens.end():
+            self.calls_this_step = 0
+            self.gen_steps = 0
 
     def set_group(self, group) -> None:
         """The context-parallel group the model's tokens are split over (None: not split). Streams made for
@@ -134,7 +106,7 @@ class Controller:
         shard = Shard(group) if group is not None else None
         old = self.shard
         if (old is None) != (shard is None) or (old is not None and old.group is not shard.group):
-            self.streams.clear()
+            self.gens.clear()
         self.shard = shard
 
     def follow_steps(self) -> None:
@@ -291,12 +263,7 @@ class Controller:
 
     # ----------------------------------------------------------------------------------------------------------
     def _stream(self, call: Call, hidden: torch.Tensor) -> StreamState:
-        key = (call.branch, tuple(hidden.shape), hidden.dtype, hidden.device)
-        st = self.streams.get(key)
-        if st is None:
-            num_steps = self._num_steps()
-            if len(self.streams) >= MAX_STREAMS:  # keep memory bounded (least recently used goes)
-                del self.streams[min(self.streams, key=lambda k: self.streams[k].last_use)]
+        def make(num_steps: int) -> StreamState:
             shape, dtype = tuple(hidden.shape), hidden.dtype
             if self.policy.site == "output":  # the model's output has its latent input's shape
                 latent = call.kwargs.get(self.family.hidden_arg)
@@ -306,22 +273,15 @@ class Controller:
                 shape, dtype = tuple(latent.shape), latent.dtype
             grid = self.grid or self.family.token_grid(self.model, call.kwargs)
             spec = StreamSpec(shape, dtype, hidden.device, num_steps, grid, self.shard, self.coeffs)
-            st = StreamState(self.policy, spec, tokens=tuple(hidden.shape))
-            self.streams[key] = st
+            return StreamState(self.policy, spec, tokens=tuple(hidden.shape))
+
+        st = self.gens.stream((call.branch, tuple(hidden.shape), hidden.dtype, hidden.device), make)
         if not torch.compiler.is_compiling():
-            st.last_use = self.calls
-            self.calls += 1
+            st.last_use = self.gens.calls
+            self.gens.calls += 1
             if not st.ran and self.gen_steps:  # first called mid-generation (Wan 2.2's low-noise expert)
                 st.start_at(self.gen_steps)
         return st
-
-    def _num_steps(self) -> int:
-        if self.num_steps is None:
-            raise ValueError(
-                "num_steps: the number of denoising steps is unknown; enable caching on the pipeline, or pass "
-                "num_steps= to fastcache_rt.enable() / handle.new_generation()"
-            )
-        return self.num_steps
 
     def _decide(self, st: StreamState, step: Step):
         gate = st.gate
@@ -382,41 +342,18 @@ class Controller:
 
     def _tick(self, t0: float) -> None:
         if t0:
-            self.controller_seconds += time.perf_counter() - t0
+            self.gens.controller_seconds += time.perf_counter() - t0
 
     # ----------------------------------------------------------------------------------------------------------
     def stats(self) -> dict:
-        streams = list(self.streams.values())
-        out = {
+        return {
             "policy": self.policy.name,
             "policy_spec": repr(self.policy),
             "family": self.family.name,
-            "num_steps": self.num_steps,
-            "cache_bytes": sum(s.cache_bytes() for s in streams),
-            "controller_seconds": self.controller_seconds,
-            "calls": self.calls,
             # this rank and the number of ranks the tokens are split over (context parallelism), else None
             "context_parallel": None if self.shard is None else {"rank": self.shard.rank, "size": self.shard.size},
+            **self.gens.stats(),
         }
-        live = [s for s in streams if s.ran]
-        per = self._stream_stats() if live or not self._last else self._last
-        if not live and self._last:
-            out["controller_seconds"], out["calls"] = self._last_time
-        out["streams"] = len(per)
-        out["per_stream"] = per
-        out["per_stream_computed"] = [p["computed"] for p in per]
-        first = per[0] if per else {"computed": [], "cached": []}
-        out["computed"], out["cached"] = first["computed"], first["cached"]
-        out["nonfinite"] = sum(p["nonfinite"] for p in per)
-        ratios = [p["mag_ratios"] for p in per if "mag_ratios" in p]
-        if ratios:
-            out["mag_ratios"] = ratios[0]
-        out["controller_seconds_per_call"] = out["controller_seconds"] / max(out["calls"], 1)
-        return out
-
-
-    def _stream_stats(self) -> list[dict]:
-        return [stream_stats(key, st) for key, st in self.streams.items() if st.ran]
 
 
 def _signatures_outside_cond(blocks) -> None:
