@@ -15,12 +15,13 @@ import time
 
 import torch
 
-from .families import Family, bind, signature
+from .families import Family, bind, signature, trace_outside_cond
+from .generation import Generations
 from .parallel import Shard
 from .policy import Policy
-from .policy.gates import first_blocks, probes as gate_probes
+from .policy.gates import first_blocks
+from .policy.gates import probes as gate_probes
 from .policy.spec import StreamSpec
-from .generation import Generations
 from .stream import Step, StreamState
 
 logger = logging.getLogger("fastcache_rt")
@@ -247,7 +248,7 @@ class Controller:
             return (h, *e)
 
         if not isinstance(compute, bool):
-            _signatures_outside_cond(self.lists[li][start:stop])
+            trace_outside_cond(self.lists[li][start:stop])
         out = branch(compute, full, skip, (hidden,) if enc is None else (hidden, enc))
         t1 = self._clock()
         h = out[0]
@@ -354,17 +355,3 @@ class Controller:
             "context_parallel": None if self.shard is None else {"rank": self.shard.rank, "size": self.shard.size},
             **self.gens.stats(),
         }
-
-
-def _signatures_outside_cond(blocks) -> None:
-    """diffusers' attention modules read ``inspect.signature(self.processor.__call__)`` on every call. Traced for
-    the first time inside a ``torch.cond`` branch, that fails in torch 2.13's dynamo ("'Signature' object has no
-    attribute '_parameters'"); traced once before the branch, it works. This costs nothing at run time: it only
-    runs while dynamo traces."""
-    import inspect
-
-    for block in blocks:
-        for mod in block.modules():
-            proc = getattr(mod, "processor", None)
-            if proc is not None and callable(proc):
-                inspect.signature(proc.__call__)

@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 import torch
 
 import fastcache_rt
+from fastcache_rt.policy.presets import SWEEPS
 
 OURS = "fastcache_rt"
 DIFFUSERS = "diffusers"
 CACHE_DIT = "cache-dit"
 
-# fastcache_rt presets in table order
-PRESET_ORDER = ("fora", "teacache", "spectralcache", "fbcache", "magcache", "taylorseer", "freqca", "spectrum")
+# fastcache_rt presets in table order: every preset that declares a benchmark sweep (fastcache_rt.policy.presets)
+PRESET_ORDER = tuple(SWEEPS)
 
 # The two budgets of the Spectrum paper at 50 steps: 14 and 10 full steps. Spectrum reaches them with alpha 0.75 and
 # 3.0 (interval 2, warm-up 5); the fixed-interval methods with 3 warm-up steps and one full step in 4 or in 6.
@@ -133,45 +134,8 @@ def _budget_tags(steps: int, preset: str, overrides: dict) -> tuple:
     if steps != BUDGET_STEPS or "site" in overrides:  # the budget comparison uses each preset's own site
         return ()
     kind = fastcache_rt.PRESETS[preset].gate.name  # BUDGETS are keyed by gate: "spectrum" or "interval"
-    return tuple(f"budget{n}" for n, b in BUDGETS.items() if all(overrides.get(k) == v for k, v in b[kind].items()))
-
-
-# Sweeps of each preset's speed knob: (quick, full). Thresholds of the signal gates are in the units of each gate's
-# signal and were chosen on the shipped model to spread NFE over roughly 7-36 of 50 steps (the FLUX TeaCache
-# polynomial applied to this model's modulated-input change; the first block's relative residual change, where the
-# preset's 0.05 skips nothing here; the accumulated magnitude-ratio error).
-SWEEPS = {
-    "fora": ([dict(interval=4, warmup=3), dict(interval=6, warmup=3)],
-             [dict(interval=2, warmup=1), dict(interval=3, warmup=1), dict(interval=4, warmup=3),
-              dict(interval=6, warmup=3)]),
-    "teacache": ([dict(threshold=0.3), dict(threshold=0.6)],
-                 [dict(threshold=0.3), dict(threshold=0.45), dict(threshold=0.6), dict(threshold=0.8),
-                  dict(threshold=1.0), dict(threshold=1.5)]),
-    "spectralcache": ([dict(threshold=0.3), dict(threshold=0.6)],
-                      [dict(threshold=0.2), dict(threshold=0.3), dict(threshold=0.45), dict(threshold=0.6),
-                       dict(threshold=1.0)]),
-    "fbcache": ([dict(threshold=0.1), dict(threshold=0.2)],
-                [dict(threshold=0.08), dict(threshold=0.1), dict(threshold=0.15), dict(threshold=0.2),
-                 dict(threshold=0.3)]),
-    "magcache": ([dict(threshold=0.06), dict(threshold=0.24)],
-                 [dict(threshold=0.03), dict(threshold=0.06), dict(threshold=0.12), dict(threshold=0.24),
-                  dict(threshold=0.5)]),
-    "taylorseer": ([dict(interval=4, warmup=3), dict(interval=6, warmup=3)],
-                   [dict(interval=3, warmup=3), dict(interval=4, warmup=3), dict(interval=6, warmup=3),
-                    dict(interval=8, warmup=3), dict(interval=4, warmup=3, site="output"),
-                    dict(interval=6, warmup=3, site="output")]),
-    "freqca": ([dict(interval=4, warmup=3), dict(interval=6, warmup=3)],
-               [dict(interval=3, warmup=3), dict(interval=4, warmup=3), dict(interval=6, warmup=3),
-                dict(interval=8, warmup=3)]),
-    "spectrum": ([dict(alpha=0.75), dict(alpha=3.0)],
-                 [dict(alpha=0.25), dict(alpha=0.75), dict(alpha=1.5), dict(alpha=3.0),
-                  dict(alpha=0.75, site="output"), dict(alpha=3.0, site="output")]),
-}
-# The setting shown in the picture grid (the preset's published default where the sweep has it).
-DEFAULTS = {"fora": dict(interval=4, warmup=3), "teacache": dict(threshold=0.6),
-            "spectralcache": dict(threshold=0.6), "fbcache": dict(threshold=0.1), "magcache": dict(threshold=0.24),
-            "taylorseer": dict(interval=6, warmup=3), "freqca": dict(interval=6, warmup=3),
-            "spectrum": dict(alpha=0.75)}
+    return tuple(f"budget{n}" for n, b in BUDGETS.items()
+                 if kind in b and all(overrides.get(k) == v for k, v in b[kind].items()))
 
 
 def our_configs(steps: int, quick: bool, methods=None) -> list[Config]:
@@ -179,10 +143,11 @@ def our_configs(steps: int, quick: bool, methods=None) -> list[Config]:
     for preset in PRESET_ORDER:
         if methods is not None and preset not in methods:
             continue
-        for ov in SWEEPS[preset][0 if quick else 1]:
-            out.append(ours(preset, ov, default=ov == DEFAULTS[preset], tags=_budget_tags(steps, preset, ov)))
+        sweep = SWEEPS[preset]
+        for ov in sweep.quick if quick else sweep.full:
+            out.append(ours(preset, ov, default=ov == sweep.shown, tags=_budget_tags(steps, preset, ov)))
     if methods is None or "spectrum" in methods:  # the diffusers-style entry point, on the default setting
-        out.append(ours_applied("spectrum", DEFAULTS["spectrum"]))
+        out.append(ours_applied("spectrum", SWEEPS["spectrum"].shown))
     return out
 
 

@@ -4,7 +4,7 @@ one (yours, for a model fastcache_rt does not know yet)."""
 
 from __future__ import annotations
 
-from .base import Blocks, Family, bind, patch_grid, signature
+from .base import Blocks, Family, bind, patch_grid, signature, trace_outside_cond
 
 _REGISTRY: list[Family] = []
 
@@ -50,4 +50,4 @@ def _load() -> None:
 _load()
 
 __all__ = ["Blocks", "Family", "bind", "families", "family_for", "patch_grid", "register_family", "signature",
-           "supported_classes"]
+           "supported_classes", "trace_outside_cond"]

@@ -88,6 +88,18 @@ def bind(module, args, kwargs) -> dict:
     return kw
 
 
+def trace_outside_cond(blocks) -> None:
+    """Before a ``torch.cond`` over ``blocks`` is traced: diffusers' attention modules read
+    ``inspect.signature(self.processor.__call__)`` on every call. Traced for the first time inside a ``torch.cond``
+    branch, that fails in torch 2.13's dynamo ("'Signature' object has no attribute '_parameters'"); traced once
+    before the branch, it works. This costs nothing at run time: it only runs while dynamo traces."""
+    for block in blocks:
+        for mod in block.modules():
+            proc = getattr(mod, "processor", None)
+            if proc is not None and callable(proc):
+                inspect.signature(proc.__call__)
+
+
 @dataclass(frozen=True)
 class Family:
     """One model family. ``classes``: the transformer class names it covers (``type(model).__name__``);

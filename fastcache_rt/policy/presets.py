@@ -99,6 +99,47 @@ PRESETS: dict[str, Policy] = {
 }
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """A preset's settings in the benchmark (``fastcache-rt bench``): ``quick`` and ``full`` lists of overrides
+    (fields of its gate or forecaster, or ``site``), and the setting its picture-grid row shows (the published
+    default where the sweep has it)."""
+
+    quick: tuple
+    full: tuple
+    shown: dict
+
+
+def _sweep(quick, full, shown) -> Sweep:
+    return Sweep(tuple(quick), tuple(full), shown)
+
+
+# The benchmark's sweep of each preset's speed knob, in table order. Thresholds of the signal gates are in the units
+# of each gate's signal and were chosen on the shipped model to spread NFE over roughly 7-36 of 50 steps (the FLUX
+# TeaCache polynomial applied to this model's modulated-input change; the first block's relative residual change,
+# where the preset's 0.05 skips nothing here; the accumulated magnitude-ratio error). The fixed-interval settings
+# with 3 warm-up steps and one full step in 4 or 6, and Spectrum's alpha 0.75 and 3.0, are the two budgets of the
+# Spectrum paper at 50 steps (14 and 10 full steps).
+_I4, _I6 = dict(interval=4, warmup=3), dict(interval=6, warmup=3)
+SWEEPS: dict[str, Sweep] = {
+    "fora": _sweep([_I4, _I6], [dict(interval=2, warmup=1), dict(interval=3, warmup=1), _I4, _I6], _I4),
+    "teacache": _sweep([dict(threshold=0.3), dict(threshold=0.6)],
+                       [dict(threshold=t) for t in (0.3, 0.45, 0.6, 0.8, 1.0, 1.5)], dict(threshold=0.6)),
+    "spectralcache": _sweep([dict(threshold=0.3), dict(threshold=0.6)],
+                            [dict(threshold=t) for t in (0.2, 0.3, 0.45, 0.6, 1.0)], dict(threshold=0.6)),
+    "fbcache": _sweep([dict(threshold=0.1), dict(threshold=0.2)],
+                      [dict(threshold=t) for t in (0.08, 0.1, 0.15, 0.2, 0.3)], dict(threshold=0.1)),
+    "magcache": _sweep([dict(threshold=0.06), dict(threshold=0.24)],
+                       [dict(threshold=t) for t in (0.03, 0.06, 0.12, 0.24, 0.5)], dict(threshold=0.24)),
+    "taylorseer": _sweep([_I4, _I6], [dict(interval=3, warmup=3), _I4, _I6, dict(interval=8, warmup=3),
+                                      dict(_I4, site="output"), dict(_I6, site="output")], _I6),
+    "freqca": _sweep([_I4, _I6], [dict(interval=3, warmup=3), _I4, _I6, dict(interval=8, warmup=3)], _I6),
+    "spectrum": _sweep([dict(alpha=0.75), dict(alpha=3.0)],
+                       [dict(alpha=0.25), dict(alpha=0.75), dict(alpha=1.5), dict(alpha=3.0),
+                        dict(alpha=0.75, site="output"), dict(alpha=3.0, site="output")], dict(alpha=0.75)),
+}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # policy files: {"format": "fastcache_rt.policy", "version": 1, "name", "site", "gate": {"type", fields},
 # "forecaster": {"type", fields}, ...}: what ``fastcache-rt tune`` writes and ``enable(pipe, "file.json")`` reads
