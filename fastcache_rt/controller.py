@@ -21,7 +21,7 @@ from .parallel import Shard
 from .policy import Policy
 from .policy.gates import first_blocks
 from .policy.gates import probes as gate_probes
-from .policy.spec import StreamSpec
+from .policy.spec import StreamSpec, masked
 from .stream import Step, StreamState
 
 logger = logging.getLogger("fastcache_rt")
@@ -172,7 +172,7 @@ class Controller:
             value = out
         else:
             pred = st.fc.predict(st)
-            value = pred if call.compute is False else torch.where(call.compute, out, pred)
+            value = masked(call.compute, out, pred)
         self._finish(call, value, lambda: value)
         self._tick(t0)
         if value is out:

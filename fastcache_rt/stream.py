@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .policy.spec import StreamSpec
+from .policy.spec import StreamSpec, masked_write_
 
 
 @dataclass
@@ -81,7 +81,7 @@ class StreamState:
         elif compute is not False:
             self.fc.record(self, value, compute)
             self.events.add_((compute & ~torch.isfinite(value).all()).long())
-            self.last_full.copy_(torch.where(compute, self.step, self.last_full))
+            masked_write_(self.last_full, self.step, compute)
             self.has_cache.copy_(self.has_cache | compute)
             self.log.index_copy_(0, self.step.clamp(max=self.num_steps).view(1), compute.view(1))
             self.compiled = True

@@ -152,7 +152,7 @@ class TaylorState:
         else:  # masked: the K difference rows are the whole state (K = order + 1, small)
             new = diffs.clone()
             ops.taylor_update(new, v, gap, count=self.count)
-            diffs.copy_(torch.where(compute, new, diffs))
+            masked_write_(diffs, new, compute)
         self.count.copy_(_masked(compute, (self.count + 1).clamp(max=self.K), self.count))
 
     def record(self, st, v, compute) -> None:
