@@ -33,7 +33,7 @@ RUN = "_fastcache_rt_run"
 class Call:
     """What one model call carries from its first block to its end."""
 
-    __slots__ = ("branch", "kwargs", "off", "st", "step", "compute", "base")
+    __slots__ = ("branch", "kwargs", "off", "st", "step", "compute", "base", "grid")
 
     def __init__(self, branch, kwargs, off):
         self.branch, self.kwargs, self.off = branch, kwargs, off
@@ -41,6 +41,7 @@ class Call:
         self.step: Step | None = None
         self.compute = True
         self.base = None
+        self.grid = False  # the call's token grid once resolved (None: unknown)
 
 
 def branch(compute, full, skip, operands: tuple):
@@ -78,11 +79,14 @@ class Controller:
             signature(type(m))  # read here, not while torch.compile traces a call (it cannot trace inspect)
         self.probes = gate_probes(policy.gate)
         self.probe_blocks = first_blocks(policy.gate)
+        # streams are told apart by token grid where a part of the policy works on the grid (FreqCa's DCT)
+        self.grid_keyed = any(getattr(part, "uses_grid", False) for part in (policy.gate, policy.forecaster))
         self.call: Call | None = None
         self.before_call: list = []  # host callbacks before each call, outside any compiled region (the API's)
         self.by_position = False  # CFG branches told apart by their position between announced steps
         self.calls_this_step = 0
         self.gen_steps = 0  # scheduler steps of this generation so far
+        self._grids: dict = {}  # token grids read this generation, by latent shape (a read may cost a host sync)
         self._warned: set[str] = set()
 
     # ----------------------------------------------------------------------------------------------------------
@@ -93,6 +97,7 @@ class Controller:
         self.gens.new(num_steps)
         self.calls_this_step = 0
         self.gen_steps = 0
+        self._grids.clear()
 
     def end_generation(self) -> None:
         """The pipeline finished a generation (diffusers resets stateful hooks at the end of every pipeline call):
@@ -100,6 +105,7 @@ class Controller:
         if self.gens.end():
             self.calls_this_step = 0
             self.gen_steps = 0
+            self._grids.clear()
 
     def set_group(self, group) -> None:
         """The context-parallel group the model's tokens are split over (None: not split). Streams made for
@@ -272,11 +278,15 @@ class Controller:
                     raise ValueError(f"site: 'output' needs the latent input {self.family.hidden_arg!r} as one tensor; "
                                      f"{self.family.name} passes {type(latent).__name__}: use site='hidden'")
                 shape, dtype = tuple(latent.shape), latent.dtype
-            grid = self.grid or self.family.token_grid(self.model, call.kwargs)
-            spec = StreamSpec(shape, dtype, hidden.device, num_steps, grid, self.shard, self.coeffs)
+            spec = StreamSpec(shape, dtype, hidden.device, num_steps, self._grid(call), self.shard, self.coeffs)
             return StreamState(self.policy, spec, tokens=tuple(hidden.shape))
 
-        st = self.gens.stream((call.branch, tuple(hidden.shape), hidden.dtype, hidden.device), make)
+        # everything of the call a stream's buffers depend on selects it: branch, tokens, dtype, device, the token
+        # grid where the forecaster works on it (FreqCa: 48x32 and 32x48 have one token count), the latent at the
+        # "output" site (the step count and the parallel layout reset every stream when they change)
+        key = (call.branch, tuple(hidden.shape), hidden.dtype, hidden.device,
+               self._grid(call) if self.grid_keyed else None, self._latent_key(call))
+        st = self.gens.stream(key, make)
         if not torch.compiler.is_compiling():
             st.last_use = self.gens.calls
             self.gens.calls += 1
@@ -327,12 +337,37 @@ class Controller:
             hidden, enc = spec.unpack(out, enc)
         return hidden, enc
 
+    def _grid(self, call: Call):
+        """The call's token grid (``grid=`` given to enable, else the family's reading of the call), read once per
+        generation and latent shape: a family reading it from tensor values (FLUX's ``img_ids``) costs a host
+        read."""
+        if call.grid is False:
+            if self.grid is not None:
+                call.grid = self.grid
+            else:
+                latent = call.kwargs.get(self.family.hidden_arg)
+                key = tuple(latent.shape) if isinstance(latent, torch.Tensor) else None
+                if key is None or key not in self._grids or torch.compiler.is_compiling():
+                    grid = self.family.token_grid(self.model, call.kwargs)
+                    if key is not None and not torch.compiler.is_compiling():
+                        self._grids[key] = grid
+                else:
+                    grid = self._grids[key]
+                call.grid = grid
+        return call.grid
+
+    def _latent_key(self, call: Call):
+        if self.policy.site != "output":
+            return None
+        latent = call.kwargs.get(self.family.hidden_arg)
+        return (tuple(latent.shape), latent.dtype) if isinstance(latent, torch.Tensor) else None
+
     def _image_part(self, call: Call, spec, hidden: torch.Tensor) -> torch.Tensor:
         """The image tokens of the first list's input: all of it, or, where the model joined text and image
         tokens before the first list, the part the family's token grid covers (this rank's share of it)."""
         if spec.joined is None:
             return hidden
-        grid = self.grid or self.family.token_grid(self.model, call.kwargs)
+        grid = self._grid(call)
         if grid is None:
             return hidden
         n = math.prod(grid) // (self.shard.size if self.shard is not None else 1)

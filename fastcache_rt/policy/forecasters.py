@@ -38,6 +38,7 @@ class Forecaster:
     ``make_state(spec)``."""
 
     name: typing.ClassVar[str] = ""
+    uses_grid: typing.ClassVar[bool] = False  # its state depends on the token grid (a new grid: a new stream)
 
     def make_state(self, spec: StreamSpec):
         raise NotImplementedError
@@ -103,6 +104,7 @@ class FreqCa(Forecaster):
     order: int = 2
     scale: float = 0.71
     name = "freqca"
+    uses_grid = True
 
     def __post_init__(self):
         check(self, "cutoff", is_number(self.cutoff) and 0 <= self.cutoff <= 1, "a fraction in [0, 1]")
