@@ -73,7 +73,8 @@ class Generations:
                 bad = int(st.events[0])
                 if bad:
                     logger.warning("fastcache_rt: %d computed step(s) of this generation had a non-finite result "
-                                   "(the model produced NaN/Inf; caching did not cause it)", bad)
+                                   "(the model produced NaN/Inf; caching did not cause it); they were kept out of the "
+                                   "forecast history, so cached steps forecast from the finite ones", bad)
                     st.events.zero_()
 
     def _per_stream(self) -> list[dict]:

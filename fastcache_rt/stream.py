@@ -72,16 +72,17 @@ class StreamState:
 
     def end_step(self, compute, value: torch.Tensor | None) -> None:
         """After the branch: the forecaster records a computed value (``value`` is None on a step skipped in eager
-        mode); the counters advance."""
-        if compute is True:
-            self.fc.record(self, value, True)
-            self.events.add_((~torch.isfinite(value).all()).long())
-            if self.uses_step:
-                self.last_full.copy_(self.step)
-        elif compute is not False:
-            self.fc.record(self, value, compute)
-            self.events.add_((compute & ~torch.isfinite(value).all()).long())
-            masked_write_(self.last_full, self.step, compute)
+        mode); the counters advance. A computed value that is not finite (the model produced NaN/Inf) is counted
+        in ``events`` and kept out of the forecaster's history: later cached steps forecast from the last finite
+        computed step (the test is on the device: no host read)."""
+        if compute is not False:
+            finite = torch.isfinite(value).all()
+            keep = finite if compute is True else compute & finite
+            self.events.add_((~keep if compute is True else compute & ~finite).long())
+            self.fc.record(self, value, keep)
+            if compute is not True or self.uses_step:
+                masked_write_(self.last_full, self.step, keep)
+        if isinstance(compute, torch.Tensor):
             self.has_cache.copy_(self.has_cache | compute)
             self.log.index_copy_(0, self.step.clamp(max=self.num_steps).view(1), compute.view(1))
             self.compiled = True
