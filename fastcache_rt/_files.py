@@ -13,24 +13,24 @@ from pathlib import Path
 import torch
 
 
-def check_writable(folder: Path, *, must_exist: bool = False) -> Path:
+def check_writable(folder: Path, *, must_exist: bool = False, option: str = "--out") -> Path:
     """Prove that files can be written in ``folder`` without creating anything: a missing folder is created when
     the outputs are written (its nearest existing parent is probed), or refused with ``must_exist``. ValueError
-    naming it otherwise."""
+    naming it (and the command-line ``option`` it came from) otherwise."""
     folder = Path(folder)
     probe = folder
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        raise ValueError(f"--out: cannot write to {folder}: {probe} is a file")
+        raise ValueError(f"{option}: cannot write to {folder}: {probe} is a file")
     if must_exist and probe != folder:
-        raise ValueError(f"--out: folder {folder} does not exist")
+        raise ValueError(f"{option}: folder {folder} does not exist")
     try:  # a temporary file, removed at once: read-only file systems and permissions answer here
         fd, tmp = tempfile.mkstemp(prefix=".write-test-", dir=probe)
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise ValueError(f"--out: cannot write to {folder}: {e.strerror or e}") from None
+        raise ValueError(f"{option}: cannot write to {folder}: {e.strerror or e}") from None
     return folder
 
 

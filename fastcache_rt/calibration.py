@@ -33,7 +33,8 @@ from .profiles import (  # noqa: F401 (the profile API, also reached from here)
 # running
 # ---------------------------------------------------------------------------------------------------------------
 def calibrate(pipe, prompts, *, steps: int = 50, seeds=(0,), call_kwargs: dict | None = None, out=None,
-              resume: bool = False, shard: tuple[int, int] | None = None, progress: bool = True) -> dict:
+              resume: bool = False, overwrite: bool = False, shard: tuple[int, int] | None = None,
+              progress: bool = True) -> dict:
     """Run ``pipe`` uncached once per (prompt, seed), measuring every step, and return the fitted profile.
 
     Args:
@@ -43,8 +44,13 @@ def calibrate(pipe, prompts, *, steps: int = 50, seeds=(0,), call_kwargs: dict |
             interpolated to other counts).
         seeds: noise seeds; every prompt runs with every seed.
         call_kwargs: further arguments of each pipeline call (height, width, guidance_scale, num_frames, ...).
-        out: a JSON file the profile is written to after every run (atomically).
-        resume: continue the profile in ``out``: runs already there are not repeated (it must be for this model).
+        out: the JSON file of the finished profile. While the runs go on, the profile so far is written after
+            every run to ``<out>.partial`` (atomically); ``out`` is written, and the partial file removed, only
+            when every run is done, so an interrupted calibration never destroys a finished profile.
+        resume: continue the profile in ``<out>.partial`` (an interrupted run) or ``out``: runs already there are
+            not repeated (it must be for this model).
+        overwrite: replace an existing ``out`` with a new calibration (without it, an existing ``out`` is refused
+            unless ``resume``). The old file stays in place until the new profile is complete.
         shard: ``(i, n)``: only every n-th run, starting at the i-th (split the runs over processes; merge the
             parts with ``merge_profiles``).
         progress: a progress bar over the runs.
@@ -68,9 +74,17 @@ def calibrate(pipe, prompts, *, steps: int = 50, seeds=(0,), call_kwargs: dict |
         runs = runs[i::n]
     ident = identity(pipe)
     profile = new_profile(ident, steps, kwargs)
-    if resume and out is not None and Path(out).is_file():
-        profile = load_profile(out)
-        check_compatible(profile, new_profile(ident, steps, kwargs), f"resume: {out}")
+    partial = None
+    if out is not None:
+        out = Path(out)
+        partial = partial_path(out)
+        if out.exists() and not (resume or overwrite):
+            raise ProfileError(f"out: {out} exists; pass resume=True to continue it (--resume) or overwrite=True to "
+                               f"replace it once the new calibration is complete (--overwrite)")
+        source = partial if resume and partial.is_file() else out if resume and out.is_file() else None
+        if source is not None:
+            profile = load_profile(source)
+            check_compatible(profile, new_profile(ident, steps, kwargs), f"resume: {source}")
     done = {(r["prompt"], r["seed"]) for r in profile["runs"]}
     todo = [r for r in runs if r not in done]
     bar = _tqdm(total=len(runs), initial=len(runs) - len(todo), desc="calibrate", disable=not progress)
@@ -82,14 +96,23 @@ def calibrate(pipe, prompts, *, steps: int = 50, seeds=(0,), call_kwargs: dict |
                 pipe(prompt=prompt, num_inference_steps=steps, generator=gen, output_type="latent", **kwargs)
             profile["runs"].append({"prompt": prompt, "seed": int(seed), "models": _measured(handle)})
             refit(profile)
-            if out is not None:
-                save_profile(profile, out)
+            if partial is not None:
+                save_profile(profile, partial)
             bar.update()
     finally:
         handle.disable()
         bar.close()
     refit(profile)
+    if out is not None:  # complete: the profile replaces ``out`` in one rename, the partial file goes
+        save_profile(profile, out)
+        partial.unlink(missing_ok=True)
     return profile
+
+
+def partial_path(out) -> Path:
+    """Where ``calibrate`` keeps the profile of an unfinished calibration to ``out``."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
 
 
 def _measured(handle) -> dict:

@@ -110,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", type=_int("--seeds"), nargs="+", default=[0], help="noise seeds (default 0)")
     c.add_argument("--out", required=True, help="the profile (.json) to write")
     c.add_argument("--plot", default=None, help="a PNG of the TeaCache fit (default: next to --out)")
-    c.add_argument("--resume", action="store_true", help="continue the profile in --out (runs there are kept)")
+    c.add_argument("--resume", action="store_true",
+                   help="continue the profile in --out, or an interrupted one (<out>.partial): runs there are kept")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (it stays in place until the new profile is complete)")
     c.add_argument("--shard", default=None, metavar="I/N", help="only every N-th run from the I-th (0-based)")
     c.add_argument("--merge", nargs="+", default=None, metavar="PROFILE",
                    help="merge partial profiles (shards) into --out instead of running")
@@ -258,7 +261,7 @@ def _check_out_file(path, suffix: str = ".png", option: str = "--out") -> Path:
     try:
         from ._files import check_writable
 
-        check_writable(path.parent if str(path.parent) else Path("."), must_exist=True)
+        check_writable(path.parent if str(path.parent) else Path("."), must_exist=True, option=option)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return path
@@ -564,20 +567,23 @@ def cmd_calibrate(a) -> int:
     from .policy import FLUX_TEACACHE_COEFFS
 
     out = _check_out_file(a.out, ".json")
-    plot = Path(a.plot) if a.plot else out.with_name(out.stem + "_fit.png")
-    if plot.suffix.lower() != ".png":
-        raise UsageError(f"--plot: must be a .png file, got {str(plot)!r}")
+    # every output path is checked before the first generation
+    plot = _check_out_file(Path(a.plot) if a.plot else out.with_name(out.stem + "_fit.png"), ".png", "--plot")
+    if out.exists() and not (a.resume or a.overwrite):
+        raise UsageError(f"--out: {out} exists; add --resume to continue it or --overwrite to replace it once the "
+                         f"new profile is complete")
     if a.merge:
         try:
             profile = C.merge_profiles(a.merge)
         except C.ProfileError as e:
             raise UsageError(f"--merge: {e}") from None
     else:
-        if a.resume and out.exists():
-            try:
-                C.load_profile(out)
-            except C.ProfileError as e:
-                raise UsageError(f"--resume: {e}") from None
+        for source in (C.partial_path(out), out) if a.resume else ():
+            if source.exists():
+                try:
+                    C.load_profile(source)
+                except C.ProfileError as e:
+                    raise UsageError(f"--resume: {e}") from None
         shard = _shard(a.shard)
         shipped = _prepare(a)
         prompts = read_prompts(a.prompts, "--prompts", shipped)
@@ -585,7 +591,7 @@ def cmd_calibrate(a) -> int:
         pipe, kw = _load_for(a, shipped)
         try:
             profile = C.calibrate(pipe, prompts, steps=a.steps, seeds=seeds, call_kwargs=kw, out=out, resume=a.resume,
-                                  shard=shard, progress=not a.no_progress)
+                                  overwrite=a.overwrite, shard=shard, progress=not a.no_progress)
         except C.ProfileError as e:
             raise UsageError(str(e)) from None
     C.save_profile(profile, out)
