@@ -27,7 +27,14 @@ _LAZY = {
 }
 
 
+# subpackages and modules reached as attributes (``fastcache_rt.families.register_family``), imported on first use
+_SUBMODULES = ("api", "bench", "calibration", "cli", "controller", "families", "generation", "hooks",
+               "integrations", "models", "parallel", "profiles", "stream", "testing", "tuning")
+
+
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'fastcache_rt' has no attribute {name!r}")
@@ -37,7 +44,7 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 
 __all__ = ["PRESETS", "Handle", "Policy", "__version__", "cached", "calibrate", "disable", "enable", "load_policy",

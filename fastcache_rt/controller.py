@@ -225,11 +225,12 @@ class Controller:
                 hidden, enc = self._run(li, original, own, kw, hidden, enc, 0, self.probe_blocks)
                 start = self.probe_blocks
                 t0 = self._clock()
-        if li == 0 and call.compute is None:
-            if start < self.probe_blocks:  # FBCache's probe blocks of a block-by-block list: they just run
+        if call.compute is None:
+            if li == 0 and start < self.probe_blocks:  # FBCache's probe blocks of a block-by-block list: they run
                 self._tick(t0)
                 return original(**kw)
-            # 2. the probe and the decision
+            # 2. the probe and the decision, at the first block after the probe blocks (the next list's first
+            # block where they are the whole first list)
             if self.probe_blocks:
                 img = self._image_part(call, spec, hidden)
                 call.step.probes["first_blocks"] = img - call.base
