@@ -223,14 +223,15 @@ class _PipelineWatch:
             return
         self.watch(sched)
         ts = getattr(sched, "timesteps", None)
-        steps = (len(ts) if ts is not None else 0) - int(getattr(sched, "begin_index", None) or 0)
-        self._announce(steps if steps > 0 else None)
+        begin = int(getattr(sched, "begin_index", None) or 0)
+        steps = (len(ts) if ts is not None else 0) - begin
+        self._announce(steps if steps > 0 else None, offset=begin if steps > 0 else 0)
 
-    def _announce(self, steps: int | None, close: bool = True) -> None:
+    def _announce(self, steps: int | None, close: bool = True, offset: int = 0) -> None:
         for c in self.controllers:
             if close:
                 c.end_generation()
-            c.new_generation(steps)
+            c.new_generation(steps, offset)
 
     def watch(self, sched) -> None:
         self.scheduler = sched
@@ -263,7 +264,7 @@ class _PipelineWatch:
             def set_begin_index(begin_index: int = 0, *args, **kwargs):
                 result = original_begin(begin_index, *args, **kwargs)
                 if begin_index:  # img2img: only the tail of the schedule runs
-                    self._announce(len(sched.timesteps) - int(begin_index), close=False)
+                    self._announce(len(sched.timesteps) - int(begin_index), close=False, offset=int(begin_index))
                 return result
 
             _patch_attr(sched, "set_begin_index", set_begin_index, self.restore)

@@ -92,9 +92,10 @@ class Controller:
     # ----------------------------------------------------------------------------------------------------------
     # generations
     # ----------------------------------------------------------------------------------------------------------
-    def new_generation(self, num_steps: int | None = None) -> None:
-        """Announced by the pipeline (its scheduler's set_timesteps), the cache context, or the user."""
-        self.gens.new(num_steps)
+    def new_generation(self, num_steps: int | None = None, offset: int = 0) -> None:
+        """Announced by the pipeline (its scheduler's set_timesteps; ``offset``: set_begin_index, img2img), the
+        cache context, or the user."""
+        self.gens.new(num_steps, offset)
         self.calls_this_step = 0
         self.gen_steps = 0
         self._grids.clear()
@@ -271,7 +272,7 @@ class Controller:
 
     # ----------------------------------------------------------------------------------------------------------
     def _stream(self, call: Call, hidden: torch.Tensor) -> StreamState:
-        def make(num_steps: int) -> StreamState:
+        def make(num_steps: int, offset: int) -> StreamState:
             shape, dtype = tuple(hidden.shape), hidden.dtype
             if self.policy.site == "output":  # the model's output has its latent input's shape
                 latent = call.kwargs.get(self.family.hidden_arg)
@@ -279,7 +280,8 @@ class Controller:
                     raise ValueError(f"site: 'output' needs the latent input {self.family.hidden_arg!r} as one tensor; "
                                      f"{self.family.name} passes {type(latent).__name__}: use site='hidden'")
                 shape, dtype = tuple(latent.shape), latent.dtype
-            spec = StreamSpec(shape, dtype, hidden.device, num_steps, self._grid(call), self.shard, self.coeffs)
+            spec = StreamSpec(shape, dtype, hidden.device, num_steps, self._grid(call), self.shard, self.coeffs,
+                              offset)
             return StreamState(self.policy, spec, tokens=tuple(hidden.shape))
 
         # everything of the call a stream's buffers depend on selects it: branch, tokens, dtype, device, the token

@@ -19,14 +19,15 @@ MAX_STREAMS = 8
 class Generations:
     def __init__(self, num_steps: int | None):
         self.num_steps = num_steps
+        self.offset = 0  # the generation's first step in the scheduler's whole schedule (img2img)
         self.streams: dict[tuple, StreamState] = {}
         self.controller_seconds = 0.0  # host time in the controller this generation
         self.calls = 0  # model calls this generation
         self._last: list[dict] = []  # the per-stream report of the last finished generation
         self._last_time = (0.0, 0)  # its controller seconds and calls
 
-    def stream(self, key: tuple, make: Callable[[int], StreamState]) -> StreamState:
-        """The stream of ``key``, made by ``make(num_steps)`` the first time."""
+    def stream(self, key: tuple, make: Callable[[int, int], StreamState]) -> StreamState:
+        """The stream of ``key``, made by ``make(num_steps, offset)`` the first time."""
         st = self.streams.get(key)
         if st is None:
             if self.num_steps is None:
@@ -36,22 +37,24 @@ class Generations:
                 )
             if len(self.streams) >= MAX_STREAMS:  # keep memory bounded (least recently used goes)
                 del self.streams[min(self.streams, key=lambda k: self.streams[k].last_use)]
-            st = self.streams[key] = make(self.num_steps)
+            st = self.streams[key] = make(self.num_steps, self.offset)
         return st
 
     def clear(self) -> None:
         """Drop every stream (their buffers were made for another step count or token split)."""
         self.streams.clear()
 
-    def new(self, num_steps: int | None = None) -> None:
-        """A generation starts (``num_steps`` None: as many steps as the last one)."""
+    def new(self, num_steps: int | None = None, offset: int = 0) -> None:
+        """A generation starts (``num_steps`` None: as many steps as the last one), at step ``offset`` of the
+        scheduler's schedule (img2img)."""
         if num_steps is not None:
             if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
                 raise ValueError(f"num_steps: must be an int >= 1, got {num_steps!r}")
         self.report_events()
-        if num_steps is not None and num_steps != self.num_steps:
-            self.num_steps = num_steps
-            self.streams.clear()  # buffers sized by the step count are allocated anew
+        if (num_steps is not None and num_steps != self.num_steps) or offset != self.offset:
+            self.num_steps = num_steps if num_steps is not None else self.num_steps
+            self.offset = offset
+            self.streams.clear()  # buffers sized by the step count (masks by the offset) are made anew
         for st in self.streams.values():
             st.reset()
         self.controller_seconds = 0.0

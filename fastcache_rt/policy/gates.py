@@ -105,8 +105,12 @@ class _Schedule(Gate):
     def schedule(self, num_steps: int) -> list[bool]:
         raise NotImplementedError
 
+    def mask(self, spec: StreamSpec) -> list[bool]:
+        """The compute mask of the stream's generation."""
+        return self.schedule(spec.num_steps)
+
     def make_state(self, spec: StreamSpec):
-        return ScheduleState(self.schedule(spec.num_steps), spec.device)
+        return ScheduleState(self.mask(spec), spec.device)
 
 
 @register_gate
@@ -339,8 +343,13 @@ class MagCacheGate(_Schedule):
         scale = (len(src) - 1) / (num_steps - 1)
         return [src[int(math.floor(i * scale + 0.5))] for i in range(num_steps)]
 
-    def schedule(self, num_steps: int) -> list[bool]:
-        table = self.table(num_steps)
+    def mask(self, spec: StreamSpec) -> list[bool]:
+        return self.schedule(spec.num_steps, spec.offset)
+
+    def schedule(self, num_steps: int, offset: int = 0) -> list[bool]:
+        """The compute mask of ``num_steps`` steps starting at step ``offset`` of the schedule (img2img): the
+        ratios are those of the schedule's positions ``offset ..``, interpolated over its whole length."""
+        table = self.table(offset + num_steps)[offset:]
         keep = int(math.floor(self.retention * num_steps + 0.5))
         ratio, err, since, has = 1.0, 0.0, 0, False
         out = []

@@ -26,6 +26,8 @@ class StreamSpec:
     shard      a ``fastcache_rt.parallel.Shard`` when the tokens are split over a context-parallel group (what is
                measured over the tokens is reduced over it), else None
     coeffs     the model family's published TeaCache polynomial (highest power first), for gates that use one
+    offset     the generation's first step is step ``offset`` of the scheduler's whole schedule (img2img runs the
+               schedule's tail: a gate calibrated per schedule position, MagCache, reads from there)
     """
 
     shape: tuple[int, ...]
@@ -35,6 +37,7 @@ class StreamSpec:
     grid: tuple[int, ...] | None = None
     shard: Any = None
     coeffs: tuple[float, ...] | None = None
+    offset: int = 0
 
     def replace(self, **changes) -> StreamSpec:
         return dataclasses.replace(self, **changes)
