@@ -123,6 +123,8 @@ def scalar_arg(name: str, x: float | int | torch.Tensor, device: torch.device, d
         return None, float(x)
     if isinstance(x, float) and not x.is_integer():
         raise TypeError(f"{name}: must be an integer, got {x}")
+    if not -(2**63) <= int(x) < 2**63:
+        raise ValueError(f"{name}: {x} is outside the int64 range")
     return None, int(x)
 
 

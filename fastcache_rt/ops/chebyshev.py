@@ -91,11 +91,19 @@ def _(taus, tau_query, tau_query_value, count, count_value, degree, lam, blend, 
     return taus.new_empty((taus.shape[0],), dtype=torch.float32)
 
 
+# The largest degree taken: the ridge solve is (degree + 1)^2 per call and Spectrum uses 4; beyond this the basis
+# is ill-conditioned in float64 anyway.
+MAX_DEGREE = 64
+# Projected time: a run spans [-1, 1]; |T_m(tau)| grows as (2 |tau|)^m outside it, so a query far outside overflows
+# float32 (a forecast of non-finite values). Queries are refused beyond this.
+MAX_ABS_TAU = 1e3
+
+
 def _check_common(taus, tau_query, count, degree, lam, blend, n, device, validate):
     if isinstance(degree, bool) or not isinstance(degree, int):
         raise TypeError(f"degree: expected an int, got {type(degree).__name__}")
-    if degree < 0:
-        raise ValueError(f"degree: must be >= 0, got {degree}")
+    if not 0 <= degree <= MAX_DEGREE:
+        raise ValueError(f"degree: must be in [0, {MAX_DEGREE}], got {degree}")
     for name, v in (("lam", lam), ("blend", blend)):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
@@ -128,6 +136,9 @@ def _check_common(taus, tau_query, count, degree, lam, blend, n, device, validat
     if n is not None and taus_t.shape[0] != n:
         raise ValueError(f"taus: has {taus_t.shape[0]} entries, history has {n} rows")
     q = scalar_arg("tau_query", tau_query, device, torch.float32)
+    if q[0] is None and abs(q[1]) > MAX_ABS_TAU:
+        raise ValueError(f"tau_query: must be within [-{MAX_ABS_TAU:g}, {MAX_ABS_TAU:g}] (projected time: the run spans "
+                         f"[-1, 1]), got {tau_query!r}")
     cnt = (None, None)
     if count is not None:
         if isinstance(count, int) and not isinstance(count, bool) and count < 1:
@@ -142,8 +153,8 @@ def _check_common(taus, tau_query, count, degree, lam, blend, n, device, validat
         n_valid = min(c, n_rows)
         if not bool(torch.isfinite(taus_t[:n_valid]).all()):
             raise ValueError("taus: contains NaN or Inf among the valid rows")
-        if q[0] is not None and not bool(torch.isfinite(q[0])):
-            raise ValueError("tau_query: must be finite")
+        if q[0] is not None and not bool(q[0].abs() <= MAX_ABS_TAU):
+            raise ValueError(f"tau_query: must be finite and within [-{MAX_ABS_TAU:g}, {MAX_ABS_TAU:g}]")
     return taus_t, q, cnt
 
 

@@ -119,11 +119,16 @@ def gate_params(
         raise ValueError(f"tau: must be a finite number > 0, got {tau!r}")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps: must be an int >= 1, got {num_steps!r}")
-    if len(tads) != 2:
-        raise ValueError(f"tads: expected (s_min, s_max), got {tads!r}")
-    s_min, s_max = float(tads[0]), float(tads[1])
+    try:
+        s_min, s_max = (float(v) for v in tads)
+        if isinstance(tads, (str, bytes)) or any(isinstance(v, bool) for v in tads):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise ValueError(f"tads: expected (s_min, s_max), two numbers, got {tads!r}") from None
     if not (math.isfinite(s_min) and math.isfinite(s_max)) or s_min <= 0 or s_max < s_min:
         raise ValueError(f"tads: need 0 < s_min <= s_max, finite, got {tads!r}")
+    if isinstance(max_cached, bool) or not isinstance(max_cached, (int, float)):
+        raise ValueError(f"max_cached: must be a number >= 1 (or inf), got {max_cached!r}")
     if math.isnan(max_cached) or max_cached < 1:
         raise ValueError(f"max_cached: must be >= 1 (or inf), got {max_cached!r}")
     return torch.tensor(
