@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import math
 import os
 import sys
 import time
@@ -268,18 +269,24 @@ def _check_out_file(path, suffix: str = ".png", option: str = "--out") -> Path:
 
 
 def check_size(pipe, kw: dict) -> None:
-    """Height and width at least the pipeline's spatial step: its VAE's downscale times the 2 x 2 token patch
-    (FLUX packs latents in 2 x 2, SD3 / Wan patchify by 2); below it the latent has no token and the pipeline
-    fails deep inside."""
+    """Height and width a multiple of the pipeline's spatial step: its VAE's downscale times the 2 x 2 token patch
+    (FLUX packs latents in 2 x 2, SD3 / Wan patchify by 2). Below it the latent has no token and the pipeline
+    fails deep inside; between multiples the pipeline silently rounds the size down. The guidance scale is a
+    finite number."""
+    g = kw.get("guidance_scale")
+    if g is not None and not math.isfinite(g):
+        raise UsageError(f"--guidance-scale: must be a finite number, got {g}")
     factor = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", None)
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
         return
-    smallest = 2 * factor
+    step = 2 * factor
     for name in ("height", "width"):
         v = kw.get(name)
-        if v is not None and v < smallest:
-            raise UsageError(f"--{name}: {v} is below this pipeline's smallest size {smallest} (sizes are rounded "
-                             f"down to a multiple of it)")
+        if v is not None and v < step:
+            raise UsageError(f"--{name}: {v} is below this pipeline's smallest size {step}")
+        if v is not None and v % step:
+            raise UsageError(f"--{name}: {v} is not a multiple of {step} (this pipeline would round it down to "
+                             f"{v - v % step}); pass a multiple")
 
 
 def check_device(name: str):
@@ -675,6 +682,13 @@ def cmd_tune(a) -> int:
 
 
 def main(argv=None) -> int:
+    # transformers logs notes at import (e.g. that torchvision is missing for image processors the pipelines never
+    # use here); stderr keeps the generation's progress and, on bad input, the one error line. A user's own
+    # TRANSFORMERS_VERBOSITY wins; transformers reads it when first imported.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:
+        with contextlib.suppress(ImportError, AttributeError):
+            sys.modules["transformers"].utils.logging.set_verbosity_error()
     parser = build_parser()
     commands = {"bench": cmd_bench, "generate": cmd_generate, "calibrate": cmd_calibrate, "tune": cmd_tune}
     try:

@@ -195,9 +195,34 @@ def load_profile(profile) -> dict:
     for key in ("models", "runs", "steps"):
         if key not in data:
             raise ProfileError(f"profile: missing {key!r}")
+    _check_structure(data)
     if "fit" not in data or not data["fit"]:
         refit(data)
     return data
+
+
+def _check_structure(data: dict) -> None:
+    """The fields a profile is read by, each of the type it must have (ProfileError naming the field)."""
+    steps = data["steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise ProfileError(f"profile: steps must be an int >= 2, got {steps!r}")
+    models = data["models"]
+    if not isinstance(models, dict) or not models:
+        raise ProfileError(f"profile: models must map each transformer's name to its class, got {models!r}")
+    for name, entry in models.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("class"), str):
+            raise ProfileError(f"profile: models.{name} must be {{\"class\": ..., \"config_hash\": ...}}, got {entry!r}")
+    runs = data["runs"]
+    if not isinstance(runs, list):
+        raise ProfileError(f"profile: runs must be a list of runs, got {type(runs).__name__}")
+    for i, run in enumerate(runs):
+        ok = isinstance(run, dict) and isinstance(run.get("prompt"), str) and isinstance(run.get("seed"), int) \
+            and isinstance(run.get("models"), dict)
+        if not ok:
+            raise ProfileError(f"profile: runs[{i}] must be {{\"prompt\": str, \"seed\": int, \"models\": {{...}}}}")
+    fit = data.get("fit")
+    if fit is not None and not isinstance(fit, dict):
+        raise ProfileError(f"profile: fit must be a dict, got {type(fit).__name__}")
 
 
 def check_compatible(a: dict, b: dict, what: str) -> None:
@@ -234,6 +259,8 @@ def for_model(profile: dict, name: str, model) -> dict:
     if entry["class"] != type(model).__name__:
         raise ProfileError(f"profile: made for {entry['class']}, not {type(model).__name__} ({name})")
     tc = profile["fit"].get(name, {}).get("teacache")
+    if tc and "input_range" in tc:  # checked again here: a profile's fit may have been written by hand
+        tc = dict(tc, nonpositive_from=nonpositive_from(tc["coeffs"], *tc["input_range"]))
     if tc and tc.get("nonpositive_from") is not None:
         logger.warning("fastcache_rt: the profile's TeaCache polynomial for %s is <= 0 from an input change of %.3g "
                        "(measured up to %.3g): a step changing that much accumulates nothing and is skipped; "

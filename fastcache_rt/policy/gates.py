@@ -12,6 +12,7 @@ no device op and no read. Signal gates (TeaCache, SpectralCache, FBCache) decide
 
 from __future__ import annotations
 
+import logging
 import math
 import typing
 from collections.abc import Callable
@@ -344,6 +345,11 @@ class MagCacheGate(_Schedule):
         return [src[int(math.floor(i * scale + 0.5))] for i in range(num_steps)]
 
     def mask(self, spec: StreamSpec) -> list[bool]:
+        total = spec.offset + spec.num_steps
+        if self.ratios is not None and len(self.ratios) != total:
+            _warn_once(("magcache-steps", len(self.ratios), total),
+                       "fastcache_rt: MagCache ratios calibrated over %d steps are interpolated to a %d-step schedule "
+                       "(nearest); calibrate at this step count for its own ratios", len(self.ratios), total)
         return self.schedule(spec.num_steps, spec.offset)
 
     def schedule(self, num_steps: int, offset: int = 0) -> list[bool]:
@@ -407,6 +413,15 @@ class Calibrate(Gate):
 
     def make_state(self, spec: StreamSpec):
         return CalibrationState(spec, signals=("input", "output", "first_block", "mag"))
+
+
+_WARNED: set = set()
+
+
+def _warn_once(key, msg: str, *args) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        logging.getLogger("fastcache_rt").warning(msg, *args)
 
 
 def probes(gate) -> tuple[str, ...]:

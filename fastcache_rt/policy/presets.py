@@ -170,7 +170,10 @@ def policy_from_dict(data: dict, source: str = "policy") -> Policy:
         raise ValueError(f"{source}: version {data.get('version')!r}; this fastcache_rt reads {POLICY_VERSION}")
     parts = []
     for key, table in (("gate", GATES), ("forecaster", FORECASTERS)):
-        spec = dict(data.get(key) or {})
+        spec = data.get(key)
+        if not isinstance(spec, dict):
+            raise ValueError(f"{source}: {key} must be an object {{\"type\": ..., fields}}, got {spec!r}")
+        spec = dict(spec)
         kind = spec.pop("type", None)
         if kind not in table:
             raise ValueError(f"{source}: {key} type {kind!r}; one of {', '.join(table)}")

@@ -61,7 +61,7 @@ def markdown(result: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for e in result["targets"]:
         if not e.get("met"):
-            lines.append(f"| {e['label']} | not met on held-out data | | | | | |")
+            lines.append(f"| {e['label']} | {e.get('reason', 'not met on held-out data')} | | | | | |")
             continue
         lines.append(f"| {e['label']} | {e['arm']} | {e['knob']} | {e['heldout_nfe']} | "
                      f"{e['search_quality'][m]:.4g} | {e['heldout_quality'][m]:.4g} | {e['speedup']:.2f}x |")
