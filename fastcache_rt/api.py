@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import types
 import weakref
 
 import torch
@@ -13,7 +14,7 @@ from ._targets import split as _split
 from ._targets import unwrap as _unwrap
 from .controller import Controller
 from .families import family_for
-from .hooks import install, sync_parallel, uninstall
+from .hooks import install, is_copy_of_enabled, sync_parallel, uninstall
 from .policy import Policy, resolve_policy
 from .policy.gates import GATES, first_blocks
 
@@ -59,16 +60,51 @@ class Handle:
             undo()
         self._restore.clear()
 
+    def __deepcopy__(self, memo):
+        return None  # a copy of the target is not enabled (see COPY_NOTE; the hooks say so when it runs)
+
+    def __reduce__(self):
+        raise TypeError(PICKLE_NOTE)
+
     def __repr__(self) -> str:
         fams = ", ".join(f"{n}: {c.family.name}" for n, c in self.controllers.items())
         return f"fastcache_rt.Handle(policy={self.policy.name!r}, {fams})"
+
+
+COPY_NOTE = ("fastcache_rt: a copy (copy.deepcopy) of a pipeline or transformer with caching enabled runs uncached; "
+             "the original keeps its caching. To cache the copy, build it from a pipeline without caching and "
+             "enable it there")
+PICKLE_NOTE = ("fastcache_rt: a pipeline or transformer with caching enabled cannot be pickled; call "
+               "fastcache_rt.disable(target) first and enable it again after loading")
+
+
+class _Patched:
+    """A method patched on one object (a scheduler's ``set_timesteps``, ...). A deep copy of that object gets the
+    class's own method back (the patch belongs to the original: its closures hold the original's state); pickling
+    refuses with what to do."""
+
+    def __init__(self, obj, name: str, fn):
+        self.obj, self.name, self.fn = obj, name, fn
+        functools.update_wrapper(self, fn)  # the signature stays visible (pipelines inspect it)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        twin = memo.get(id(self.obj))
+        original = getattr(type(self.obj), self.name)
+        logger.warning(COPY_NOTE)
+        return types.MethodType(original, twin) if twin is not None else original
+
+    def __reduce__(self):
+        raise TypeError(PICKLE_NOTE)
 
 
 def _patch_attr(obj, name: str, value, restore: list) -> None:
     """Set an instance attribute and remember how to put back exactly what was there."""
     had = name in obj.__dict__
     old = obj.__dict__.get(name)
-    setattr(obj, name, value)
+    setattr(obj, name, _Patched(obj, name, value) if callable(value) else value)
 
     def undo():
         if had:
@@ -162,6 +198,10 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
     for m in [target, *models.values()]:
         if getattr(m, _ATTR, None) is not None:
             getattr(m, _ATTR).disable()
+    for name, m in models.items():
+        if is_copy_of_enabled(m):
+            raise ValueError(f"target: its {name} is a copy (copy.deepcopy) of a model with fastcache_rt enabled, "
+                             f"whose hooks still lead to the original; enable caching on a pipeline built without it")
 
     restore: list = []
     controllers = {}

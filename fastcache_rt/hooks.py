@@ -5,13 +5,14 @@ context parallelism): a stateful hook on the transformer (whose ``StateManager``
 
 from __future__ import annotations
 
+import logging
 import weakref
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from .controller import Controller
+from .controller import RUN, Controller
 from .families import bind
 from .parallel import resolve_group
 
@@ -39,7 +40,42 @@ class _Manager(StateManager):
             self.controller.host_bookkeeping()
 
 
-class TransformerHook(ModelHook):
+def _foreign(module, mine) -> bool:
+    """``module`` is not the module this hook was installed on: a deep copy's forward still leads here (diffusers'
+    registry keeps the original's closures), so it runs uncached, as its own class defines it."""
+    if module is mine:
+        return False
+    _warn_copy()
+    return True
+
+
+_COPY_WARNED = []
+
+
+def _warn_copy() -> None:
+    if not _COPY_WARNED:
+        from .api import COPY_NOTE
+
+        _COPY_WARNED.append(True)
+        logging.getLogger("fastcache_rt").warning(COPY_NOTE)
+
+
+class _Inert(ModelHook):
+    """What a deep copy of a fastcache_rt hook becomes: nothing (the copy's calls are routed by the original's
+    registry closures, which pass the copied module to the original hook: see ``_foreign``)."""
+
+
+class _NotPicklable:
+    def __deepcopy__(self, memo):
+        return _Inert()
+
+    def __reduce__(self):
+        from .api import PICKLE_NOTE
+
+        raise TypeError(PICKLE_NOTE)
+
+
+class TransformerHook(_NotPicklable, ModelHook):
     """On the transformer: opens and closes each call; the pipeline's cache context (CFG branch) arrives through
     ``state_manager``; the pipeline's end of generation through ``reset_state``."""
 
@@ -52,6 +88,8 @@ class TransformerHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         ctl = self.controller
+        if _foreign(module, ctl.model):
+            return type(module).forward(module, *args, **kwargs)
         original = self.fn_ref.original_forward  # (what this call runs, even if the sync below moves the hook)
         if not torch.compiler.is_compiling():
             sync_parallel(module, ctl)
@@ -66,7 +104,7 @@ class TransformerHook(ModelHook):
         return module
 
 
-class BlockHook(ModelHook):
+class BlockHook(_NotPicklable, ModelHook):
     """On every block of the family's lists: the first block of a list runs (or skips) the whole list, calling
     each block through its module call, so other hooks on the blocks run as they would without caching."""
 
@@ -75,6 +113,9 @@ class BlockHook(ModelHook):
         self.controller, self.li, self.j = controller, li, j
 
     def new_forward(self, module, *args, **kwargs):
+        if _foreign(module, self.controller.lists[self.li][self.j]):
+            kwargs.pop(RUN, None)
+            return type(module).forward(module, *args, **kwargs)
         return self.controller.block(self.li, self.j, module, self.fn_ref.original_forward, args, kwargs)
 
 
@@ -192,3 +233,9 @@ def uninstall(model, controller: Controller, created: list) -> None:
             del module.forward
         if any(m is module for m in created if not isinstance(m, tuple)):
             del module._diffusers_hook
+
+
+def is_copy_of_enabled(model) -> bool:
+    """The model (a deep copy) carries fastcache_rt's hooks in its registry but is not the module they serve."""
+    reg = model.__dict__.get("_diffusers_hook")
+    return reg is not None and any(isinstance(h, _Inert) for h in reg.hooks.values())
