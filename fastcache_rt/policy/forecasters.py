@@ -181,11 +181,15 @@ class ChebyshevState:
         self.hist = torch.zeros((self.cap, *shape), dtype=dtype, device=device)
         self.taus = torch.zeros(self.cap, dtype=torch.float32, device=device)
         self.count = torch.zeros((), dtype=torch.int64, device=device)
-        self.scale = 2.0 / (num_steps - 1) if num_steps > 1 else 0.0
+        # the map of the run's step range onto [-1, 1], as device scalars: a Python float that changes with the step
+        # count would reach torch.compile as a SymFloat, which a torch.cond operand cannot be
+        scale = 2.0 / (num_steps - 1) if num_steps > 1 else 0.0
+        self.scale = torch.tensor(scale, dtype=torch.float32, device=device)
+        self.shift = torch.tensor(1.0 if scale else 0.0, dtype=torch.float32, device=device)
 
     def tau(self, step: torch.Tensor) -> torch.Tensor:
         # the run's own step range mapped onto [-1, 1]
-        return step.float() * self.scale - (1.0 if self.scale else 0.0)
+        return step.float() * self.scale - self.shift
 
     def record(self, st, v, compute) -> None:
         row = (self.count % self.cap).view(1)
@@ -204,7 +208,7 @@ class ChebyshevState:
         self.count.zero_()
 
     def tensors(self):
-        return [self.hist, self.taus, self.count]
+        return [self.hist, self.taus, self.count, self.scale, self.shift]
 
 
 def dct_matrix(n: int, device, dtype=torch.float32) -> torch.Tensor:
