@@ -25,11 +25,12 @@ _ATTR = "_fastcache_rt"
 class Handle:
     """Returned by ``enable``: the controllers of the patched transformer(s) of one target."""
 
-    def __init__(self, target, models: dict, controllers: dict, restore: list):
+    def __init__(self, target, models: dict, controllers: dict, restore: list, watch=None):
         self._target = weakref.ref(target)
         self.models = models
         self.controllers = controllers
         self._restore = restore
+        self._watch = watch  # the pipeline's scheduler watch (None for a bare transformer)
 
     @property
     def controller(self) -> Controller:
@@ -50,9 +51,14 @@ class Handle:
             c.new_generation(num_steps)
 
     def stats(self) -> dict:
-        out = self.controller.stats()
+        def of(c):  # this pipeline's last generation, where another pipeline sharing the transformer ran since
+            if self._watch is not None and c.owner is not self._watch and id(self._watch) in c.finished:
+                return c.finished[id(self._watch)]
+            return c.stats()
+
+        out = of(self.controller)
         if len(self.controllers) > 1:
-            out["models"] = {name: c.stats() for name, c in self.controllers.items()}
+            out["models"] = {name: of(c) for name, c in self.controllers.items()}
         return out
 
     def disable(self) -> None:
@@ -83,8 +89,8 @@ class _Patched:
     class's own method back (the patch belongs to the original: its closures hold the original's state); pickling
     refuses with what to do."""
 
-    def __init__(self, obj, name: str, fn):
-        self.obj, self.name, self.fn = obj, name, fn
+    def __init__(self, obj, name: str, fn, owner=None):
+        self.obj, self.name, self.fn, self.owner = obj, name, fn, owner
         functools.update_wrapper(self, fn)  # the signature stays visible (pipelines inspect it)
 
     def __call__(self, *args, **kwargs):
@@ -100,11 +106,11 @@ class _Patched:
         raise TypeError(PICKLE_NOTE)
 
 
-def _patch_attr(obj, name: str, value, restore: list) -> None:
+def _patch_attr(obj, name: str, value, restore: list, owner=None) -> None:
     """Set an instance attribute and remember how to put back exactly what was there."""
     had = name in obj.__dict__
     old = obj.__dict__.get(name)
-    setattr(obj, name, _Patched(obj, name, value) if callable(value) else value)
+    setattr(obj, name, _Patched(obj, name, value, owner) if callable(value) else value)
 
     def undo():
         if had:
@@ -195,9 +201,23 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
         if k > sizes[0] or k >= sum(sizes):
             raise ValueError(f"blocks: the {type(pol.gate).__name__} probe runs the first blocks of the first list "
                              f"and must leave blocks to skip ({' + '.join(map(str, sizes))} blocks), got {k}")
-    for m in [target, *models.values()]:
-        if getattr(m, _ATTR, None) is not None:
-            getattr(m, _ATTR).disable()
+    if getattr(target, _ATTR, None) is not None:  # enabled again: the new policy replaces the old
+        getattr(target, _ATTR).disable()
+    sched = getattr(pipe, "scheduler", None) if pipe is not None else None
+    patched = sched.__dict__.get("set_timesteps") if sched is not None and hasattr(sched, "__dict__") else None
+    if isinstance(patched, _Patched) and patched.owner is not None and patched.owner.pipe is not pipe:
+        raise ValueError(
+            "target: this pipeline shares its scheduler and transformer with another pipeline that has caching "
+            "enabled (FluxPipeline.from_pipe shares every component): a generation cannot tell which of the two "
+            "drives it. Calls through either pipeline are already cached as the other one is; to cache them "
+            "differently, give this one its own scheduler (from_pipe(other, scheduler=copy.deepcopy("
+            "other.scheduler))) before enabling")
+    for m in models.values():
+        inst = m.__dict__.get(_INSTALL)
+        # a transformer cached through other pipelines is shared (each pipeline keeps its scheduler and policy);
+        # one enabled by itself, or enabled by itself now, is taken over
+        if inst is not None and (pipe is None or not inst.shared_by_pipelines()):
+            inst.detach_all()
     for name, m in models.items():
         if is_copy_of_enabled(m):
             raise ValueError(f"target: its {name} is a copy (copy.deepcopy) of a model with fastcache_rt enabled, "
@@ -207,6 +227,11 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
     controllers = {}
     for name, m in models.items():
         fam, pol = fams[name], pols[name]
+        inst = m.__dict__.get(_INSTALL)
+        if inst is not None:  # shared with another pipeline: its hooks and controller serve this one too
+            controllers[name] = inst.controller
+            restore.append(inst.attach())
+            continue
         coeffs = None
         if getattr(pol.gate, "family_coeffs", False) and pol.gate.coeffs is None:
             if fam.teacache:
@@ -215,17 +240,95 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
                 logger.warning("fastcache_rt: no published TeaCache coefficients for %s; the relative change is "
                                "accumulated unscaled (coeffs=(1, 0)): tune threshold= or pass coeffs=", fam.name)
         ctl = Controller(m, fam, pol, num_steps=num_steps, grid=grid, coeffs=coeffs, group=group)
-        created = install(m, ctl)
-        restore.append(functools.partial(uninstall, m, ctl, created))
-        _follow_parallelism(m, ctl, restore)
+        inst = _Installation(m, ctl)
+        restore.append(inst.attach())
         controllers[name] = ctl
-    if pipe is not None:
-        _PipelineWatch(pipe, list(controllers.values()), restore)
-    handle = Handle(target, models, controllers, restore)
+    watch = _PipelineWatch(pipe, controllers, restore, pols) if pipe is not None else None
+    handle = Handle(target, models, controllers, restore, watch)
     for obj in [target, *models.values()]:
-        setattr(obj, _ATTR, handle)
-        restore.append(functools.partial(obj.__dict__.pop, _ATTR, None))
+        if obj is target or pipe is None:
+            setattr(obj, _ATTR, handle)
+            restore.append(functools.partial(_pop_if, obj, handle))
+        else:  # the transformer: the handle of the pipeline enabled last (stats(pipe.transformer) reads it)
+            _set_transformer_handle(obj, handle, restore)
     return handle
+
+
+_INSTALL = "_fastcache_rt_install"
+
+
+class _Installation:
+    """fastcache_rt's hooks on one transformer and its controller, shared by the pipelines that cache it (each
+    attaches; the hooks come off when the last one detaches)."""
+
+    def __init__(self, model, ctl: Controller):
+        self.model, self.controller = model, ctl
+        self.users: list = []
+        self._undo: list = []
+        created = install(model, ctl)
+        self._undo.append(functools.partial(uninstall, model, ctl, created))
+        _follow_parallelism(model, ctl, self._undo)
+        model.__dict__[_INSTALL] = self
+
+    def attach(self):
+        token = object()
+        self.users.append(token)
+
+        def detach():
+            if token in self.users:
+                self.users.remove(token)
+            if not self.users:
+                for undo in reversed(self._undo):
+                    undo()
+                self._undo.clear()
+                self.model.__dict__.pop(_INSTALL, None)
+
+        return detach
+
+    def shared_by_pipelines(self) -> bool:
+        h = self.model.__dict__.get(_ATTR)
+        return h is not None and h._watch is not None
+
+    def detach_all(self) -> None:
+        """Every handle caching this transformer is disabled (a bare-transformer enable takes it over)."""
+        for h in [*_HANDLES.get(id(self), ()), self.model.__dict__.get(_ATTR)]:
+            if h is not None:
+                h.disable()
+
+    def __deepcopy__(self, memo):
+        return None
+
+    def __reduce__(self):
+        raise TypeError(PICKLE_NOTE)
+
+
+# the handles attached to each installation (to disable them all when a bare transformer takes it over)
+_HANDLES: dict[int, list] = {}
+
+
+def _set_transformer_handle(model, handle: Handle, restore: list) -> None:
+    inst = model.__dict__[_INSTALL]
+    handles = _HANDLES.setdefault(id(inst), [])
+    handles.append(handle)
+    model.__dict__[_ATTR] = handle
+
+    def undo():
+        if handle in handles:
+            handles.remove(handle)
+        if model.__dict__.get(_ATTR) is handle:  # another pipeline still caching it takes its place
+            if handles:
+                model.__dict__[_ATTR] = handles[-1]
+            else:
+                model.__dict__.pop(_ATTR, None)
+        if not handles:
+            _HANDLES.pop(id(inst), None)
+
+    restore.append(undo)
+
+
+def _pop_if(obj, handle) -> None:
+    if obj.__dict__.get(_ATTR) is handle:
+        obj.__dict__.pop(_ATTR, None)
 
 
 def _follow_parallelism(model, ctl: Controller, restore: list) -> None:
@@ -250,14 +353,22 @@ class _PipelineWatch:
     replaced after ``enable`` is watched from the next transformer call on and announces the generation it has set
     up (the controllers run ``check`` before each call, on the host)."""
 
-    def __init__(self, pipe, controllers: list[Controller], restore: list):
-        self.pipe, self.controllers, self.restore = pipe, controllers, restore
+    def __init__(self, pipe, controllers: dict, restore: list, policies: dict):
+        self.pipe, self.restore = pipe, restore
+        self.controllers = list(controllers.values())
+        # each transformer's policy for this pipeline's generations (a transformer shared with another pipeline
+        # runs each pipeline's generations with that pipeline's policy)
+        self.policies = [policies[name] for name in controllers]
         self.scheduler = None
         self.watch(getattr(pipe, "scheduler", None))
-        for c in controllers:
+        for c in self.controllers:
             c.before_call.append(self.check)
+        restore.append(lambda: [c.before_call.remove(self.check) for c in self.controllers
+                                if self.check in c.before_call])
 
     def check(self) -> None:
+        if self.pipe is None:
+            return
         sched = getattr(self.pipe, "scheduler", None)
         if sched is self.scheduler:
             return
@@ -268,10 +379,10 @@ class _PipelineWatch:
         self._announce(steps if steps > 0 else None, offset=begin if steps > 0 else 0)
 
     def _announce(self, steps: int | None, close: bool = True, offset: int = 0) -> None:
-        for c in self.controllers:
+        for c, pol in zip(self.controllers, self.policies):
             if close:
                 c.end_generation()
-            c.new_generation(steps, offset)
+            c.new_generation(steps, offset, policy=pol, owner=self)
 
     def watch(self, sched) -> None:
         self.scheduler = sched
@@ -286,7 +397,7 @@ class _PipelineWatch:
             self._announce(len(sched.timesteps))
             return result
 
-        _patch_attr(sched, "set_timesteps", set_timesteps, self.restore)
+        _patch_attr(sched, "set_timesteps", set_timesteps, self.restore, owner=self)
         if hasattr(sched, "step"):
             original_step = sched.step
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 
 import torch
@@ -77,10 +78,10 @@ class Controller:
         norm1 = getattr(self.lists[0][0], "norm1", None)
         for m in [model, *(b for blocks in self.lists for b in blocks), *([norm1] if norm1 is not None else [])]:
             signature(type(m))  # read here, not while torch.compile traces a call (it cannot trace inspect)
-        self.probes = gate_probes(policy.gate)
-        self.probe_blocks = first_blocks(policy.gate)
-        # streams are told apart by token grid where a part of the policy works on the grid (FreqCa's DCT)
-        self.grid_keyed = any(getattr(part, "uses_grid", False) for part in (policy.gate, policy.forecaster))
+        self.set_policy(policy)
+        self.owner = None  # who announced the current generation (a pipeline's watch), and what it last saw
+        self.finished: dict = {}
+        self.thread: threading.Thread | None = None  # the thread of the generation in progress
         self.call: Call | None = None
         self.before_call: list = []  # host callbacks before each call, outside any compiled region (the API's)
         self.by_position = False  # CFG branches told apart by their position between announced steps
@@ -92,9 +93,36 @@ class Controller:
     # ----------------------------------------------------------------------------------------------------------
     # generations
     # ----------------------------------------------------------------------------------------------------------
-    def new_generation(self, num_steps: int | None = None, offset: int = 0) -> None:
-        """Announced by the pipeline (its scheduler's set_timesteps; ``offset``: set_begin_index, img2img), the
-        cache context, or the user."""
+    def set_policy(self, policy: Policy) -> None:
+        """The policy of the generations from now on (a pipeline sharing this transformer brings its own)."""
+        self.policy = policy
+        self.probes = gate_probes(policy.gate)
+        self.probe_blocks = first_blocks(policy.gate)
+        # streams are told apart by token grid where a part of the policy works on the grid (FreqCa's DCT)
+        self.grid_keyed = any(getattr(part, "uses_grid", False) for part in (policy.gate, policy.forecaster))
+        self.gens.clear()
+
+    def _check_thread(self) -> None:
+        """Cache state belongs to one generation at a time: a generation of this transformer started or called
+        from another thread while one is in progress is refused (its steps would interleave)."""
+        me = threading.current_thread()
+        other = self.thread
+        if other is not None and other is not me and other.is_alive() and self.gens.running():
+            raise RuntimeError(
+                f"fastcache_rt: {type(self.model).__name__} is generating in thread {other.name!r}; its cache state "
+                f"belongs to that generation. Run generations that share a transformer one after another (or give "
+                f"each thread its own pipeline and transformer)")
+        self.thread = me
+
+    def new_generation(self, num_steps: int | None = None, offset: int = 0, *, policy: Policy | None = None,
+                       owner=None) -> None:
+        """Announced by the pipeline (its scheduler's set_timesteps; ``offset``: set_begin_index, img2img; its
+        ``policy`` where pipelines share this transformer), the cache context, or the user."""
+        self._check_thread()
+        if policy is not None and policy != self.policy:
+            self.set_policy(policy)
+        if owner is not None:
+            self.owner = owner
         self.gens.new(num_steps, offset)
         self.calls_this_step = 0
         self.gen_steps = 0
@@ -103,10 +131,12 @@ class Controller:
     def end_generation(self) -> None:
         """The pipeline finished a generation (diffusers resets stateful hooks at the end of every pipeline call):
         keep what ``stats`` reports of it, warn about what it saw, and start the next one clean."""
+        self._check_thread()
         if self.gens.end():
             self.calls_this_step = 0
             self.gen_steps = 0
             self._grids.clear()
+            self.finished[id(self.owner)] = self.stats()
 
     def set_group(self, group) -> None:
         """The context-parallel group the model's tokens are split over (None: not split). Streams made for
@@ -142,8 +172,10 @@ class Controller:
 
     def begin_call(self, kwargs: dict, context) -> None:
         fam = self.family
-        if context is None and not torch.compiler.is_compiling():
-            self.host_bookkeeping()
+        if not torch.compiler.is_compiling():
+            self._check_thread()
+            if context is None:
+                self.host_bookkeeping()
         off = any(kwargs.get(k) is not None for k in fam.uncached_kwargs)
         if off:
             self._warn_once("off", "fastcache_rt: %s called with %s: this call runs uncached", type(self.model).__name__,

@@ -40,6 +40,10 @@ class Generations:
             st = self.streams[key] = make(self.num_steps, self.offset)
         return st
 
+    def running(self) -> bool:
+        """A step of the current generation has run and the generation has not ended."""
+        return any(st.ran for st in self.streams.values())
+
     def clear(self) -> None:
         """Drop every stream (their buffers were made for another step count or token split)."""
         self.streams.clear()
