@@ -220,7 +220,8 @@ def taylor_update(
     _check_diffs(diffs)
     check_float("feature", feature)
     check_same("diffs", diffs, "feature", feature, shape=False)
-    if torch._debug_has_internal_overlap(diffs) != 0:  # 0: no overlap; 1: overlap; 2: too complex to tell
+    # 0: no overlap; 1: overlap; 2: too complex to tell (a host check on strides, not traced by torch.compile)
+    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(diffs) != 0:
         raise ValueError("diffs: its elements overlap in memory (an expanded or stride-0 view); the update writes "
                          "every element, so pass a buffer that owns its memory (e.g. diffs.contiguous())")
     if tuple(feature.shape) != tuple(diffs.shape[1:]):

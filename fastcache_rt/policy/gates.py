@@ -630,7 +630,10 @@ class SignalState:
             self.keep[L.S_ACC] = 0.0
         self.prev: torch.Tensor | None = None
         self.bounds: list[int] | None = None
-        self.fresh = True
+        self.fresh = True  # a new generation (eager: a host flag)
+        # the same flag on the device for torch.compile: a Python flag that flips at each generation would be a
+        # guard, and each generation's first call a graph of its own
+        self.fresh_t = torch.ones((), dtype=torch.bool, device=device)
 
     def decide(self, step) -> torch.Tensor:
         probe = step.probe
@@ -638,9 +641,14 @@ class SignalState:
             self.prev = probe.detach().clone()
             D = probe.shape[-1]
             self.bounds = [0, D] if self.split is None else [0, max(1, min(D - 1, round(self.split * D))), D]
+        elif step.index is None:  # compiled: a new generation's first probe is its own predecessor, on the device
+            self.prev.copy_(torch.where(self.fresh_t, probe, self.prev))
         elif self.fresh:  # a new generation: the first probe is its own predecessor (d = 0; step 0 computes)
             self.prev.copy_(probe)
-        self.fresh = False
+        if step.index is None:
+            self.fresh_t.fill_(False)
+        else:
+            self.fresh = False
         if self.shard is None or step.replicated:  # one fused launch: band sums and decision
             compute, new_state, _ = ops.gate_step(probe, self.prev, self.state, self.params, self.coeffs,
                                                   bounds=self.bounds, gammas=self.gammas)
@@ -664,9 +672,11 @@ class SignalState:
     def reset(self) -> None:
         self.state.zero_()
         self.fresh = True
+        self.fresh_t.fill_(True)
 
     def start_at(self, index: int) -> None:
         self.state[L.S_STEP] = float(index)
 
     def tensors(self):
-        return [t for t in (self.params, self.coeffs, self.state, self.prev, self.gammas, self.keep) if t is not None]
+        return [t for t in (self.params, self.coeffs, self.state, self.prev, self.gammas, self.keep, self.fresh_t)
+                if t is not None]

@@ -53,3 +53,26 @@ def test_every_preset_compiled_across_step_counts_and_sizes(pipe, preset):
     for (e, ce), (c, cc), run in zip(eager, compiled, RUNS):
         assert ce == cc, (run, ce, cc)
         torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-4, msg=f"{preset} {run}")
+
+
+@pytest.mark.parametrize("preset", ["teacache", "spectralcache", "fbcache", "spectrum", "taylorseer", "magcache"])
+def test_later_identical_generations_compile_nothing(pipe, preset):
+    """The first generation compiles (its first call creates the device state); identical generations after it
+    reuse those graphs: nothing a generation resets reaches the graph as a Python value."""
+    from torch._dynamo.utils import counters
+
+    kw = {k: v for k, v in OVERRIDES.get(preset, {}).items() if v is not None}
+    fastcache_rt.enable(pipe, preset, **kw)
+    pipe.transformer.compile(fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        graphs = []
+        for _ in range(3):
+            _generate(pipe, 8, 32, 32)
+            graphs.append(counters["stats"]["unique_graphs"])
+    finally:
+        pipe.transformer._compiled_call_impl = None
+        torch._dynamo.reset()
+        fastcache_rt.disable(pipe)
+    assert graphs[0] >= 1 and graphs[2] == graphs[0], graphs
