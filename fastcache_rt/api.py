@@ -219,6 +219,10 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
         if inst is not None and (pipe is None or not inst.shared_by_pipelines()):
             inst.detach_all()
     for name, m in models.items():
+        if m.__dict__.get("_is_cached"):  # cache-dit's mark on a transformer it caches
+            raise ValueError(f"target: cache-dit caching is enabled on its {name}; two caching libraries on one "
+                             f"transformer would each skip what the other computes: call cache_dit.disable_cache("
+                             f"pipe) first")
         if is_copy_of_enabled(m):
             raise ValueError(f"target: its {name} is a copy (copy.deepcopy) of a model with fastcache_rt enabled, "
                              f"whose hooks still lead to the original; enable caching on a pipeline built without it")

@@ -23,6 +23,9 @@ built. Everything that relies on cache-dit's internals is in this module, checke
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import logging
 from collections import OrderedDict
 
 import cache_dit
@@ -132,6 +135,7 @@ class ForecasterCalibrator(CalibratorBase):
         self.streams: dict[str, OrderedDict] = {}  # name -> (shape, dtype, device, num_steps) -> _Stream
         self.current: dict[str, _Stream] = {}  # name -> the stream last updated in this generation
         self.step = -1
+        self._warned_steps = False
         self.reset_cache()
 
     # -- cache-dit's interface -------------------------------------------------------------------------------------
@@ -147,6 +151,12 @@ class ForecasterCalibrator(CalibratorBase):
 
     def mark_step_begin(self, *args, **kwargs) -> None:
         self.step += 1
+        n = self.resolved_num_steps()
+        if self.needs_num_steps and n is not None and self.step == n and not self._warned_steps:
+            self._warned_steps = True
+            logging.getLogger("fastcache_rt").warning(
+                "fastcache_rt %s: the generation runs past the %d steps it was told (its time axis is mapped from "
+                "them): pass the step count the pipeline runs (num_inference_steps=)", type(self).__name__, n)
 
     def update(self, Y: torch.Tensor, name: str = "default") -> None:
         """A computed step's tensor: the forecaster records it (``record(st, Y, True)``) at this step."""
@@ -242,6 +252,10 @@ class TaylorCalibrator(ForecasterCalibrator):
 # ---------------------------------------------------------------------------------------------------------------
 # configs: what cache_dit.enable_cache(..., calibrator_config=...) takes
 # ---------------------------------------------------------------------------------------------------------------
+# what cache-dit's calibrators are applied to (its CachedContext reads calibrator_cache_type)
+CACHE_TYPES = ("residual", "hidden_states")
+
+
 @dataclasses.dataclass
 class _FastcacheConfig(CalibratorConfig):
     enable_calibrator: bool = True
@@ -252,6 +266,20 @@ class _FastcacheConfig(CalibratorConfig):
 
     calibrator_class = None  # the calibrator this config builds (class attributes, not dataclass fields)
     params = ()  # the fields passed to it
+
+    def __post_init__(self):
+        for name in ("enable_calibrator", "enable_encoder_calibrator"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: must be True or False, got {getattr(self, name)!r}")
+        if self.calibrator_cache_type not in CACHE_TYPES:
+            raise ValueError(f"calibrator_cache_type: one of {', '.join(CACHE_TYPES)}, got "
+                             f"{self.calibrator_cache_type!r}")
+        grid = getattr(self, "grid", None)
+        if grid is not None:
+            ok = isinstance(grid, (tuple, list)) and len(grid) in (2, 3) and all(
+                isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)
+            if not ok:
+                raise ValueError(f"grid: (H, W) or (F, H, W) of ints >= 1, got {grid!r}")
 
     def to_kwargs(self) -> dict:
         kw = dict(self.calibrator_kwargs or {})
@@ -332,7 +360,34 @@ def taylor_calibrator_config(**kw) -> TaylorCalibratorConfig:
 # ---------------------------------------------------------------------------------------------------------------
 # the patches (cache-dit offers no registry)
 # ---------------------------------------------------------------------------------------------------------------
+def _check_enable(pipe_or_adapter=None, cache_config=None, calibrator_config=None, **kwargs) -> None:
+    """What ``cache_dit.enable_cache`` would otherwise find out only at the first generation, after it has replaced
+    the pipeline class's ``__call__`` (for every pipeline of that class): checked before it patches anything."""
+    if isinstance(calibrator_config, _FastcacheConfig):
+        cal = calibrator_config.build()
+        cal.cache_config = cache_config
+        cal.check_ready()
+    targets = [pipe_or_adapter, getattr(pipe_or_adapter, "transformer", None),
+               getattr(pipe_or_adapter, "transformer_2", None)]
+    if any(t is not None and getattr(t, "__dict__", {}).get("_fastcache_rt") is not None for t in targets):
+        raise ValueError("cache_dit.enable_cache: fastcache_rt caching is enabled on this pipeline; two caching "
+                         "libraries on one transformer would each skip what the other computes: call "
+                         "fastcache_rt.disable(pipe) first")
+
+
 def _install() -> None:
+    enable = cache_dit.enable_cache
+    if not getattr(enable, "_fastcache_rt", False):
+        @functools.wraps(enable)
+        def enable_cache(*args, **kwargs):
+            bound = inspect.signature(enable).bind_partial(*args, **kwargs).arguments
+            _check_enable(**{k: v for k, v in bound.items() if k in ("pipe_or_adapter", "cache_config",
+                                                                    "calibrator_config")})
+            return enable(*args, **kwargs)
+
+        enable_cache._fastcache_rt = True
+        cache_dit.enable_cache = enable_cache
+
     factory = _cd_calibrators.Calibrator
     if not getattr(factory, "_fastcache_rt", False):
         original_new = factory.__new__
