@@ -13,6 +13,7 @@ import logging
 import math
 import threading
 import time
+from collections import OrderedDict
 
 import torch
 
@@ -83,6 +84,7 @@ class Controller:
         self.finished: dict = {}
         self.thread: threading.Thread | None = None  # the thread of the generation in progress
         self.call: Call | None = None
+        self._muted: list = []  # blocks whose forward hooks are held back while the model's loop hands on
         self.before_call: list = []  # host callbacks before each call, outside any compiled region (the API's)
         self.by_position = False  # CFG branches told apart by their position between announced steps
         self.calls_this_step = 0
@@ -173,6 +175,7 @@ class Controller:
     def begin_call(self, kwargs: dict, context) -> None:
         fam = self.family
         if not torch.compiler.is_compiling():
+            self._unmute()  # (after a call that raised between a takeover and its end)
             self._check_thread()
             if context is None:
                 self.host_bookkeeping()
@@ -190,6 +193,8 @@ class Controller:
         self.call = Call(name, kwargs, off)
 
     def end_call(self, output):
+        if self._muted:
+            self._unmute()
         call, self.call = self.call, None
         if call is None or call.st is None:
             return output
@@ -234,7 +239,26 @@ class Controller:
             return self.segment(call, li, j, j + 1, original, kw)
         if j > 0:  # the list's first block ran the whole list: hand its result on
             return spec.pack(kw[spec.hidden], kw.get(spec.encoder) if spec.encoder else None)
-        return self.segment(call, li, 0, len(self.lists[li]), original, kw)
+        self._unmute()
+        out = self.segment(call, li, 0, len(self.lists[li]), original, kw)
+        if not torch.compiler.is_compiling():
+            # the model's loop now calls the list's other blocks only to be handed the result on: their forward
+            # hooks (profilers, user hooks) fire for the blocks' real runs inside the takeover, not again
+            self._mute(self.lists[li][1:])
+        return out
+
+    def _mute(self, blocks) -> None:
+        for b in blocks:
+            if b._forward_hooks or b._forward_pre_hooks:
+                self._muted.append((b, b._forward_pre_hooks, b._forward_hooks))
+                b._forward_pre_hooks, b._forward_hooks = OrderedDict(), OrderedDict()
+
+    def _unmute(self) -> None:
+        while self._muted:
+            b, pre, post = self._muted.pop()
+            pre.update(b._forward_pre_hooks)  # a hook registered meanwhile is kept
+            post.update(b._forward_hooks)
+            b._forward_pre_hooks, b._forward_hooks = pre, post
 
     def segment(self, call: Call, li: int, start: int, stop: int, original, kw: dict):
         """Blocks [start, stop) of list ``li``: the whole list (taken over by its first block), or one block of a
