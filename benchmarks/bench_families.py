@@ -1,13 +1,13 @@
 """Every model family side by side with the peers: on each family's tiny random-weight model
-(``tests/families/harness.py``), the same Euler loop run uncached, under four fastcache_rt presets, under diffusers'
-own FirstBlockCache and under cache-dit's DBCache F1B0; per (family, method): does it run, NFE, and the relative L2
-of the final latent against the uncached one.
+(``fastcache_rt.testing.families``), the same Euler loop run uncached, under four fastcache_rt presets, under
+diffusers' own FirstBlockCache and under cache-dit's DBCache F1B0; per (family, method): does it run, NFE, and the
+relative L2 of the final latent against the uncached one.
 
     python benchmarks/bench_families.py --out families.json    # every family in TINY, 20 steps (a few minutes)
     python benchmarks/bench_families.py --smoke --out f.json   # flux, wan, sd3 at 6 steps (CI)
 
-Method. One model per family, batch 1, token grid "size 0", one intra-op thread, the harness's ``denoise`` (Euler
-steps from t = 1 to 1/S, one transformer call per step, no CFG). Methods, in table order:
+Method. One model per family, batch 1, token grid "size 0", one intra-op thread, ``fastcache_rt.testing.families``'
+``denoise`` (Euler steps from t = 1 to 1/S, one transformer call per step, no CFG). Methods, in table order:
 
 - fastcache_rt ``fbcache`` (first-block cache) at ``--threshold``;
 - fastcache_rt ``teacache`` with ``coeffs=(1.0, 0.0)`` (the relative change of the modulated input, unscaled: the
@@ -70,7 +70,7 @@ import torch
 
 import fastcache_rt
 from fastcache_rt.families import family_for
-from tests.families.harness import TINY, denoise
+from fastcache_rt.testing.families import TINY, denoise
 
 SMOKE_FAMILIES = ("flux", "wan", "sd3")
 STEPS, SMOKE_STEPS = 20, 6

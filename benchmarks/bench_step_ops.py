@@ -228,14 +228,14 @@ def shipped_workload(steps: int | None = None) -> Workload:
 def tiny_workload(steps: int) -> Workload:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from tests.runtime.helpers import TXT, img_ids, inputs, tiny_flux
+    from fastcache_rt.testing.tiny_flux import TXT, img_ids, inputs, tiny_flux
 
     H = W = 8
     x, enc, pooled = inputs(0, BATCH, H, W)
     static = dict(encoder_hidden_states=enc, pooled_projections=pooled, txt_ids=torch.zeros(TXT, 3),
                   img_ids=img_ids(H, W), guidance=None, joint_attention_kwargs=None)
     return Workload(tiny_flux(), FlowMatchEulerDiscreteScheduler().config, x, static, steps,
-                    f"tiny FLUX transformer (tests/runtime/helpers.py tiny_flux), {tuple(x.shape)} latents")
+                    f"tiny FLUX transformer (fastcache_rt.testing.tiny_flux), {tuple(x.shape)} latents")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -70,6 +70,18 @@ def fast_backend(request):
     return name, _backend.get(name), torch.device(dev)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The developer loop (``-m "not slow"``) runs the Triton kernels in the CPU interpreter on float32 only: there,
+    the float16 / bfloat16 cases of the backend-vs-reference matrices (``fast_backend`` x ``dtype``) are marked slow
+    (1-5 s each). The full suite runs them all; with a GPU nothing is marked (the kernels run compiled)."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("fast_backend") == "triton" and params.get("dtype", torch.float32) != torch.float32:
+            item.add_marker(pytest.mark.slow)
+
+
 def is_triton(name: str) -> bool:
     """True for the Triton backend running in the CPU interpreter (slow: tests keep its sizes small)."""
     return name == "triton" and not torch.cuda.is_available()
@@ -81,3 +93,26 @@ def interpreter_keeps(name: str, *key, every: int) -> bool:
     if not is_triton(name):
         return True
     return zlib.crc32(repr(key).encode()) % every == 0
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny models gain nothing from intra-op threads, and on a shared machine the threads' waiting costs far more
+    than the work: run the test on one thread, and restore the setting after it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """The tiny FLUX pipeline with text encoders (``fastcache_rt.testing.pipelines.tiny_pipeline``) saved as a
+    diffusers folder (what ``--model PATH`` loads)."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from fastcache_rt.testing.pipelines import tiny_pipeline
+
+    path = tmp_path_factory.mktemp("tiny_pipe")
+    tiny_pipeline().save_pretrained(path)
+    return path

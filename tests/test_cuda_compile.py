@@ -26,6 +26,8 @@ NVCC = shutil.which("nvcc")
 _CXX_NAMES = (os.environ.get("CXX"), "g++", "c++", "clang++")
 CXX = next((shutil.which(c) for c in _CXX_NAMES if c and shutil.which(c)), None)
 
+pytestmark = pytest.mark.slow  # nvcc / host compiler runs (the module's compiles take ~50 s)
+
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 needs_cxx = pytest.mark.skipif(CXX is None, reason="no host C++ compiler (g++, c++, clang++) on PATH")
 

@@ -61,6 +61,7 @@ def test_root_holds_no_regular_package_named_like_a_distribution():
     assert not (ROOT / "kernels" / "__init__.py").exists(), "kernels/ must stay a folder, not a package"
 
 
+@pytest.mark.slow  # fresh interpreters importing diffusers
 def test_diffusers_and_fastcache_rt_import_from_the_root():
     """With Hugging Face's ``kernels`` installed (transformers depends on it), diffusers' import of it and the model
     classes work from the repository root, and ``fastcache_rt.kernels`` is the Triton kernels' package."""

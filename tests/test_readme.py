@@ -164,7 +164,15 @@ def _namespace() -> dict:
             "prompt": "red circle", "prompts": ["red circle", "blue square"]}
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
+# README sections whose blocks run many generations: marked slow (the full suite runs them). Heading slug -> why.
+SLOW_SECTIONS = {"calibrating-a-new-model-tuning-a-policy": "calibrates and tunes a policy on the shipped model"}
+
+
+def _block_param(b: Block):
+    return pytest.param(b, id=b.id, marks=pytest.mark.slow if _slug(b.heading) in SLOW_SECTIONS else ())
+
+
+@pytest.mark.parametrize("block", [_block_param(b) for b in BLOCKS])
 def test_readme_block(block: Block, block_env):
     if block.marker is not None:
         kind, arg = parse_marker(block.marker)

@@ -1,6 +1,6 @@
 """DiT-style families: PixArt, Sana, DiT, HunyuanImage, Kandinsky 5, OmniGen, PRX. Each was checked against
 diffusers 0.42.1: every block of a list gets the same arguments except the hidden/text tokens, and no model
-code runs between two blocks of one list (tests/families/tiny_dit.py holds the tiny configs)."""
+code runs between two blocks of one list (fastcache_rt/testing/tiny_dit.py holds the tiny configs)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 Z-Image, AuraFlow, CogView4 / CogView3-Plus, Ovis-Image, LongCat-Image, Bria (Chroma and HiDream break the
 contract: see the end). Each was checked against diffusers 0.42.1: every block of a list gets the same
 arguments except the hidden/text tokens, and no model code runs between two blocks of one list unless an
-optional argument listed in ``uncached_kwargs`` is given (tests/families/tiny_image.py: the tiny configs)."""
+optional argument listed in ``uncached_kwargs`` is given (fastcache_rt/testing/tiny_image.py: the tiny configs)."""
 
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ def _bench():
     return mod
 
 
+@pytest.mark.slow  # benchmarks/bench_families.py --smoke in a subprocess
 def test_smoke_mode(tmp_path):
     out = tmp_path / "families.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], cwd=ROOT, capture_output=True,

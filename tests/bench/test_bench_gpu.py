@@ -37,6 +37,7 @@ def smoke(tmp_path_factory):
     return doc
 
 
+@pytest.mark.slow  # the module's smoke fixture runs benchmarks/bench_gpu.py --smoke (~40 s)
 def test_smoke_header(smoke):
     assert smoke["mode"] == "smoke" and smoke["smoke"] is True
     assert smoke["claims"].startswith("none")
@@ -50,6 +51,7 @@ def test_smoke_header(smoke):
     assert smoke["settings"]["sizes"]["flux"]["nominal_feature"] == [1, 4096, 3072]
 
 
+@pytest.mark.slow
 def test_smoke_every_row(smoke):
     rows = {(r["size"], r["op"], r["backend"]): r for r in smoke["rows"]}
     assert len(rows) == len(smoke["rows"])
@@ -84,6 +86,7 @@ def test_smoke_every_row(smoke):
     assert s["bitwise_identical"] and s["concurrent_equal"] and s["capture_ok"] is None and not s["errors"]
 
 
+@pytest.mark.slow
 def test_smoke_needs_no_gpu_claim(smoke):
     assert "nothing claimed" in smoke["_stdout"]
     print(f"bench_gpu --smoke took {smoke['_seconds']:.0f} s")

@@ -11,7 +11,7 @@ import fastcache_rt
 from fastcache_rt.bench import methods as M
 from fastcache_rt.bench.harness import BenchError, Harness, Settings
 from fastcache_rt.cli import main
-from tests.bench.tiny import CALL, tiny_pipeline
+from fastcache_rt.testing.pipelines import CALL, tiny_pipeline
 
 STEPS = 6
 
@@ -23,6 +23,7 @@ def _latents(pipe, steps=STEPS):
                     output_type="latent", **CALL).images
 
 
+@pytest.mark.slow  # the bench command end to end
 def test_bench_command_writes_every_output(tiny_folder, tmp_path, capsys):
     out, img = tmp_path / "out", tmp_path / "img"
     main(["bench", "--quick", "--model", str(tiny_folder), "--classes", "red circle", "blue dots", "--seeds", "0",

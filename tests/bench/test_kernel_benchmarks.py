@@ -61,6 +61,7 @@ def test_suite_not_collected_by_default():
     assert any(d.startswith("pytest-benchmark") for d in extras["bench"])
 
 
+@pytest.mark.slow  # a pytest-benchmark run in a subprocess (~30 s)
 def test_quick_suite_json_table_and_compare(tmp_path, capsys):
     js = tmp_path / "kernels.json"
     storage = tmp_path / "storage"

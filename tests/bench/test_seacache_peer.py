@@ -76,6 +76,7 @@ def _documented_rule(indicators, threshold, k, steps):
     return out
 
 
+@pytest.mark.slow
 def test_seacache_skips_steps_as_diffusers_decides_and_disable_restores(pipe):
     threshold, k = 0.25, 2
     log = dict(gates=[], fail_open=[])

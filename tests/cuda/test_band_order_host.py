@@ -24,7 +24,10 @@ HEADER = CSRC / "cuda" / "band_order.h"
 CXX = next((c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c and shutil.which(c)), None)
 LEVEL2_THREADS = 128  # kThreads of csrc/cuda/band_l1.cu: the last block's lanes
 
-pytestmark = pytest.mark.skipif(CXX is None, reason="no host C++ compiler (g++, c++, clang++) on PATH")
+pytestmark = [
+    pytest.mark.skipif(CXX is None, reason="no host C++ compiler (g++, c++, clang++) on PATH"),
+    pytest.mark.slow,  # a host C++ compile
+]
 
 
 @pytest.fixture(scope="module")

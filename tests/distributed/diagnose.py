@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import traceback
 
-from tests.distributed import tiny, workers
+from fastcache_rt.testing import context_parallel as tiny
+from tests.distributed import workers
 from tests.distributed.harness import RankError, run_ranks
 
 PRESETS = workers.METHODS  # preset -> family -> overrides (the tests' cases)

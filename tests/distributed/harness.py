@@ -238,7 +238,7 @@ def _run_ranks(worker, world_size, kwargs, timeout, collective_timeout, grace, t
 # per process; forked from the server, a rank starts in well under a second).
 PRELOAD = ["torch", "torch.distributed", "diffusers", "diffusers.models.transformers.transformer_flux",
            "diffusers.models.transformers.transformer_wan", "diffusers.hooks.context_parallel", "fastcache_rt",
-           "tests.distributed.harness", "tests.distributed.tiny"]
+           "tests.distributed.harness", "fastcache_rt.testing.context_parallel"]
 _CTX = None
 
 

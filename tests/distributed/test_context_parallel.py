@@ -26,8 +26,11 @@ import torch.distributed as dist
 from tests.distributed import workers
 from tests.distributed.harness import REPO, RankError, RankTimeout, run_ranks, run_script
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="needs torch.distributed with the gloo backend")
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                       reason="needs torch.distributed with the gloo backend"),
+    pytest.mark.slow,  # several ranks per test (processes, gloo); the directory takes minutes
+]
 
 STEPS = 8
 RUN_TIMEOUT = 90.0  # a whole multi-rank run (start-up included)
@@ -198,7 +201,7 @@ def test_shard_collectives_and_freqca_lowpass(n, channels):
 
 def test_group_argument_is_checked():
     import fastcache_rt
-    from tests.distributed import tiny
+    from fastcache_rt.testing import context_parallel as tiny
 
     m = tiny.build("flux", small=True)
     with pytest.raises(TypeError, match="group: expected a torch.distributed ProcessGroup"):

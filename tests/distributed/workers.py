@@ -1,10 +1,10 @@
 """What every rank runs in the context-parallel tests (module-level functions: the harness pickles them by name),
 and the single-process references they are compared with.
 
-A rank builds the tiny model (tests/distributed/tiny.py; identical on every rank), turns on diffusers' context
-parallelism, optionally fastcache_rt (after ``enable_parallelism`` by default, the order a user follows, or
-before it), runs a short Euler loop and returns the final latent (full: diffusers gathers the output on every
-rank), fastcache_rt's decision log and cache bytes.
+A rank builds the tiny model (``fastcache_rt.testing.context_parallel``; identical on every rank), turns on
+diffusers' context parallelism, optionally fastcache_rt (after ``enable_parallelism`` by default, the order a user
+follows, or before it), runs a short Euler loop and returns the final latent (full: diffusers gathers the output on
+every rank), fastcache_rt's decision log and cache bytes.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from tests.distributed import tiny
+from fastcache_rt.testing import context_parallel as tiny
 
 CONFIGS = (("ulysses", 2), ("ulysses", 4), ("ring", 2))
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import fastcache_rt
-from fastcache_rt.controller import Controller
 from fastcache_rt.families import family_for
+from fastcache_rt.families.base import Family
 from fastcache_rt.policy import Policy, SpectralCacheGate, TeaCacheGate
-from tests.families.harness import TINY, denoise, model
+from fastcache_rt.testing.families import TINY, denoise, model
 from tests.ops.test_gate import PyGate
 
 FAMILIES = sorted(TINY)
@@ -149,14 +149,14 @@ def test_signal_gate_decisions_match_python_replay(name, kind, monkeypatch):
     gate = TeaCacheGate(threshold=0.25, coeffs=(1.0, 0.0)) if kind == "teacache" else \
         SpectralCacheGate(threshold=0.25, coeffs=(1.0, 0.0), max_cached=3)
     probes = []
-    orig = Controller._probe
+    orig = Family.probe_of  # what the runtime's signal gates read at the first block
 
-    def record(self, kw, hidden):
-        p = orig(self, kw, hidden)
+    def record(self, first_block, kw, hidden):
+        p = orig(self, first_block, kw, hidden)
         probes.append(p.detach().clone())
         return p
 
-    monkeypatch.setattr(Controller, "_probe", record)
+    monkeypatch.setattr(Family, "probe_of", record)
     with fastcache_rt.cached(m, Policy(gate=gate), num_steps=steps):
         denoise(m, name, steps)
         got = fastcache_rt.stats(m)["computed"]

@@ -130,6 +130,7 @@ def test_enable_spectrum_runs_on_the_shipped_model(pipe):
     assert st["num_steps"] == 20 and len(st["cached"]) > 0 and len(st["computed"]) < 20
 
 
+@pytest.mark.slow
 def test_trained_samples_look_like_their_class_and_an_untrained_model_does_not(pipe):
     """Samples of each class, classified by foreground colour and area against the training images' class
     centroids. The same check on the randomly initialised architecture must fail, so the check is meaningful."""
@@ -142,6 +143,7 @@ def test_trained_samples_look_like_their_class_and_an_untrained_model_does_not(p
     assert acc0 <= 3 / 8, acc0
 
 
+@pytest.mark.slow  # training
 def test_training_smoke_run_writes_a_loadable_folder(tmp_path):
     out = tmp_path / "pipe"
     rc = train.main(["--out", str(out), "--steps", "2", "--batch", "2", "--vae-steps", "1", "--warmup", "1",
@@ -184,6 +186,7 @@ def test_report_figures_exist():
     assert len(rel) == 49 and min(rel) > 0
 
 
+@pytest.mark.slow  # training (twice)
 def test_training_is_deterministic_from_its_seed(tmp_path):
     """Same seed (and thread count): bitwise the same weights; another seed: different ones."""
     from safetensors.torch import load_file

@@ -57,6 +57,7 @@ def test_no_valid_row_gives_nan_not_zeros():
     seed=st.integers(0, 2**31 - 1),
     q=st.floats(-1.0, 1.0),
 )
+@pytest.mark.slow  # 30 examples x every backend
 def test_reproduces_polynomial_trajectories(degree, extra, seed, q):
     """Property: with a tiny ridge, a degree-M forecaster reproduces any degree-M polynomial trajectory (on the
     reference and on every available backend)."""
@@ -117,6 +118,7 @@ def test_backend_matches_reference(fast_backend, case, N, dtype, layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.slow  # FLUX-size inputs (~10 s on the CPU backend)
 def test_flux_size(fast_backend, dtype):
     name, mod, dev = fast_backend
     if is_triton(name):

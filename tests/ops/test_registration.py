@@ -81,8 +81,11 @@ def _all_ops(x, prev, state, params, hist, taus, q, diffs, feat):
     return sums, compute, state3, c2, y, w, t, h, diffs.clone(), f_out, t_out, h_out
 
 
+# aot_eager: the ops' fake kernels, schemas and declared mutations through AOTAutograd's functionalised graph (fast);
+# inductor: its code generation around them too (slow)
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_fullgraph_compile_no_graph_breaks(backend, monkeypatch):
+def test_fullgraph_compile_no_graph_breaks(backend, compiler, monkeypatch):
     if backend != "reference" and backend not in available_fast_backends():
         pytest.skip(f"{backend} unavailable: {_backend.backends()[backend]['reason']}")
     monkeypatch.setenv("FASTCACHE_RT_BACKEND", backend)
@@ -98,7 +101,7 @@ def test_fullgraph_compile_no_graph_breaks(backend, monkeypatch):
     torch._dynamo.reset()
     explain = torch._dynamo.explain(_all_ops)(**{k: v.clone() for k, v in args.items()})
     assert explain.graph_break_count == 0, explain.break_reasons
-    compiled = torch.compile(_all_ops, fullgraph=True, backend="inductor")
+    compiled = torch.compile(_all_ops, fullgraph=True, backend=compiler)
     eager_args = {k: v.clone() for k, v in args.items()}
     comp_args = {k: v.clone() for k, v in args.items()}
     expect = _all_ops(**eager_args)

@@ -13,7 +13,8 @@ from fastcache_rt.policy import (
     SpectrumSchedule,
     TeaCacheGate,
 )
-from tests.runtime.helpers import call, count_host_reads, denoise, inputs, tiny_flux
+from fastcache_rt.testing.tiny_flux import call, denoise, inputs, tiny_flux
+from tests.runtime.helpers import count_host_reads
 
 
 @pytest.fixture(scope="module")

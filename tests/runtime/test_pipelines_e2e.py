@@ -2,7 +2,7 @@
 downloads): StableDiffusion3Pipeline (CFG batched as one call of batch 2), WanPipeline (Wan 2.1, CFG as separate
 "cond" / "uncond" calls), a Wan 2.2 A14B-style WanPipeline (``transformer_2`` + ``boundary_ratio``: both experts
 run), QwenImagePipeline (true CFG with negative embeddings) and HunyuanVideoPipeline (true CFG). Prompt embeddings
-are passed directly, so the pipelines have no text encoders.
+are passed directly, so the pipelines (``fastcache_rt.testing.pipelines``) have no text encoders.
 
 Per pipeline: the "none" preset is bitwise the pipeline without fastcache_rt and ``disable`` restores it bitwise;
 every preset runs with finite output and computes fewer steps than it calls the model; a second generation with
@@ -21,6 +21,14 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 import fastcache_rt
+from fastcache_rt.testing.pipelines import (
+    tiny_hunyuanvideo_embeds_pipeline,
+    tiny_qwenimage_embeds_pipeline,
+    tiny_sd3_embeds_pipeline,
+    tiny_wan_embeds_pipeline,
+)
+
+pytestmark = pytest.mark.slow  # five pipelines x every preset, end to end (the FLUX pipeline: test_pipeline.py)
 
 STEPS = 10  # the first generation of every test
 STEPS2 = 7  # the second generation (another step count)
@@ -35,33 +43,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-# ------------------------------------------------------------------------------------------------------ builders
-def _sd3():
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-
-    torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(
-        sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
-        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
-        pos_embed_max_size=96, dual_attention_layers=(0,), qk_norm="rms_norm",
-    ).eval()
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=4,
-        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
-        scaling_factor=1.5035,
-    ).eval()
-    return StableDiffusion3Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=transformer, text_encoder=None,
-        tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
-    )
-
-
+# -------------------------------------------------------------------- how to call them (their embeddings' sizes)
 def _sd3_call(pipe, steps, hw, output_type):
     g = torch.Generator().manual_seed(100)
     pe, ne = torch.randn(1, 5, 32, generator=g), torch.randn(1, 5, 32, generator=g)
@@ -70,30 +52,6 @@ def _sd3_call(pipe, steps, hw, output_type):
                negative_pooled_prompt_embeds=npp, guidance_scale=4.0, num_inference_steps=steps, height=hw[0],
                width=hw[1], output_type=output_type, generator=torch.Generator().manual_seed(0))
     return out.images
-
-
-def _wan_transformer(seed):
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(seed)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ).eval()
-
-
-def _wan(two_experts: bool):
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
-
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True]).eval()
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    # Wan 2.2 A14B: the high-noise expert runs while t >= boundary_ratio * 1000, the low-noise one after
-    extra = {"transformer_2": _wan_transformer(1), "boundary_ratio": 0.9} if two_experts else {}
-    return WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler,
-                       transformer=_wan_transformer(0), **extra)
 
 
 def _wan_call(pipe, steps, hw, output_type):
@@ -105,27 +63,6 @@ def _wan_call(pipe, steps, hw, output_type):
     return out.frames
 
 
-def _qwen():
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImagePipeline,
-        QwenImageTransformer2DModel,
-    )
-
-    torch.manual_seed(0)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
-    ).eval()
-    torch.manual_seed(0)
-    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
-                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4,
-                                 latents_std=[1.0] * 4).eval()
-    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
-                             transformer=transformer)
-
-
 def _qwen_call(pipe, steps, hw, output_type):
     g = torch.Generator().manual_seed(100)
     pe, ne = torch.randn(1, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
@@ -134,32 +71,6 @@ def _qwen_call(pipe, steps, hw, output_type):
                negative_prompt_embeds_mask=mask, true_cfg_scale=3.0, num_inference_steps=steps, height=hw[0],
                width=hw[1], output_type=output_type, generator=torch.Generator().manual_seed(0))
     return out.images
-
-
-def _hunyuan():
-    from diffusers import (
-        AutoencoderKLHunyuanVideo,
-        FlowMatchEulerDiscreteScheduler,
-        HunyuanVideoPipeline,
-        HunyuanVideoTransformer3DModel,
-    )
-
-    torch.manual_seed(0)
-    transformer = HunyuanVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=2, num_single_layers=2,
-        num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
-        pooled_projection_dim=8, rope_axes_dim=(2, 4, 4),
-    ).eval()
-    torch.manual_seed(0)
-    vae = AutoencoderKLHunyuanVideo(
-        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
-        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-        act_fn="silu", norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8,
-        temporal_compression_ratio=4, mid_block_add_attention=True,
-    ).eval()
-    return HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
-                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None,
-                                tokenizer_2=None)
 
 
 def _hunyuan_call(pipe, steps, hw, output_type):
@@ -187,13 +98,15 @@ class Case:
 
 
 CASES = {
-    "sd3": Case(_sd3, _sd3_call, (16, 16), (16, 24), (0,), 2),
-    "wan": Case(lambda: _wan(False), _wan_call, (32, 32), (32, 48), ("cond", "uncond"), 1),
-    "wan22": Case(lambda: _wan(True), _wan_call, (32, 32), (32, 48), ("cond", "uncond"), 1,
+    "sd3": Case(tiny_sd3_embeds_pipeline, _sd3_call, (16, 16), (16, 24), (0,), 2),
+    "wan": Case(lambda: tiny_wan_embeds_pipeline(False), _wan_call, (32, 32), (32, 48), ("cond", "uncond"), 1),
+    "wan22": Case(lambda: tiny_wan_embeds_pipeline(True), _wan_call, (32, 32), (32, 48), ("cond", "uncond"), 1,
                   experts=("transformer", "transformer_2")),
     # Qwen-Image's probe is the timestep embedding, whose relative change per step is larger here
-    "qwenimage": Case(_qwen, _qwen_call, (32, 32), (32, 48), ("cond", "uncond"), 1, signal_threshold=1.0),
-    "hunyuanvideo": Case(_hunyuan, _hunyuan_call, (16, 16), (16, 32), ("cond", "uncond"), 1),
+    "qwenimage": Case(tiny_qwenimage_embeds_pipeline, _qwen_call, (32, 32), (32, 48), ("cond", "uncond"), 1,
+                      signal_threshold=1.0),
+    "hunyuanvideo": Case(tiny_hunyuanvideo_embeds_pipeline, _hunyuan_call, (16, 16), (16, 32), ("cond", "uncond"),
+                         1),
 }
 
 
@@ -432,7 +345,7 @@ def test_wan22_both_experts_are_cached_with_their_own_state():
 # ------------------------------------------------------------------------------- found and fixed
 def test_teacache_computes_the_first_and_last_step_of_a_wan_generation():
     """TeaCache's rule: the first and last steps run whatever the threshold (the control of the test below)."""
-    pipe = _wan(False)
+    pipe = tiny_wan_embeds_pipeline(False)
     pipe.set_progress_bar_config(disable=True)
     fastcache_rt.enable(pipe, "teacache", threshold=100.0, coeffs=(1.0, 0.0))
     try:
@@ -444,7 +357,7 @@ def test_teacache_computes_the_first_and_last_step_of_a_wan_generation():
 
 
 def test_wan22_last_step_of_the_generation_is_computed():
-    pipe = _wan(True)
+    pipe = tiny_wan_embeds_pipeline(True)
     pipe.set_progress_bar_config(disable=True)
     fastcache_rt.enable(pipe, "teacache", threshold=100.0, coeffs=(1.0, 0.0))
     try:
@@ -457,7 +370,7 @@ def test_wan22_last_step_of_the_generation_is_computed():
 
 
 def test_stats_after_another_size_at_the_same_step_count():
-    pipe = _qwen()
+    pipe = tiny_qwenimage_embeds_pipeline()
     pipe.set_progress_bar_config(disable=True)
     fastcache_rt.enable(pipe, "fora")
     try:

@@ -4,7 +4,7 @@ per list. Size 0 / 1 give a 4x4 / 4x6 token grid; text length 5."""
 
 import torch
 
-from tests.families.tiny_common import Tiny
+from fastcache_rt.testing.tiny_common import Tiny
 
 TXT = 5
 _GRID = {0: (4, 4), 1: (4, 6)}  # token grid (h, w) per size

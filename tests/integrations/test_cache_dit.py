@@ -13,6 +13,8 @@ import torch
 
 cache_dit = pytest.importorskip("cache_dit")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 from fastcache_rt.bench import methods as M
 from fastcache_rt.bench.harness import Harness, Settings
 from fastcache_rt.policy import Chebyshev, FixedInterval, FreqCa, Policy, StreamSpec, Taylor
@@ -120,6 +122,7 @@ def _spectrum_dbcache(threshold, warmup):
     return M.Config("DBCache + Spectrum", M.CACHE_DIT, f"threshold={threshold} warmup={warmup}", enable, disable)
 
 
+@pytest.mark.slow
 def test_dbcache_with_the_spectrum_calibrator_on_the_shipped_model(pipe, monkeypatch):
     calls = {"update": 0, "approximate": 0, "cals": set()}
     upd, app = C.ForecasterCalibrator.update, C.ForecasterCalibrator.approximate
@@ -182,6 +185,7 @@ def test_version_guard(monkeypatch):
         importlib.import_module("fastcache_rt.integrations.cache_dit")
 
 
+@pytest.mark.slow  # a fresh interpreter importing diffusers
 def test_importing_fastcache_rt_does_not_import_cache_dit():
     code = "import sys, fastcache_rt, fastcache_rt.integrations; assert 'cache_dit' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

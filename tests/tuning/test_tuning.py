@@ -23,9 +23,11 @@ from fastcache_rt.policy import (
     policy_to_dict,
     save_policy,
 )
-from tests.bench.cli_helpers import expect_usage_error
+from tests.cli_helpers import expect_usage_error
 
 models = pytest.importorskip("fastcache_rt.models")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------- the search
@@ -132,6 +134,7 @@ def test_policy_files_round_trip_every_preset_and_arm(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow  # the tune command end to end (~35 s)
 def test_cli_tune_on_the_shipped_model(tmp_path, capsys):
     out = tmp_path / "tune"
     assert main(["tune", "--quick", "--steps", "12", "--target-psnr", "35", "45", "--out", str(out),
@@ -184,10 +187,12 @@ def test_cli_tune_bad_input(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "junk.json"]  # nothing written
 
 
+@pytest.mark.slow
 def test_tune_a_two_expert_wan_pipeline():
-    from tests.bench.tiny_wan import CALL, tiny_wan
+    from fastcache_rt.testing.pipelines import WAN_SHIPPED_T5_CALL as CALL
+    from fastcache_rt.testing.pipelines import tiny_wan_shipped_t5
 
-    pipe = tiny_wan(two_experts=True)
+    pipe = tiny_wan_shipped_t5(two_experts=True)
     res = T.tune(pipe, [30], prompts=["red circle"], seeds=[0], holdout_seeds=[1], steps=8, call_kwargs=CALL,
                  progress=False)
     (e,) = res["targets"]

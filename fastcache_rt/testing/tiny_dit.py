@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.families.tiny_common import Tiny
+from fastcache_rt.testing.tiny_common import Tiny
 
 
 def _gen(seed):

@@ -14,9 +14,11 @@ from fastcache_rt import profiles as P
 from fastcache_rt.cli import main
 from fastcache_rt.policy import Policy
 from fastcache_rt.policy.gates import Calibrate
-from tests.bench.cli_helpers import expect_usage_error
+from tests.cli_helpers import expect_usage_error
 
 models = pytest.importorskip("fastcache_rt.models")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 8
 
 
@@ -264,9 +266,9 @@ def test_two_expert_pipeline_gets_one_fit_per_expert():
     """A Wan 2.2 A14B-style pipeline (two transformers switched at a boundary), with the shipped model's T5 as its
     text encoder so that it takes text prompts: each expert gets its own polynomial from its own steps, and MagCache
     ratios for the steps it ran (1 elsewhere)."""
-    from tests.bench.tiny_wan import tiny_wan
+    from fastcache_rt.testing.pipelines import tiny_wan_shipped_t5
 
-    pipe = tiny_wan(two_experts=True)
+    pipe = tiny_wan_shipped_t5(two_experts=True)
     kw = dict(height=16, width=16, num_frames=5, guidance_scale=4.0, max_sequence_length=16)
     prof = C.calibrate(pipe, ["red circle", "blue square"], steps=10, call_kwargs=kw, progress=False)
     assert set(prof["fit"]) == {"transformer", "transformer_2"}

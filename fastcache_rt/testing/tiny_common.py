@@ -1,4 +1,5 @@
-"""The tiny-model contract of the family tests: how to build a family's model from a config and call it."""
+"""The tiny-model contract of ``fastcache_rt.testing.families``: how to build a family's model from a config and
+call it."""
 
 from dataclasses import dataclass
 from typing import Callable

@@ -1,12 +1,14 @@
-"""Tiny FLUX, Wan 2.1 and Qwen-Image transformers for context-parallel tests, and Euler loops that drive them.
+"""Tiny FLUX, Wan 2.1 and Qwen-Image transformers for the context-parallel tests (``tests/distributed/``), and
+Euler loops that drive them.
 
-The configs are those of tests/runtime/helpers.py (``tiny_flux``) and tests/families/tiny_video.py (``wan``) with two
-changes that context parallelism needs: 4 attention heads (Ulysses splits the heads over the ranks: heads % N == 0
-for N = 2 and 4) and 8 text tokens for FLUX (its ``_cp_plan`` splits the text tokens too: 8 % N == 0; the 5 of
-``tiny_flux`` are not divisible). The image grids are 8 x 8 (FLUX, 64 tokens) and 2 x 4 x 4 (Wan, 32 tokens).
+The configs are those of ``fastcache_rt.testing.tiny_flux`` (``tiny_flux``) and
+``fastcache_rt.testing.tiny_video`` (``wan``) with two changes that context parallelism needs: 4 attention
+heads (Ulysses splits the heads over the ranks: heads % N == 0 for N = 2 and 4) and 8 text tokens for FLUX (its
+``_cp_plan`` splits the text tokens too: 8 % N == 0; the 5 of ``tiny_flux.inputs`` are not divisible). The
+image grids are 8 x 8 (FLUX, 64 tokens) and 2 x 4 x 4 (Wan, 32 tokens).
 
-Everything here is deterministic from the seed, so that every rank and the single-process reference build the same
-model and inputs.
+Everything here is deterministic from the seed, so that every rank and the single-process reference build the
+same model and inputs.
 """
 
 from __future__ import annotations
@@ -23,14 +25,9 @@ QWEN_HW = (8, 8)
 
 
 def tiny_flux(seed: int = 0, layers: int = 2, single: int = 2, heads: int = 4):
-    from diffusers import FluxTransformer2DModel
+    from fastcache_rt.testing.tiny_flux import tiny_flux as _tiny_flux
 
-    torch.manual_seed(seed)
-    m = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=layers, num_single_layers=single, attention_head_dim=16,
-        num_attention_heads=heads, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 6, 6],
-    )
-    return m.eval()
+    return _tiny_flux(seed, layers, single, heads)
 
 
 def tiny_wan(seed: int = 0, layers: int = 2, heads: int = 4):

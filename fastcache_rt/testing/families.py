@@ -1,14 +1,16 @@
-"""Every family's tiny model and a plain Euler loop that drives any of them the way a pipeline does."""
+"""Every family's tiny model (``TINY``: family name -> how to build it, its inputs and its timestep) and a plain Euler
+loop that drives any of them the way a pipeline does. The family tests (``tests/families/``) and
+``benchmarks/bench_families.py`` run on these."""
 
 from __future__ import annotations
 
 import torch
 
-from tests.families.tiny_common import Tiny
-from tests.families.tiny_dit import TINY as _DIT
-from tests.families.tiny_image import TINY as _IMAGE
-from tests.families.tiny_image import TINY_OTHER_TIMESTEP_ARG
-from tests.families.tiny_video import TINY as _VIDEO
+from fastcache_rt.testing.tiny_common import Tiny
+from fastcache_rt.testing.tiny_dit import TINY as _DIT
+from fastcache_rt.testing.tiny_image import TINY as _IMAGE
+from fastcache_rt.testing.tiny_image import TINY_OTHER_TIMESTEP_ARG
+from fastcache_rt.testing.tiny_video import TINY as _VIDEO
 
 TINY: dict[str, Tiny] = {**_IMAGE, **{k: v for k, (_, v) in TINY_OTHER_TIMESTEP_ARG.items()}, **_VIDEO, **_DIT}
 # the families the issue names for eager-vs-compiled agreement
@@ -18,7 +20,7 @@ _MODELS: dict[str, torch.nn.Module] = {}
 
 
 def model(name: str) -> torch.nn.Module:
-    """The family's tiny model (built once per test session; tests must leave it as they found it)."""
+    """The family's tiny model, built once per process and shared (callers must leave it as they found it)."""
     if name not in _MODELS:
         _MODELS[name] = TINY[name].build()
     return _MODELS[name]

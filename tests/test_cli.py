@@ -2,10 +2,16 @@
 traceback, nothing written)."""
 
 import pytest
-from PIL import Image
 
-from fastcache_rt.cli import main
-from tests.bench.cli_helpers import expect_usage_error
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from PIL import Image  # noqa: E402
+
+from fastcache_rt.cli import main  # noqa: E402
+from tests.cli_helpers import expect_usage_error  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_generate_from_a_saved_pipeline_folder(tiny_folder, tmp_path, capsys):
@@ -124,7 +130,7 @@ def test_generate_bad_prompt_leaves_no_folder(tmp_path, capsys):
 def test_generate_with_other_pipeline_folders(kind, tmp_path, capsys):
     """``--model FOLDER`` with any supported pipeline: SD3 (three text encoders, CFG) and Wan (video: the frames
     side by side in one PNG), saved as diffusers folders and loaded by path."""
-    from tests.bench.tiny import tiny_sd3_pipeline, tiny_wan_pipeline
+    from fastcache_rt.testing.pipelines import tiny_sd3_pipeline, tiny_wan_pipeline
 
     folder = tmp_path / kind
     (tiny_sd3_pipeline if kind == "sd3" else tiny_wan_pipeline)().save_pretrained(folder)
