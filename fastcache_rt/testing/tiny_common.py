@@ -13,3 +13,17 @@ class Tiny:
     latent: str = "hidden_states"                 # the forward argument holding the latent the sampler updates
     grid: Callable[[int], tuple] | None = None    # size -> the (frames, height, width) token grid the declaration must report (None if the declaration reports None)
     timestep_arg: str = "timestep"                # the forward's name for the timestep argument
+
+
+def gen(seed: int) -> torch.Generator:
+    """The CPU generator every tiny input is drawn from."""
+    return torch.Generator().manual_seed(seed)
+
+
+def built(cls, **config):
+    """A builder of ``cls(**config)``: deterministic random weights (seed 0), eval mode."""
+    def build():
+        torch.manual_seed(0)
+        return cls(**config).eval()
+
+    return build

@@ -5,21 +5,13 @@ per list. Size 0 / 1 give a 4x4 / 4x6 token grid; text length 5."""
 import torch
 
 from fastcache_rt.testing.tiny_common import Tiny
+from fastcache_rt.testing.tiny_common import built as _built
+from fastcache_rt.testing.tiny_common import gen as _g
 
 TXT = 5
 _GRID = {0: (4, 4), 1: (4, 6)}  # token grid (h, w) per size
 
 
-def _g(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def _built(cls, **config):
-    def build():
-        torch.manual_seed(0)
-        return cls(**config).eval()
-
-    return build
 
 
 def _ids(h, w, cols=3):

@@ -7,18 +7,10 @@ from __future__ import annotations
 import torch
 
 from fastcache_rt.testing.tiny_common import Tiny
+from fastcache_rt.testing.tiny_common import built as _built
+from fastcache_rt.testing.tiny_common import gen as _gen
 
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def _built(cls, **config):
-    def build():
-        torch.manual_seed(0)
-        return cls(**config).eval()
-
-    return build
 
 
 def _t1000(t, batch):  # flow-matching pipelines: timestep = sigma * 1000
