@@ -1,0 +1,55 @@
+"""Stream selection on families whose token grid comes from the latent's shape (SD3: NCHW, Wan: video): a
+transposed grid (the same token count) after another is bitwise a fresh generation's, eager and under
+``torch.compile(fullgraph=True)``, for every preset; FreqCa's DCT depends on the grid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastcache_rt
+from fastcache_rt.testing.families import TINY, _update, call, model
+
+pytestmark = pytest.mark.slow
+
+STEPS = 6
+OVERRIDES = {"magcache": {"ratios": (1.0,) + (0.97,) * (STEPS - 1)}, "freqca": {"interval": 2},
+             "taylorseer": {"interval": 2}, "fora": {"interval": 2}}
+
+
+@torch.no_grad()
+def _generate(m, name, kw):
+    tiny = TINY[name]
+    kw = dict(kw)
+    for s in range(STEPS):
+        out = call(m, tiny, kw, 1.0 - s / STEPS, 1)
+        kw[tiny.latent] = _update(kw[tiny.latent], out, 1.0 / STEPS)
+    return kw[tiny.latent]
+
+
+def _inputs(name):
+    tiny = TINY[name]
+    kw = tiny.inputs(0, 1, 1)  # size 1: a grid that is not square
+    t = dict(kw)
+    t[tiny.latent] = kw[tiny.latent].transpose(-1, -2).contiguous()
+    return kw, t
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("preset", [p for p in sorted(fastcache_rt.PRESETS) if p != "none"])
+@pytest.mark.parametrize("name", ["sd3", "wan"])
+def test_a_transposed_grid_after_another_is_a_fresh_generation(name, preset, compiled):
+    m = model(name)
+    kw, transposed = _inputs(name)
+    runs = []
+    for first in (kw, None):  # used: the other grid first; fresh: the transposed grid alone
+        with fastcache_rt.cached(m, preset, num_steps=STEPS, **OVERRIDES.get(preset, {})) as h:
+            target = torch.compile(m, fullgraph=True, dynamic=False, backend="aot_eager") if compiled else m
+            if first is not None:
+                _generate(target, name, first)
+                h.new_generation(STEPS)
+            runs.append((_generate(target, name, transposed), fastcache_rt.stats(m)["computed"]))
+        torch._dynamo.reset()
+    (got, got_steps), (want, want_steps) = runs
+    assert got_steps == want_steps
+    assert torch.equal(got, want), float((got - want).abs().max())
