@@ -14,7 +14,7 @@ from ._targets import split as _split
 from ._targets import unwrap as _unwrap
 from .controller import Controller
 from .families import family_for
-from .hooks import install, is_copy_of_enabled, sync_parallel, uninstall
+from .hooks import COPY_NOTE, PICKLE_NOTE, install, is_copy_of_enabled, sync_parallel, uninstall
 from .policy import Policy, resolve_policy
 from .policy.gates import GATES, first_blocks
 
@@ -75,13 +75,6 @@ class Handle:
     def __repr__(self) -> str:
         fams = ", ".join(f"{n}: {c.family.name}" for n, c in self.controllers.items())
         return f"fastcache_rt.Handle(policy={self.policy.name!r}, {fams})"
-
-
-COPY_NOTE = ("fastcache_rt: a copy (copy.deepcopy) of a pipeline or transformer with caching enabled runs uncached; "
-             "the original keeps its caching. To cache the copy, build it from a pipeline without caching and "
-             "enable it there")
-PICKLE_NOTE = ("fastcache_rt: a pipeline or transformer with caching enabled cannot be pickled; call "
-               "fastcache_rt.disable(target) first and enable it again after loading")
 
 
 class _Patched:

@@ -16,6 +16,12 @@ from .controller import RUN, Controller
 from .families import bind
 from .parallel import resolve_group
 
+COPY_NOTE = ("fastcache_rt: a copy (copy.deepcopy) of a pipeline or transformer with caching enabled runs uncached; "
+             "the original keeps its caching. To cache the copy, build it from a pipeline without caching and "
+             "enable it there")
+PICKLE_NOTE = ("fastcache_rt: a pipeline or transformer with caching enabled cannot be pickled; call "
+               "fastcache_rt.disable(target) first and enable it again after loading")
+
 MODEL_HOOK = "fastcache_rt"
 BLOCK_HOOK = "fastcache_rt_block"
 
@@ -54,8 +60,6 @@ _COPY_WARNED = []
 
 def _warn_copy() -> None:
     if not _COPY_WARNED:
-        from .api import COPY_NOTE
-
         _COPY_WARNED.append(True)
         logging.getLogger("fastcache_rt").warning(COPY_NOTE)
 
@@ -70,8 +74,6 @@ class _NotPicklable:
         return _Inert()
 
     def __reduce__(self):
-        from .api import PICKLE_NOTE
-
         raise TypeError(PICKLE_NOTE)
 
 
