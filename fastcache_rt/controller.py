@@ -9,16 +9,16 @@ host ``if`` or ``torch.cond``); the last records the value its forecaster keeps 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
 import time
-from collections import OrderedDict
-
 import torch
 
 from .families import Family, bind, signature, trace_outside_cond
 from .generation import Generations
+from .module_hooks import HeldHooks
 from .parallel import Shard
 from .policy import Policy
 from .policy.gates import first_blocks
@@ -84,7 +84,7 @@ class Controller:
         self.finished: dict = {}
         self.thread: threading.Thread | None = None  # the thread of the generation in progress
         self.call: Call | None = None
-        self._muted: list = []  # blocks whose forward hooks are held back while the model's loop hands on
+        self.hooks = HeldHooks()  # the blocks' forward hooks, fired once per real run of a block
         self.before_call: list = []  # host callbacks before each call, outside any compiled region (the API's)
         self.by_position = False  # CFG branches told apart by their position between announced steps
         self.calls_this_step = 0
@@ -175,7 +175,6 @@ class Controller:
     def begin_call(self, kwargs: dict, context) -> None:
         fam = self.family
         if not torch.compiler.is_compiling():
-            self._unmute()  # (after a call that raised between a takeover and its end)
             self._check_thread()
             if context is None:
                 self.host_bookkeeping()
@@ -191,10 +190,13 @@ class Controller:
         else:  # a bare transformer: one stream per shape (CFG branches called separately need a cache context)
             name = ("default", 0)
         self.call = Call(name, kwargs, off)
+        if off:
+            self.hooks.release()
+        else:
+            self.hooks.hold(self.lists)
 
     def end_call(self, output):
-        if self._muted:
-            self._unmute()
+        self.hooks.release()
         call, self.call = self.call, None
         if call is None or call.st is None:
             return output
@@ -239,26 +241,7 @@ class Controller:
             return self.segment(call, li, j, j + 1, original, kw)
         if j > 0:  # the list's first block ran the whole list: hand its result on
             return spec.pack(kw[spec.hidden], kw.get(spec.encoder) if spec.encoder else None)
-        self._unmute()
-        out = self.segment(call, li, 0, len(self.lists[li]), original, kw)
-        if not torch.compiler.is_compiling():
-            # the model's loop now calls the list's other blocks only to be handed the result on: their forward
-            # hooks (profilers, user hooks) fire for the blocks' real runs inside the takeover, not again
-            self._mute(self.lists[li][1:])
-        return out
-
-    def _mute(self, blocks) -> None:
-        for b in blocks:
-            if b._forward_hooks or b._forward_pre_hooks:
-                self._muted.append((b, b._forward_pre_hooks, b._forward_hooks))
-                b._forward_pre_hooks, b._forward_hooks = OrderedDict(), OrderedDict()
-
-    def _unmute(self) -> None:
-        while self._muted:
-            b, pre, post = self._muted.pop()
-            pre.update(b._forward_pre_hooks)  # a hook registered meanwhile is kept
-            post.update(b._forward_hooks)
-            b._forward_pre_hooks, b._forward_hooks = pre, post
+        return self.segment(call, li, 0, len(self.lists[li]), original, kw)
 
     def segment(self, call: Call, li: int, start: int, stop: int, original, kw: dict):
         """Blocks [start, stop) of list ``li``: the whole list (taken over by its first block), or one block of a
@@ -285,7 +268,7 @@ class Controller:
         if call.compute is None:
             if li == 0 and start < self.probe_blocks:  # FBCache's probe blocks of a block-by-block list: they run
                 self._tick(t0)
-                return original(**kw)
+                return self.hooks.run(li, start, original, kw)
             # 2. the probe and the decision, at the first block after the probe blocks (the next list's first
             # block where they are the whole first list)
             if self.probe_blocks:
@@ -392,7 +375,7 @@ class Controller:
                 kw[spec.encoder] = enc
             # the block whose hook this is runs through the rest of its hook chain; the others through their
             # module call, as the model calls them (the marker tells fastcache_rt's hook on them to run the block)
-            out = original(**kw) if j == own else blocks[j](**kw, **{RUN: True})
+            out = self.hooks.run(li, j, original if j == own else functools.partial(blocks[j], **{RUN: True}), kw)
             hidden, enc = spec.unpack(out, enc)
         return hidden, enc
 

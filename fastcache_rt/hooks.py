@@ -219,6 +219,7 @@ def _remove(registry, name: str) -> None:
 def uninstall(model, controller: Controller, created: list) -> None:
     """Remove the hooks; a module that had no other hook is left exactly as it was (no registry, no instance
     ``forward``)."""
+    controller.hooks.release()  # (hooks a call that raised left aside)
     _remove(model._diffusers_hook, MODEL_HOOK)
     for blocks in controller.lists:
         for block in blocks:

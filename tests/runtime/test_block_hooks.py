@@ -1,6 +1,8 @@
-"""Hooks on the blocks (profilers, offloading, user hooks) see each block run exactly once per real execution: a
-list's takeover runs its blocks through their module calls, and the model's own loop, which then only hands the
-result on, fires none of their forward hooks again (eager)."""
+"""Hooks on the blocks (profilers, a user's ``register_forward_hook``) see each block run exactly once per real
+execution, and never on a step where it does not run: while a cached call is in progress the blocks' forward hooks
+are held aside, and the controller fires them around each block it really runs. Every preset, eager and compiled,
+families that take a list over (FLUX, SD3, Wan) and ones whose model runs block by block (Chroma, HiDream); and a value a
+hook returns reaches the output as without caching (a NaN: counted)."""
 
 from __future__ import annotations
 
@@ -8,48 +10,123 @@ import pytest
 import torch
 
 import fastcache_rt
+from fastcache_rt.families import family_for
+from fastcache_rt.policy.gates import first_blocks
 from fastcache_rt.models import SAMPLE_DEFAULTS, load_default
+from fastcache_rt.testing.families import TINY, denoise, model
 
-STEPS = 10
+STEPS = 6
+PRESETS = [p for p in sorted(fastcache_rt.PRESETS) if p != "none"]
+# settings that cache some steps and compute others on the tiny models (FLUX's token grid comes from its img_ids,
+# which a compiled call cannot read: FreqCa gets it)
+OVERRIDES = {"magcache": {"ratios": (1.0,) + (0.97,) * (STEPS - 1)}, "freqca": {"interval": 2},
+             "taylorseer": {"interval": 2}, "fora": {"interval": 2}, "teacache": {"threshold": 0.3},
+             "spectralcache": {"threshold": 0.3}, "fbcache": {"threshold": 0.5}}
 
 
-@pytest.mark.parametrize("preset", ["none", "spectrum", "teacache", "fbcache"])
-def test_forward_hooks_fire_once_per_real_run(preset):
+class Counting:
+    """Counts every block's pre- and forward-hook calls in tensors (traced as in-place updates under
+    torch.compile, no Python value for a guard), and makes one block's hook return NaN while ``poison`` is set."""
+
+    def __init__(self, blocks):
+        n = len(blocks)
+        self.pre, self.post = torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
+        self.poison = torch.zeros(n, dtype=torch.bool)
+        for i, b in enumerate(blocks):
+            b.register_forward_pre_hook(self._before(i))
+            b.register_forward_hook(self._after(i), with_kwargs=True)
+
+    def _before(self, i):
+        def before(m, args):
+            self.pre[i].add_(1)
+        return before
+
+    def _after(self, i):
+        def after(m, args, kwargs, out):
+            self.post[i].add_(1)
+            nan = self.poison[i].clone()
+            self.poison[i].fill_(False)
+            bad = [torch.where(nan, torch.full_like(o, float("nan")), o) if isinstance(o, torch.Tensor) else o
+                   for o in (out if isinstance(out, tuple) else (out,))]
+            return tuple(bad) if isinstance(out, tuple) else bad[0]
+        return after
+
+    def clear(self):
+        self.pre.zero_(), self.post.zero_(), self.poison.zero_()
+
+
+def _expected(m, handle, steps) -> list[int]:
+    """How many times each block really ran: FBCache's probe blocks on every step, the others on computed steps."""
+    n = sum(len(getattr(m, b.attr)) for b in family_for(m).lists)
+    probe = first_blocks(handle.policy.gate)
+    ran = len(handle.stats()["computed"])
+    return [steps if i < probe else ran for i in range(n)]
+
+
+def _blocks(m):
+    return [b for spec in family_for(m).lists for b in getattr(m, spec.attr)]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("name", ["flux", "sd3", "wan", "chroma", "hidream"])
+def test_block_hooks_fire_once_per_real_run(name, preset, compiled):
+    if compiled and name == "wan":
+        pytest.skip("one list taken over, as SD3, which is compiled here")
+    if compiled and name == "hidream":
+        pytest.skip("HiDream's mixture-of-experts routing loops over a data-dependent count: the model itself does "
+                    "not compile with fullgraph=True (Chroma is the block-by-block family compiled here)")
+    m = model(name)
+    blocks = _blocks(m)
+    counting = Counting(blocks)
+    kw = dict(OVERRIDES.get(preset, {}))
+    if (name, preset) == ("chroma", "fbcache"):  # Chroma's first block changes more between steps
+        kw["threshold"] = 1.0
+    if preset == "freqca" and name == "flux":
+        kw["grid"] = TINY[name].grid(TINY[name].inputs(0, 1, 0)) if TINY[name].grid else None
+    try:
+        ref = denoise(m, name, STEPS)
+        assert counting.pre.tolist() == counting.post.tolist() == [STEPS] * len(blocks)  # uncached: every step
+        counting.clear()
+        with fastcache_rt.cached(m, preset, num_steps=STEPS, **{k: v for k, v in kw.items() if v is not None}) as h:
+            target = torch.compile(m, fullgraph=True, dynamic=False, backend="aot_eager") if compiled else m
+            out = denoise(target, name, STEPS)
+            st = fastcache_rt.stats(m)
+            want = _expected(m, h, STEPS)
+            assert 0 < len(st["computed"]) < STEPS, st["computed"]  # the check below sees cached steps
+            assert counting.pre.tolist() == want, (counting.pre.tolist(), want)
+            assert counting.post.tolist() == want, (counting.post.tolist(), want)
+            assert torch.isfinite(out).all()
+            # a NaN the last block's hook returns on the first step's real run reaches the output and is counted
+            counting.clear()
+            counting.poison[-1] = True
+            h.new_generation(STEPS)
+            out = denoise(target, name, STEPS)
+            assert not torch.isfinite(out).all()
+            assert fastcache_rt.stats(m)["nonfinite"] >= 1
+        # disabled: the hooks are in place and fire on every call again
+        counting.clear()
+        assert torch.equal(denoise(m, name, STEPS), ref)
+        assert counting.pre.tolist() == counting.post.tolist() == [STEPS] * len(blocks)
+    finally:
+        torch._dynamo.reset()
+        for b in blocks:
+            b._forward_pre_hooks.clear(), b._forward_hooks.clear(), b._forward_hooks_with_kwargs.clear()
+
+
+@pytest.mark.parametrize("preset", ["spectrum", "teacache", "fbcache"])
+def test_block_hooks_on_the_shipped_pipeline(preset):
+    """The same through a pipeline (its scheduler announces the steps, its cache context names the call)."""
     pipe = load_default()
     pipe.set_progress_bar_config(disable=True)
-    t = pipe.transformer
-    blocks = [*t.transformer_blocks, *t.single_transformer_blocks]
-    pre, post = [0] * len(blocks), [0] * len(blocks)
-    nan_on = {}
-    for i, b in enumerate(blocks):
-        b.register_forward_pre_hook(lambda m, a, i=i: pre.__setitem__(i, pre[i] + 1))
-
-        def after(m, a, out, i=i):
-            post[i] += 1
-            if nan_on.get(i) == post[i]:  # a value a hook injects reaches the output, as without caching
-                return torch.full_like(out, float("nan")) if isinstance(out, torch.Tensor) else \
-                    tuple(torch.full_like(o, float("nan")) for o in out)
-            return None
-
-        b.register_forward_hook(after)
-    fastcache_rt.enable(pipe, preset)
-    kw = dict(SAMPLE_DEFAULTS, num_inference_steps=STEPS)
+    m = pipe.transformer
+    counting = Counting(_blocks(m))
+    handle = fastcache_rt.enable(pipe, preset, **({"threshold": 0.4} if preset == "fbcache" else {}))
+    kw = dict(SAMPLE_DEFAULTS, num_inference_steps=10)
     with torch.no_grad():
         pipe("red circle", generator=torch.Generator().manual_seed(0), output_type="latent", **kw)
     st = fastcache_rt.stats(pipe)
-    n = len(st["computed"])
-    first_blocks = 1 if preset == "fbcache" else 0
-    for i in range(len(blocks)):
-        if i in (0, len(t.transformer_blocks)):  # a list's first block: the model calls it on every step
-            continue
-        want = STEPS if i < first_blocks else n
-        assert pre[i] == post[i] == want, (preset, i, pre[i], post[i], want)
-    # a NaN a hook returns on a computed step's real run reaches the output and is counted
-    nan_on.clear()
-    pre[:] = post[:] = [0] * len(blocks)
-    nan_on[len(blocks) - 1] = 1
-    with torch.no_grad():
-        out = pipe("red circle", generator=torch.Generator().manual_seed(0), output_type="latent", **kw).images
-    assert not torch.isfinite(out).all()
-    assert fastcache_rt.stats(pipe)["nonfinite"] >= 1
+    assert 0 < len(st["computed"]) < 10
+    want = _expected(m, handle, 10)
+    assert counting.pre.tolist() == counting.post.tolist() == want, (counting.pre.tolist(), want)
     fastcache_rt.disable(pipe)
