@@ -42,6 +42,15 @@ class StreamState:
         self.gate = policy.gate.make_state(spec.replace(shape=tuple(tokens or spec.shape)))
         self.shape = tuple(spec.shape)
         self.fc = policy.forecaster.make_state(spec if policy.site != "output" else spec.replace(shard=None))
+        # a gate following the forecaster's measured error (ErrorControl): the forecaster measures it on every
+        # computed step, summed over a context-parallel group where the site is split (the output is whole)
+        self.error_shard = spec.shard if policy.site != "output" else None
+        if callable(getattr(self.gate, "measured", None)):
+            if not callable(getattr(self.fc, "track_error", None)):
+                raise ValueError(f"{type(policy.gate).__name__} follows the forecaster's measured error: "
+                                 f"{type(policy.forecaster).__name__}'s state has no track_error()")
+            self.fc.track_error()
+            self.gate.bind(policy.forecaster.error_order())
         # eager mode advances the device counters only where a gate or the forecaster reads them
         self.uses_step = bool(self.fc.uses_step or self.gate.uses_step)
         self.index = 0  # host step index (eager)
@@ -80,6 +89,9 @@ class StreamState:
             keep = finite if compute is True else compute & finite
             self.events.add_((~keep if compute is True else compute & ~finite).long())
             self.fc.record(self, value, keep)
+            if getattr(self.fc, "error", None) is not None:
+                sums = self.fc.error if self.error_shard is None else self.error_shard.sum(self.fc.error)
+                self.gate.measured(self, sums, compute, keep)
             if compute is not True or self.uses_step:
                 masked_write_(self.last_full, self.step, keep)
         if isinstance(compute, torch.Tensor):
@@ -127,6 +139,8 @@ def stream_stats(key: tuple, st: StreamState) -> dict:
     log = st.decisions()
     row = {"branch": key[0][1], "shape": list(key[1]), "computed": [i for i, c in enumerate(log) if c is True],
            "cached": [i for i, c in enumerate(log) if c is False], "nonfinite": int(st.events[0])}
+    if hasattr(st.gate, "report"):  # what an error-controlled gate measured and chose
+        row.update(st.gate.report(log))
     if hasattr(st.gate, "measurements"):  # a calibration run: every signal at every step of the generation
         row["calibration"] = st.gate.measurements(len(log))
         if "mag" in row["calibration"]:

@@ -10,6 +10,10 @@ grid; ``spec.shard``: a ``fastcache_rt.parallel.Shard`` or None), which implemen
     uses_step                   reads ``st.step`` / ``st.last_full`` (else eager mode need not advance them)
     reset()                     a new generation
     tensors()                   device memory held (for ``cache_bytes``)
+    track_error()               from now on ``record`` also measures, on each computed step, the error the forecast
+                                of that step from the history before it would have had: ``error`` (float32
+                                (B, 2) on the device: per sample, the sum of squared differences and the sum of
+                                squares of the computed value), fused into the update (no extra pass)
 
 The math runs in the fused ops (``chebyshev_forecast``, ``taylor_update`` / ``taylor_forecast``,
 ``hermite_forecast``). A new forecaster is one class (and its test)."""
@@ -24,6 +28,7 @@ import torch
 import typing
 
 from .. import ops
+from ..ops import _reference as _ref
 from ._validate import check, is_int, is_number
 from .spec import Registry, StreamSpec
 from .spec import masked as _masked
@@ -43,6 +48,11 @@ class Forecaster:
     def make_state(self, spec: StreamSpec):
         raise NotImplementedError
 
+    def error_order(self) -> int:
+        """``p``: the error of a forecast over a gap of ``h`` steps grows about as ``h^(p + 1)`` (the exponent of
+        the error controller, ``ErrorControl``)."""
+        return 1
+
 
 @register_forecaster
 @dataclass(frozen=True)
@@ -50,6 +60,9 @@ class Reuse(Forecaster):
     """Reuse the value cached at the last full step (TeaCache, FORA, FBCache, MagCache)."""
 
     name = "reuse"
+
+    def error_order(self) -> int:
+        return 0
 
     def make_state(self, spec: StreamSpec):
         return ReuseState(spec.shape, spec.dtype, spec.device)
@@ -69,6 +82,9 @@ class Taylor(Forecaster):
 
     def make_state(self, spec: StreamSpec):
         return TaylorState(self.order, spec.shape, spec.dtype, spec.device)
+
+    def error_order(self) -> int:
+        return self.order
 
 
 @register_forecaster
@@ -114,19 +130,48 @@ class FreqCa(Forecaster):
     def make_state(self, spec: StreamSpec):
         return FreqCaState(self, spec.shape, spec.dtype, spec.device, spec.grid, spec.shard)
 
+    def error_order(self) -> int:
+        return self.order
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # states
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class ReuseState:
+def _samples(shape) -> int:
+    return int(shape[0]) if len(shape) > 1 else 1
+
+
+class _Tracked:
+    """The error measurement every forecaster state shares (``track_error`` / ``error``)."""
+
+    error: torch.Tensor | None = None
+
+    def track_error(self) -> None:
+        if self.error is None:
+            t = self.tensors()[0]
+            self.error = torch.zeros((_samples(self.shape), 2), dtype=torch.float32, device=t.device)
+
+
+def _error_sums(pred: torch.Tensor, value: torch.Tensor, out: torch.Tensor) -> None:
+    """out[b] = (sum (pred - value)^2, sum value^2) over sample b's elements."""
+    B = out.shape[0]
+    d = (pred.float() - value.float()).reshape(B, -1)
+    v = value.float().reshape(B, -1)
+    out.copy_(torch.stack(((d * d).sum(1), (v * v).sum(1)), dim=1))
+
+
+class ReuseState(_Tracked):
     uses_step = False
 
     def __init__(self, shape, dtype, device):
+        self.shape = tuple(shape)
         self.buf = torch.zeros(shape, dtype=dtype, device=device)
 
     def record(self, st, v, compute) -> None:
+        if self.error is not None:
+            _error_sums(self.buf, v, self.error)
         masked_write_(self.buf, v, compute)
 
     def predict(self, st) -> torch.Tensor:
@@ -139,16 +184,22 @@ class ReuseState:
         return [self.buf]
 
 
-class TaylorState:
+class TaylorState(_Tracked):
     uses_step = True
+    weights = staticmethod(lambda K, x, fc: _ref.taylor_weights(K, x, x.device))
 
     def __init__(self, order: int, shape, dtype, device):
+        self.shape = tuple(shape)
+        self.fc = None
         self.K = order + 1
         self.diffs = torch.zeros((self.K, *shape), dtype=dtype, device=device)
         self.count = torch.zeros((), dtype=torch.int64, device=device)
 
     def _update(self, diffs, v, st, compute) -> None:
         gap = (st.step - st.last_full).clamp(min=1).float()
+        if self.error is not None:  # the forecast of this step from the differences before it
+            w = self.weights(self.K, gap, self.fc) * (torch.arange(self.K, device=gap.device) < self.count)
+            _error_sums(torch.tensordot(w.to(diffs.dtype), diffs, dims=1), v, self.error)
         if compute is True:
             ops.taylor_update(diffs, v, gap, count=self.count)
         else:  # masked: the K difference rows are the whole state (K = order + 1, small)
@@ -170,13 +221,14 @@ class TaylorState:
         return [self.diffs, self.count]
 
 
-class ChebyshevState:
+class ChebyshevState(_Tracked):
     """A ring buffer of the last ``history`` full steps' values and their times; the forecast is one fused op."""
 
     uses_step = True
 
     def __init__(self, fc: Chebyshev, shape, dtype, device, num_steps: int):
         self.fc = fc
+        self.shape = tuple(shape)
         self.cap = min(fc.history, num_steps)
         self.hist = torch.zeros((self.cap, *shape), dtype=dtype, device=device)
         self.taus = torch.zeros(self.cap, dtype=torch.float32, device=device)
@@ -192,6 +244,8 @@ class ChebyshevState:
         return step.float() * self.scale - self.shift
 
     def record(self, st, v, compute) -> None:
+        if self.error is not None:  # the forecast of this step from the history before it
+            _error_sums(self.predict(st), v, self.error)
         row = (self.count % self.cap).view(1)
         # masked by the decision: one row is written (with itself when not computing), never the whole history
         self.hist.index_copy_(0, row, _masked(compute, v, self.hist.index_select(0, row)[0]).unsqueeze(0))
@@ -220,7 +274,7 @@ def dct_matrix(n: int, device, dtype=torch.float32) -> torch.Tensor:
     return c.to(device=device, dtype=dtype)
 
 
-class FreqCaState:
+class FreqCaState(_Tracked):
     """Low band of the token grid's orthonormal DCT (radial index <= cutoff * max over (frames, height, width))
     reused; high band forecast with Hermite-weighted differences. The DCT is separable: one small matrix per grid
     axis, applied along that axis (a 2-D image grid is the case frames = 1)."""
@@ -243,6 +297,7 @@ class FreqCaState:
         if math.prod(grid) != N:
             raise ValueError(f"grid: {' x '.join(map(str, grid))} != {N} tokens")
         self.fc, self.grid, self.shard = fc, grid, shard
+        self.shape = tuple(shape)
         self.K = fc.order + 1
         self.low = torch.zeros(shape, dtype=dtype, device=device)
         self.diffs = torch.zeros((self.K, *shape), dtype=dtype, device=device)
@@ -279,10 +334,16 @@ class FreqCaState:
             x = torch.tensordot(c.t() if inverse else c, x.movedim(axis, 0), dims=1).movedim(0, axis)
         return x
 
+    weights = staticmethod(lambda K, x, fc: _ref.hermite_weights(K, x, fc.scale, x.device))
+
     def record(self, st, v, compute) -> None:
+        if self.error is not None:  # the forecast of this step from the state before it
+            _error_sums(self.predict(st), v, self.error)
         lo = self.lowpass(v)
         masked_write_(self.low, lo, compute)
+        error, self.error = self.error, None
         TaylorState._update(self, self.diffs, v - lo, st, compute)
+        self.error = error
 
     def predict(self, st) -> torch.Tensor:
         x = (st.step - st.last_full).float()

@@ -24,7 +24,7 @@ from .. import ops
 from ..ops import layout as L
 from ._validate import check, check_coeffs, is_int, is_number
 from .forecasters import FreqCa, Reuse, Taylor
-from .spec import Registry, StreamSpec, masked_write_
+from .spec import Registry, StreamSpec, masked, masked_write_
 
 FLUX_TEACACHE_COEFFS = (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861)
 
@@ -394,6 +394,64 @@ class MagCacheGate(_Schedule):
 
 @register_gate
 @dataclass(frozen=True)
+class ErrorControl(Gate):
+    """Error-controlled caching: a tolerance instead of a schedule. On every computed step the forecaster also
+    measures the error its forecast of that step (from the history before it) would have had,
+    ``err = max over samples of ||forecast - computed|| / ||computed||`` (fused into its update; summed over a
+    context-parallel group), and the next gap is chosen as an ODE solver chooses its step size. For a forecaster
+    of order ``p`` the error over a gap of ``h`` steps grows about as ``h^(p+1)``, so after a gap ``h``::
+
+        fac    = safety * (tol / err)^(k_i / (p + 1)) * (err_prev / tol)^(k_p / (p + 1))
+        h_next = clip(h * clip(fac, shrink, grow), 1, max_gap)      (the next gap: floor(h_next) steps)
+
+    (``h`` is kept real between computed steps, so a gap of 1 can grow without a factor of 2)
+
+    (a PI controller, as in Gustafsson's and Soederlind's step-size control: ``pi = (k_i, k_p)``, ``(1, 0)`` is
+    the elementary controller; ``err_prev`` is the previous computed step's estimate). The first ``warmup`` steps
+    compute; a non-finite value computes the next step; with ``last`` the last step computes. ``order`` overrides
+    the forecaster's ``p``. Eager mode reads the chosen step back once per computed step (a signal gate reads one
+    value every step); under torch.compile everything stays on the device."""
+
+    tol: float = 0.05
+    order: int | None = None
+    safety: float = 0.9
+    shrink: float = 0.2
+    grow: float = 2.0
+    pi: tuple[float, float] = (0.7, 0.4)
+    warmup: int = 3
+    max_gap: int = 10
+    last: bool = True
+    name = "adaptive"
+    knob = "tol"
+
+    def __post_init__(self):
+        check(self, "tol", _pos(self.tol), "a finite number > 0 (the relative error of a forecast, e.g. 0.05)")
+        check(self, "order", self.order is None or (is_int(self.order) and 0 <= self.order <= 8),
+              "None (the forecaster's) or an int in [0, 8]")
+        check(self, "safety", is_number(self.safety) and 0 < self.safety <= 1, "a number in (0, 1]")
+        check(self, "shrink", is_number(self.shrink) and 0 < self.shrink <= 1, "a number in (0, 1]")
+        check(self, "grow", is_number(self.grow) and self.grow >= 1, "a finite number >= 1")
+        k = _pair(self, "pi")
+        check(self, "pi", k is not None and k[0] > 0 and k[1] >= 0, "(k_i, k_p) with k_i > 0, k_p >= 0")
+        object.__setattr__(self, "pi", k)
+        check(self, "warmup", is_int(self.warmup) and self.warmup >= 1, "an int >= 1 (step 0 must run)")
+        check(self, "max_gap", is_int(self.max_gap) and self.max_gap >= 1, "an int >= 1")
+        check(self, "last", isinstance(self.last, bool), "a bool")
+
+    @classmethod
+    def search(cls, fit: dict) -> list[SearchSpace]:
+        from .forecasters import Chebyshev
+
+        pairs = ((Taylor(order=1), "hidden", "taylor1"), (Taylor(order=2), "hidden", "taylor2"),
+                 (Chebyshev(blend=0.5), "hidden", "chebyshev"))
+        return [SearchSpace(cls.name, lambda t: cls(tol=t), _geometric(0.005, 0.5, 14), pairs)]
+
+    def make_state(self, spec: StreamSpec):
+        return ErrorControlState(self, spec)
+
+
+@register_gate
+@dataclass(frozen=True)
 class Calibrate(Gate):
     """Not a caching gate: every step computes, and the signals every gate reads are measured per step (the
     relative L1 change of the probe, of the first ``blocks`` blocks' residual and of the model's output, and
@@ -604,6 +662,88 @@ class CalibrationState(ScheduleState):
 
     def tensors(self):
         return super().tensors() + [self.measured, self.seen, self.prev_norm, *self.prev.values()]
+
+
+class ErrorControlState:
+    """``ErrorControl``'s device state: the next step to compute, the previous error, and what it measured and
+    chose at each step (for ``stats()``). The same tensor arithmetic eager and compiled (eager reads the next step
+    back once per computed step), so both take the same decisions."""
+
+    probe = None
+    uses_step = True
+
+    def __init__(self, gate: ErrorControl, spec: StreamSpec):
+        device = spec.device
+        self.gate, self.num_steps, self.p = gate, spec.num_steps, 1
+        f32 = dict(dtype=torch.float32, device=device)
+        self.next = torch.zeros((), dtype=torch.int64, device=device)  # the next step to compute
+        self.prev = torch.full((), float("nan"), **f32)  # the previous computed step's error estimate
+        self.h = torch.ones((), **f32)  # the step size, real: the gap is its floor (growth from 1 needs no jump)
+        self.errors = torch.full((spec.num_steps + 1,), float("nan"), **f32)  # per step (computed steps only)
+        self.gaps = torch.zeros(spec.num_steps + 1, dtype=torch.int64, device=device)  # the gap chosen there
+        self.host_next = 0
+
+    def bind(self, order: int) -> None:
+        """The forecaster's order ``p`` (unless the gate sets one)."""
+        self.p = int(order if self.gate.order is None else self.gate.order)
+
+    def decide(self, step) -> bool | torch.Tensor:
+        if step.index is not None:
+            return step.index >= self.host_next
+        return step.tensor >= self.next
+
+    def measured(self, st, sums: torch.Tensor, compute, keep) -> None:
+        """After a computed step's record: ``sums`` (B, 2) = per sample (sum of squared forecast errors, sum of
+        squares of the computed value); ``keep``: the value was finite (it entered the history)."""
+        g = self.gate
+        k_i, k_p = g.pi
+        e = torch.sqrt((sums[:, 0] / sums[:, 1].clamp(min=1e-30)).amax())
+        e = torch.nan_to_num(e, nan=math.inf, posinf=math.inf)
+        p1 = self.p + 1.0
+        fac = g.safety * (g.tol / e.clamp(min=1e-12)) ** (k_i / p1)
+        fac = fac * torch.where(torch.isnan(self.prev), torch.ones_like(fac), (self.prev / g.tol) ** (k_p / p1))
+        fac = torch.nan_to_num(fac, nan=g.shrink).clamp(g.shrink, g.grow)
+        warm = st.step < g.warmup - 1
+        ok = keep & ~warm if isinstance(keep, torch.Tensor) else torch.logical_and(torch.as_tensor(keep), ~warm)
+        h = torch.where(ok, (self.h * fac).clamp(1.0, float(g.max_gap)), torch.ones_like(self.h))
+        nxt = st.step + h.floor().long()
+        if g.last:  # the last step computes
+            nxt = torch.where(st.step < self.num_steps - 1, nxt.clamp(max=self.num_steps - 1), nxt)
+        row = st.step.clamp(max=self.num_steps).view(1)
+        masked_write_(self.next, nxt, compute)
+        masked_write_(self.h, h, compute)
+        masked_write_(self.prev, torch.where(ok, e, self.prev), compute)
+        self.errors.index_copy_(0, row, masked(compute, e, self.errors.index_select(0, row)[0]).view(1))
+        self.gaps.index_copy_(0, row, masked(compute, nxt - st.step, self.gaps.index_select(0, row)[0]).view(1))
+        if compute is True:  # eager: the one read back of a computed step
+            self.host_next = int(self.next)
+
+    def after(self, step, compute, residual) -> None:
+        pass
+
+    def reset(self) -> None:
+        self.next.zero_()
+        self.h.fill_(1.0)
+        self.prev.fill_(float("nan"))
+        self.errors.fill_(float("nan"))
+        self.gaps.zero_()
+        self.host_next = 0
+
+    def start_at(self, index: int) -> None:
+        self.next.fill_(index)
+        self.host_next = index
+
+    def report(self, log: list) -> dict:
+        """For ``stats()``: the error estimate of every computed step (None before the history can forecast) and
+        the gap chosen after it."""
+        computed = [i for i, c in enumerate(log) if c is True]
+        errs, gaps = self.errors.tolist(), self.gaps.tolist()
+        warm = self.gate.warmup - 1
+        return {"error_estimates": [None if i < warm or math.isnan(errs[i]) else errs[i] for i in computed],
+                "gaps": [int(gaps[i]) for i in computed]}
+
+    def tensors(self):
+        return [self.next, self.h, self.prev, self.errors, self.gaps]
 
 
 class SignalState:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from .forecasters import FORECASTERS, Chebyshev, FreqCa, Reuse, Taylor
 from .gates import (
     GATES,
+    ErrorControl,
     EveryStep,
     FBCacheGate,
     FixedInterval,
@@ -96,6 +97,7 @@ PRESETS: dict[str, Policy] = {
     "freqca": Policy(FixedInterval(interval=6, warmup=3), FreqCa(), "hidden", "freqca"),
     # blend 0.5: the authors' run scripts (hanjq17/Spectrum scripts/run_mp_image.sh, w=0.5); the code default is 1.0
     "spectrum": Policy(SpectrumSchedule(), Chebyshev(blend=0.5), "hidden", "spectrum"),
+    "adaptive": Policy(ErrorControl(), Taylor(order=1), "hidden", "adaptive"),
 }
 
 

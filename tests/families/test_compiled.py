@@ -67,6 +67,7 @@ PRESETS = {
     "spectrum": {}, "teacache": {"threshold": 0.3, "coeffs": (1.0, 0.0)},
     "spectralcache": {"threshold": 0.3, "coeffs": (1.0, 0.0)}, "freqca": {"interval": 3, "grid": (1, 4, 4)},
     "taylorseer": {"interval": 3}, "fora": {}, "fbcache": {"threshold": 0.5}, "magcache": None,
+    "adaptive": {"tol": 1.0, "warmup": 2},
 }
 
 

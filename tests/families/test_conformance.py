@@ -29,6 +29,7 @@ PRESETS = {
     "taylorseer": {"interval": 3},
     "fora": {},
     "fbcache": {"threshold": 0.5},
+    "adaptive": {"tol": 1.0, "warmup": 2},
 }
 
 

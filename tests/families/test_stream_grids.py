@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = 6
 OVERRIDES = {"magcache": {"ratios": (1.0,) + (0.97,) * (STEPS - 1)}, "freqca": {"interval": 2},
-             "taylorseer": {"interval": 2}, "fora": {"interval": 2}}
+             "taylorseer": {"interval": 2}, "fora": {"interval": 2}, "adaptive": {"tol": 1.0, "warmup": 2}}
 
 
 @torch.no_grad()

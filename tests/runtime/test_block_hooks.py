@@ -21,7 +21,7 @@ PRESETS = [p for p in sorted(fastcache_rt.PRESETS) if p != "none"]
 # which a compiled call cannot read: FreqCa gets it)
 OVERRIDES = {"magcache": {"ratios": (1.0,) + (0.97,) * (STEPS - 1)}, "freqca": {"interval": 2},
              "taylorseer": {"interval": 2}, "fora": {"interval": 2}, "teacache": {"threshold": 0.3},
-             "spectralcache": {"threshold": 0.3}, "fbcache": {"threshold": 0.5}}
+             "spectralcache": {"threshold": 0.3}, "fbcache": {"threshold": 0.5}, "adaptive": {"tol": 2.0, "warmup": 2}}
 
 
 class Counting:
@@ -67,7 +67,7 @@ def _blocks(m):
     return [b for spec in family_for(m).lists for b in getattr(m, spec.attr)]
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("name", ["flux", "sd3", "wan", "chroma", "hidream"])
 def test_block_hooks_fire_once_per_real_run(name, preset, compiled):

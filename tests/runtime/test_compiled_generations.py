@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 # two identical generations, then the step count and the size change together
 RUNS = ((6, 32, 32), (6, 32, 32), (8, 48, 32))
-OVERRIDES = {"magcache": {"ratios": (1.0,) + (0.97,) * 7}, "taylorseer": {"interval": 3}, "fora": {"interval": 2}}
+OVERRIDES = {"magcache": {"ratios": (1.0,) + (0.97,) * 7}, "taylorseer": {"interval": 3}, "fora": {"interval": 2},
+             "adaptive": {"tol": 0.5, "warmup": 2}}
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = 12
 OVERRIDES = {"magcache": {"ratios": (1.0,) + (0.97,) * (STEPS - 1)}, "freqca": {"interval": 3},
-             "taylorseer": {"interval": 3}}
+             "taylorseer": {"interval": 3}, "adaptive": {"tol": 0.5, "warmup": 2}}
 
 
 @pytest.fixture(scope="module")
