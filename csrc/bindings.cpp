@@ -197,4 +197,34 @@ PYBIND11_MODULE(_C, m) {
               "taylor_update");
       },
       "taylor_update(dtype, diffs, K, N, s_row, s_col, feature, feature_stride, gap, count (0 = none), nthreads)");
+
+  m.def(
+      "taylor_update_error",
+      [](int dtype, uintptr_t diffs, int64_t K, int64_t N, int64_t s_row, int64_t s_col, uintptr_t feature,
+         int64_t feature_s, uintptr_t gap, uintptr_t count, uintptr_t weights, int64_t weights_s, uintptr_t error,
+         int64_t B, int nthreads) {
+        check(nogil([&] {
+                return fc::taylor_update_error(dtype, ptr<void>(diffs), K, N, s_row, s_col, ptr<const void>(feature),
+                                               feature_s, ptr<const float>(gap), ptr<const int64_t>(count),
+                                               ptr<const float>(weights), weights_s, ptr<float>(error), B, nthreads);
+              }),
+              "taylor_update_error");
+      },
+      "taylor_update_error(dtype, diffs, K, N, s_row, s_col, feature, feature_stride, gap, count (0 = none), "
+      "weights, weights_stride, error, B, nthreads)");
+
+  m.def(
+      "history_update",
+      [](int dtype, uintptr_t history, int64_t n, int64_t N, int64_t s_row, int64_t s_col, uintptr_t value,
+         int64_t value_s, uintptr_t row, uintptr_t weights, int64_t weights_s, uintptr_t count, uintptr_t error,
+         int64_t B, int nthreads) {
+        check(nogil([&] {
+                return fc::history_update(dtype, ptr<void>(history), n, N, s_row, s_col, ptr<const void>(value),
+                                          value_s, ptr<const int64_t>(row), ptr<const float>(weights), weights_s,
+                                          ptr<const int64_t>(count), ptr<float>(error), B, nthreads);
+              }),
+              "history_update");
+      },
+      "history_update(dtype, history, n, N, s_row, s_col, value, value_stride, row, weights, weights_stride, "
+      "count (0 = none), error (0 = none), B, nthreads)");
 }

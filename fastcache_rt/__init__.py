@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from . import ops, policy  # noqa: E402
 from .policy import PRESETS, Policy, load_policy, save_policy  # noqa: E402

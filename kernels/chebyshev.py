@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import band_l1 as _band_l1
+from .error_sums import BLOCK_P, error_finish, error_grid, error_partial
 from .launch import cdiv, launch_options, next_pow2, num_sms
 
 NEG_INF = tl.constexpr(float("-inf"))
@@ -332,6 +334,63 @@ def chebyshev_forecast_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@triton.jit(do_not_specialize=["n", "row_value", "count_value", "C", "B"])
+def history_update_fwd_kernel(
+    p_hist,
+    p_value,
+    p_row,
+    p_weights,
+    p_count,
+    p_ws,
+    p_counter,
+    p_error,
+    n,
+    N,
+    L,
+    C,
+    B,
+    s_hist_j,
+    s_hist_n,
+    s_value,
+    row_value,
+    count_value,
+    ROW_PTR: tl.constexpr,
+    COUNT_PTR: tl.constexpr,
+    ERROR: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """history[row, o_n] = value[o_n] (the bits; no write when row is outside [0, n)). ERROR: program (sample
+    i_p // C, chunk i_p % C) of the error partition (``error_sums.py``); first pred = sum_{j < count} w_j
+    history[j] (the valid rows in order, from 0, a product then an add: the reference's bits), read before the
+    write, and the error sums of pred against value; the last program writes them."""
+    i_p = tl.program_id(0)
+    if ERROR:
+        i_b = i_p // C
+        o_l = (i_p - i_b * C).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # [BLOCK_N] in the sample
+        m_n = o_l < L
+        o_n = i_b.to(tl.int64) * L + o_l
+    else:
+        o_n = i_p.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # [BLOCK_N]
+        m_n = o_n < N
+    if ROW_PTR:
+        row = tl.load(p_row)
+    else:
+        row = tl.cast(row_value, tl.int64)
+    b_raw = tl.load(p_value + o_n * s_value, mask=m_n, other=0.0)  # [BLOCK_N] value, its own dtype
+    if ERROR:
+        n_valid = _valid_count(p_count, count_value, n, COUNT_PTR)
+        b_pred = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for j in range(n_valid):  # rows j >= count are not read
+            b_x = tl.load(p_hist + tl.cast(j, tl.int64) * s_hist_j + o_n * s_hist_n, mask=m_n, other=0.0)
+            b_pred = b_pred + tl.load(p_weights + j) * b_x.to(tl.float32)
+        error_partial(b_pred, b_raw.to(tl.float32), m_n, p_ws, i_p, tl.cast(B, tl.int64) * C)
+    m_w = m_n & (o_n < tl.where((row >= 0) & (row < n), N, 0))
+    tl.store(p_hist + row * s_hist_j + o_n * s_hist_n, b_raw, mask=m_w)
+    if ERROR:
+        error_finish(p_ws, p_counter, p_error, B, C, BLOCK_P)
+
+
 def _fit_blocks(degree: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_JF): the padded system size and rows per Gram chunk ([BLOCK_JF, BLOCK_M, BLOCK_M] <= 1024)."""
     BLOCK_M = next_pow2(degree + 1)
@@ -435,5 +494,62 @@ def chebyshev_forecast(
         BLOCK_J=16,
         BLOCK_N=BLOCK_N,
         num_warps=8,
+        **launch_options(),
+    )
+
+
+HISTORY_BLOCK_N = 1024
+
+
+def history_update(
+    history: torch.Tensor,
+    value: torch.Tensor,
+    row: torch.Tensor | int,
+    weights: torch.Tensor,
+    count: torch.Tensor | int | None,
+    error: torch.Tensor | None,
+) -> None:
+    """history (n, N) any strides: history[row] = value (value (N,) any stride, same dtype); with error (float32
+    (B, 2)) first the error sums of pred = sum_{j < count} weights[j] history[j] against value. One launch."""
+    n, N = history.shape
+    has_error = error is not None
+    if has_error:
+        B = error.shape[0]
+        if B == 0:
+            return
+        L, C, programs = error_grid(B, N, HISTORY_BLOCK_N)
+        ws, counter = _band_l1._scratch(history.device, 2 * programs)
+    else:
+        if N == 0:
+            return
+        L, C, B, programs = N, 1, 1, cdiv(N, HISTORY_BLOCK_N)
+        ws = counter = error = history  # unused (ERROR=False)
+    r_ptr = isinstance(row, torch.Tensor)
+    c_ptr = isinstance(count, torch.Tensor)
+    history_update_fwd_kernel[(programs,)](
+        history,
+        value,
+        row if r_ptr else history,
+        weights,
+        count if c_ptr else history,
+        ws,
+        counter,
+        error,
+        n,
+        N,
+        L,
+        C,
+        B,
+        history.stride(0),
+        history.stride(1),
+        value.stride(0),
+        0 if r_ptr else int(row),
+        0 if c_ptr else (n if count is None else int(count)),
+        ROW_PTR=r_ptr,
+        COUNT_PTR=c_ptr,
+        ERROR=has_error,
+        BLOCK_N=HISTORY_BLOCK_N,
+        BLOCK_P=BLOCK_P,
+        num_warps=4,
         **launch_options(),
     )

@@ -4,9 +4,10 @@ this folder has no ``__init__.py``, see README.md beside this file).
 Modules, one per op family, each with its ``@triton.jit`` kernels and thin launchers that take torch tensors (the
 canonical arguments of ``fastcache_rt/ops/_backend.py``) and launch exactly one kernel per call:
 
-  band_l1    band_l1, gate_step, gate_decide
-  chebyshev  chebyshev_weights, chebyshev_forecast
-  taylor     taylor_forecast, hermite_forecast, taylor_update
+  band_l1     band_l1, gate_step, gate_decide
+  chebyshev   chebyshev_weights, chebyshev_forecast, history_update
+  taylor      taylor_forecast, hermite_forecast, taylor_update, taylor_update_error
+  error_sums  the error sums' @triton.jit helpers, shared by taylor_update_error and history_update (no launcher)
 
 Kernel code imports nothing of fastcache_rt except ``fastcache_rt.ops.layout`` (the gate state/params layout).
 To run on CPU tensors through the Triton interpreter, set ``TRITON_INTERPRET=1`` before importing these modules.

@@ -2,10 +2,12 @@
 
 taylor_forecast:  out = sum_i diffs[i] * x^i / i!
 hermite_forecast: out = sum_k diffs[k] * c_k, c_0 = 1, c_k = H_k(scale x) scale^k / k! (physicists' Hermite)
-taylor_update:    new[0] = feature; new[i+1] = (new[i] - old[i]) / gap while i < count, else 0
+taylor_update:    new[0] = feature; new[i+1] = (new[i] - old[i]) / gap while i < count, else 0; with ``error=``
+                  (constexpr ERROR) also the error sums of the forecast sum_{i < count} w_i old[i] of the feature
 
 One kernel for both forecasts (constexpr MODE picks the weights, computed per program as scalars while streaming the
-rows), one for the update. Each is one launch over column blocks.
+rows), one for the update. Each is one launch over column blocks (with ERROR: (sample, chunk) blocks, the partition
+of ``error_sums.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import band_l1 as _band_l1
+from .error_sums import BLOCK_P, error_finish, error_grid, error_partial
 from .launch import cdiv, launch_options
 
 MODE_TAYLOR = tl.constexpr(0)
@@ -81,14 +85,21 @@ def weighted_rows_fwd_kernel(
     tl.store(p_out + o_n * s_out, b_acc.to(p_out.dtype.element_ty), mask=m_n)
 
 
-@triton.jit(do_not_specialize=["K", "gap_value", "count_value"])
+@triton.jit(do_not_specialize=["K", "gap_value", "count_value", "C", "B"])
 def taylor_update_fwd_kernel(
     p_diffs,
     p_feature,
     p_gap,
     p_count,
+    p_weights,
+    p_ws,
+    p_counter,
+    p_error,
     K,
     N,
+    L,
+    C,
+    B,
     s_diffs_k,
     s_diffs_n,
     s_feature,
@@ -96,13 +107,24 @@ def taylor_update_fwd_kernel(
     count_value,
     GAP_PTR: tl.constexpr,
     COUNT_PTR: tl.constexpr,
+    ERROR: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     """In place over columns o_n: row i is read (when i < count) before it is overwritten; the chain carries
-    new[i] in float32 (not rounded to the storage dtype between orders, as the reference)."""
-    i_n = tl.program_id(0)
-    o_n = i_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # [BLOCK_N]
-    m_n = o_n < N
+    new[i] in float32 (not rounded to the storage dtype between orders, as the reference).
+    ERROR: program (sample i_p // C, chunk i_p % C) of the error partition (``error_sums.py``); the same pass forms
+    pred = sum_{i < count} w_i old[i] (rows in order, from 0, a product then an add: the reference's bits) and the
+    error sums of pred against the feature; the last program writes them."""
+    i_p = tl.program_id(0)
+    if ERROR:
+        i_b = i_p // C
+        o_l = (i_p - i_b * C).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # [BLOCK_N] in the sample
+        m_n = o_l < L
+        o_n = i_b.to(tl.int64) * L + o_l
+    else:
+        o_n = i_p.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # [BLOCK_N]
+        m_n = o_n < N
     if GAP_PTR:
         b_gap = tl.load(p_gap).to(tl.float32)
     else:
@@ -112,17 +134,29 @@ def taylor_update_fwd_kernel(
     else:
         n_old = tl.cast(count_value, tl.int64)
     b_cur = tl.load(p_feature + o_n * s_feature, mask=m_n, other=0.0).to(tl.float32)  # [BLOCK_N] new[0]
+    if ERROR:
+        b_feat = b_cur
+        b_pred = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for i in range(K - 1):
         p_row = p_diffs + tl.cast(i, tl.int64) * s_diffs_k + o_n * s_diffs_n
         ok = i < n_old
         # rows i >= count are not read (their mask is empty)
-        m_old = o_n < tl.where(ok, N, 0)
+        m_old = m_n & (o_n < tl.where(ok, N, 0))
         b_old = tl.load(p_row, mask=m_old, other=0.0).to(tl.float32)
+        if ERROR:
+            b_pred = tl.where(ok, b_pred + tl.load(p_weights + i) * b_old, b_pred)
         b_next = tl.where(ok, tl.math.div_rn(b_cur - b_old, b_gap), 0.0)
         tl.store(p_row, b_cur.to(p_diffs.dtype.element_ty), mask=m_n)
         b_cur = b_next
     p_last = p_diffs + tl.cast(K - 1, tl.int64) * s_diffs_k + o_n * s_diffs_n
+    if ERROR:  # the last order feeds the forecast when it was valid (count == K), read before it is overwritten
+        ok_last = (K - 1) < n_old
+        b_old = tl.load(p_last, mask=m_n & (o_n < tl.where(ok_last, N, 0)), other=0.0).to(tl.float32)
+        b_pred = tl.where(ok_last, b_pred + tl.load(p_weights + K - 1) * b_old, b_pred)
     tl.store(p_last, b_cur.to(p_diffs.dtype.element_ty), mask=m_n)
+    if ERROR:
+        error_partial(b_pred, b_feat, m_n, p_ws, i_p, tl.cast(B, tl.int64) * C)
+        error_finish(p_ws, p_counter, p_error, B, C, BLOCK_P)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,22 +206,38 @@ def hermite_forecast(diffs: torch.Tensor, distance: torch.Tensor | float, scale:
     _forecast(diffs, distance, scale, 1, out)
 
 
-def taylor_update(
-    diffs: torch.Tensor, feature: torch.Tensor, gap: torch.Tensor | float, count: torch.Tensor | int | None
-) -> None:
-    """In place on diffs (K, N): new[0] = feature, new[i+1] = (new[i] - old[i]) / gap if i < count else 0. One launch."""
+def _update(diffs, feature, gap, count, weights, error) -> None:
     K, N = diffs.shape
-    if N == 0 or K == 0:
+    if K == 0:
         return
+    has_error = error is not None
+    if has_error:
+        B = error.shape[0]
+        if B == 0:
+            return
+        L, C, programs = error_grid(B, N, BLOCK_N)
+        ws, counter = _band_l1._scratch(diffs.device, 2 * programs)
+    else:
+        if N == 0:
+            return
+        L, C, B, programs = N, 1, 1, cdiv(N, BLOCK_N)
+        weights = ws = counter = error = diffs  # unused (ERROR=False)
     g_ptr = isinstance(gap, torch.Tensor)
     c_ptr = isinstance(count, torch.Tensor)
-    taylor_update_fwd_kernel[(cdiv(N, BLOCK_N),)](
+    taylor_update_fwd_kernel[(programs,)](
         diffs,
         feature,
         gap if g_ptr else diffs,
         count if c_ptr else diffs,
+        weights,
+        ws,
+        counter,
+        error,
         K,
         N,
+        L,
+        C,
+        B,
         diffs.stride(0),
         diffs.stride(1),
         feature.stride(0),
@@ -195,7 +245,29 @@ def taylor_update(
         0 if c_ptr else (K if count is None else int(count)),
         GAP_PTR=g_ptr,
         COUNT_PTR=c_ptr,
+        ERROR=has_error,
         BLOCK_N=BLOCK_N,
+        BLOCK_P=BLOCK_P,
         num_warps=NUM_WARPS,
         **launch_options(),
     )
+
+
+def taylor_update(
+    diffs: torch.Tensor, feature: torch.Tensor, gap: torch.Tensor | float, count: torch.Tensor | int | None
+) -> None:
+    """In place on diffs (K, N): new[0] = feature, new[i+1] = (new[i] - old[i]) / gap if i < count else 0. One launch."""
+    _update(diffs, feature, gap, count, None, None)
+
+
+def taylor_update_error(
+    diffs: torch.Tensor,
+    feature: torch.Tensor,
+    gap: torch.Tensor | float,
+    count: torch.Tensor | int | None,
+    weights: torch.Tensor,
+    error: torch.Tensor,
+) -> None:
+    """taylor_update, and the error sums (error (B, 2) float32) of pred = sum_{i < count} weights[i] old[i] against
+    the feature, in the same launch (``error_sums.py``: one program per (sample, chunk), the last one reduces)."""
+    _update(diffs, feature, gap, count, weights, error)

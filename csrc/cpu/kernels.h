@@ -51,14 +51,34 @@ struct UpdateArgs {
   const void* feature;
   int64_t s_feature;
   float gap;
-  int64_t count;  // valid orders before the call, clamped to [0, K]
+  int64_t count;         // valid orders before the call, clamped to [0, K]
+  const float* w = nullptr;  // update_error_kernel: the forecast's weights (K,), contiguous
 };
 
-#define FC_DECLARE_KERNELS(ns)                                                        \
-  namespace ns {                                                                      \
-  void band_kernel(int dtype, const BandArgs& a, int64_t u0, int64_t u1);             \
-  void weighted_rows_kernel(int dtype, const WeightedArgs& a, int64_t c0, int64_t c1); \
-  void update_kernel(int dtype, const UpdateArgs& a, int64_t c0, int64_t c1);         \
+// history_update on columns: history[row] = value (a bit copy; no write when row is outside [0, n)), and with the
+// error the forecast pred = sum_{k < count} w[k] * history[k] (read before the write).
+struct HistoryArgs {
+  void* history;
+  int64_t n, s_row, s_col;
+  const void* value;
+  int64_t s_value;
+  int64_t row;
+  int64_t count;             // valid rows before the call, clamped to [0, n]
+  const float* w = nullptr;  // (n,), contiguous (error only)
+};
+
+// The double partial sums of one chunk of the error sums: sum (pred - value)^2, sum value^2 (error_sums.h).
+struct ErrorPart {
+  double e2, f2;
+};
+
+#define FC_DECLARE_KERNELS(ns)                                                                      \
+  namespace ns {                                                                                    \
+  void band_kernel(int dtype, const BandArgs& a, int64_t u0, int64_t u1);                           \
+  void weighted_rows_kernel(int dtype, const WeightedArgs& a, int64_t c0, int64_t c1);               \
+  void update_kernel(int dtype, const UpdateArgs& a, int64_t c0, int64_t c1);                       \
+  void update_error_kernel(int dtype, const UpdateArgs& a, int64_t c0, int64_t c1, ErrorPart* part); \
+  void history_kernel(int dtype, const HistoryArgs& a, int64_t c0, int64_t c1, ErrorPart* part);    \
   }
 
 FC_DECLARE_KERNELS(generic)
@@ -86,6 +106,22 @@ inline void update_kernel(int dtype, const UpdateArgs& a, int64_t c0, int64_t c1
   if (active_isa() == kIsaAvx2) return avx2::update_kernel(dtype, a, c0, c1);
 #endif
   generic::update_kernel(dtype, a, c0, c1);
+}
+
+// taylor_update over columns [c0, c1) and the error sums of that chunk into *part.
+inline void update_error_kernel(int dtype, const UpdateArgs& a, int64_t c0, int64_t c1, ErrorPart* part) {
+#if FC_HAS_AVX2
+  if (active_isa() == kIsaAvx2) return avx2::update_error_kernel(dtype, a, c0, c1, part);
+#endif
+  generic::update_error_kernel(dtype, a, c0, c1, part);
+}
+
+// history_update over columns [c0, c1); the error sums of the chunk into *part, none when part is null.
+inline void history_kernel(int dtype, const HistoryArgs& a, int64_t c0, int64_t c1, ErrorPart* part) {
+#if FC_HAS_AVX2
+  if (active_isa() == kIsaAvx2) return avx2::history_kernel(dtype, a, c0, c1, part);
+#endif
+  generic::history_kernel(dtype, a, c0, c1, part);
 }
 
 }  // namespace cpu

@@ -12,6 +12,8 @@
 // clang-format off
 #include "band_l1_kernel.h"
 #include "weighted_rows_kernel.h"
+#include "error_sums_kernel.h"
 #include "taylor_kernel.h"
+#include "history_kernel.h"
 // clang-format on
 #undef FC_ISA_NS

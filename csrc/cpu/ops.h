@@ -62,5 +62,19 @@ int hermite_forecast(int dtype, const void* diffs, int64_t K, int64_t N, int64_t
 int taylor_update(int dtype, void* diffs, int64_t K, int64_t N, int64_t s_row, int64_t s_col, const void* feature,
                   int64_t s_feature, const float* gap, const int64_t* count, int nthreads);
 
+// taylor_update, and in the same pass the error sums (error_sums.h) of pred = sum_{i < count} weights[i] * old[i]
+// (weights: float32 (K,), element stride s_weights) against the feature into error (float32 (B, 2) contiguous;
+// N % B == 0).
+int taylor_update_error(int dtype, void* diffs, int64_t K, int64_t N, int64_t s_row, int64_t s_col,
+                        const void* feature, int64_t s_feature, const float* gap, const int64_t* count,
+                        const float* weights, int64_t s_weights, float* error, int64_t B, int nthreads);
+
+// history[row] = value (a bit copy; history (n, N) element strides, value stride s_value; no write when *row is
+// outside [0, n)); with error != null, first the error sums of pred = sum_{k < count} weights[k] * history[k]
+// against value (count: null = n). error: float32 (B, 2) contiguous, N % B == 0.
+int history_update(int dtype, void* history, int64_t n, int64_t N, int64_t s_row, int64_t s_col, const void* value,
+                   int64_t s_value, const int64_t* row, const float* weights, int64_t s_weights,
+                   const int64_t* count, float* error, int64_t B, int nthreads);
+
 }  // namespace cpu
 }  // namespace fastcache_rt

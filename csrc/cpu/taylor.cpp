@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "common.h"
+#include "error_sums.h"
 #include "ops.h"
 #include "kernels.h"
 
@@ -95,6 +96,25 @@ int taylor_update(int dtype, void* diffs, int64_t K, int64_t N, int64_t s_row, i
   if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16) return kBadDType;
   update_run(dtype, a, N, nthreads);
   return kOk;
+}
+
+int taylor_update_error(int dtype, void* diffs, int64_t K, int64_t N, int64_t s_row, int64_t s_col,
+                        const void* feature, int64_t s_feature, const float* gap, const int64_t* count,
+                        const float* weights, int64_t s_weights, float* error, int64_t B, int nthreads) {
+  if (K < 1 || N < 0 || B < 0) return kBadSize;
+  if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16) return kBadDType;
+  if (error == nullptr && B > 0) return kNullPointer;
+  if (N > 0 && (diffs == nullptr || feature == nullptr || gap == nullptr || weights == nullptr)) return kNullPointer;
+  int64_t cnt = K;
+  if (count != nullptr) cnt = *count < 0 ? 0 : (*count < K ? *count : K);
+  // The weights of the rows that are read, contiguous (K is small).
+  std::vector<float> w(static_cast<size_t>(K), 0.0f);
+  for (int64_t i = 0; i < cnt; ++i) w[static_cast<size_t>(i)] = weights[i * s_weights];
+  UpdateArgs a{diffs, K, s_row, s_col, feature, s_feature, N > 0 ? *gap : 1.0f, cnt};
+  a.w = w.data();
+  return error_sums_run(N, B, 2 * K, error, nthreads, [&](int64_t b, int64_t e, ErrorPart* part) {
+    update_error_kernel(dtype, a, b, e, part);
+  });
 }
 
 }  // namespace cpu

@@ -228,4 +228,42 @@ PYBIND11_MODULE(_C_cuda, m) {
               "taylor_update");
       },
       py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "error_workspace_doubles", [](int64_t N, int64_t B) { return fc::error_workspace_doubles(N, B); },
+      py::arg("N"), py::arg("B"),
+      "Doubles of the partials workspace of the error sums (taylor_update_error, history_update with an error) for "
+      "N columns in B samples: a function of the sizes only.");
+
+  m.def(
+      "taylor_update_error",
+      [](int dtype, uintptr_t diffs, int64_t K, int64_t N, int64_t ds0, int64_t ds1, uintptr_t feature, int64_t fs,
+         uintptr_t gap, double gap_value, uintptr_t count, std::optional<int64_t> count_value, uintptr_t weights,
+         uintptr_t error, int64_t B, uintptr_t partials, int64_t partials_doubles, int counter_slot,
+         uintptr_t stream) {
+        check(fc::taylor_update_error(as_dtype(dtype), as_ptr<void>(diffs), K, N, ds0, ds1,
+                                      as_ptr<const void>(feature), fs, f32_arg(gap, gap_value),
+                                      count_arg(count, count_value, K), as_ptr<const float>(weights),
+                                      as_ptr<float>(error), B, as_ptr<double>(partials), partials_doubles,
+                                      counter_slot, as_stream(stream)),
+              "taylor_update_error");
+      },
+      py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "history_update",
+      [](int dtype, uintptr_t history, int64_t n, int64_t N, int64_t hs0, int64_t hs1, uintptr_t value, int64_t vs,
+         uintptr_t row, int64_t row_value, uintptr_t weights, uintptr_t count, std::optional<int64_t> count_value,
+         uintptr_t error, int64_t B, uintptr_t partials, int64_t partials_doubles, int counter_slot,
+         uintptr_t stream) {
+        fc::ScalarI64 r;
+        r.ptr = as_ptr<const int64_t>(row);
+        r.value = row_value;
+        check(fc::history_update(as_dtype(dtype), as_ptr<void>(history), n, N, hs0, hs1, as_ptr<const void>(value),
+                                 vs, r, as_ptr<const float>(weights), count_arg(count, count_value, n),
+                                 as_ptr<float>(error), B, as_ptr<double>(partials), partials_doubles, counter_slot,
+                                 as_stream(stream)),
+              "history_update");
+      },
+      py::call_guard<py::gil_scoped_release>());
 }

@@ -104,6 +104,27 @@ cudaError_t hermite_forecast(DType dtype, const void* diffs, int64_t K, int64_t 
 cudaError_t taylor_update(DType dtype, void* diffs, int64_t K, int64_t N, int64_t ds0, int64_t ds1,
                           const void* feature, int64_t fs, ScalarF32 gap, ScalarI64 count, cudaStream_t stream);
 
+// Doubles of the `partials` workspace of the error sums (taylor_update_error, history_update with an error) for N
+// columns in B samples: 2 * B * C, C = max(1, ceil((N / B) / 4096)) (error_sums.cuh). A function of the sizes only.
+int64_t error_workspace_doubles(int64_t N, int64_t B);
+
+// taylor_update, and in the same launch the error sums of pred = sum_{i < count} weights[i] * old diffs[i]
+// (weights: float32 (K,) contiguous on the device) against the feature: error (B, 2) float32 contiguous,
+// error[b] = (sum (pred - feature)^2, sum feature^2) over the b-th of B equal slices of the N columns. The partials
+// workspace (16-byte aligned, >= error_workspace_doubles) and the counter slot as band_l1's.
+cudaError_t taylor_update_error(DType dtype, void* diffs, int64_t K, int64_t N, int64_t ds0, int64_t ds1,
+                                const void* feature, int64_t fs, ScalarF32 gap, ScalarI64 count, const float* weights,
+                                float* error, int64_t B, double* partials, int64_t partials_doubles, int counter_slot,
+                                cudaStream_t stream);
+
+// history (n, N) (strides hs0, hs1): history[row] = value (stride vs; a bit copy; no write when row is outside
+// [0, n)); with error != nullptr first the error sums (as taylor_update_error) of pred = sum_{k < count}
+// weights[k] * history[k] against value. count: int64 scalar (None = n).
+cudaError_t history_update(DType dtype, void* history, int64_t n, int64_t N, int64_t hs0, int64_t hs1,
+                           const void* value, int64_t vs, ScalarI64 row, const float* weights, ScalarI64 count,
+                           float* error, int64_t B, double* partials, int64_t partials_doubles, int counter_slot,
+                           cudaStream_t stream);
+
 // cudaSuccess when this module's kernels can run on `device` (an image for its architecture is present).
 cudaError_t probe_device(int device);
 

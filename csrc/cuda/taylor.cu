@@ -15,10 +15,16 @@
 //    path) and walks the K rows: it reads old[i] before writing new[i], keeps new[i] in fp32 (the reference
 //    stacks fp32 rows and rounds once at the end), and reads no row i >= count (a ring buffer may hold garbage
 //    there). count and gap are read from device memory, or passed by value (ScalarF32 / ScalarI64).
+//  - Update with the error (taylor_update_error, one launch): the same per-column arithmetic, on the error sums'
+//    fixed partition (error_sums.cuh: one block per (sample, chunk of 4096 columns), thread t owns packs t,
+//    t + 256, ...); while walking the rows it also forms pred = sum_{r < count} w[r] * old[r] (rows in order,
+//    __fadd_rn(pred, __fmul_rn(w, old)) from 0: the reference's bits; the last row is read too when count == K)
+//    and adds (pred - feature)^2, feature^2 to the thread's sums; err::finish reduces them.
 
 #include <cmath>
 
 #include "cuda/common.cuh"
+#include "cuda/error_sums.cuh"
 
 namespace fastcache_rt {
 namespace cuda {
@@ -140,6 +146,91 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Column c of the update with the error, element by element (strided path, and the short last pack).
+template <typename T>
+__device__ __forceinline__ void update_column_error(T* p, int64_t ds0, float cur, float g, const float* w, int64_t K,
+                                                    int64_t nd, bool read_last, err::Acc& acc) {
+  const float feat = cur;
+  float pred = 0.0f;
+  int64_t r = 0;
+  for (; r < nd; ++r, p += ds0) {
+    const float old = to_f32(*p);
+    pred = __fadd_rn(pred, __fmul_rn(__ldg(w + r), old));
+    *p = from_f32<T>(cur);
+    cur = __fdiv_rn(__fsub_rn(cur, old), g);
+  }
+  if (read_last) pred = __fadd_rn(pred, __fmul_rn(__ldg(w + r), to_f32(*p)));  // r == K - 1
+  *p = from_f32<T>(cur);
+  for (++r, p += ds0; r < K; ++r, p += ds0) *p = from_f32<T>(0.0f);
+  acc.add(pred, feat);
+}
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(err::kThreads)
+    taylor_update_error_kernel(T* d, int64_t K, int64_t ds0, int64_t ds1, const T* f, int64_t fs,
+                               const ScalarF32 gap, const ScalarI64 count, const float* __restrict__ w,
+                               const err::Grid eg, double2* ws, int counter_slot, float* error) {
+  constexpr int kV = Pack<T>::kN;
+  const float g = read_scalar(gap);
+  const int64_t c_in = read_scalar(count);
+  const int64_t cnt = c_in < 0 ? 0 : (c_in < K ? c_in : K);
+  const int64_t nd = cnt < K - 1 ? cnt : K - 1;  // rows that take a difference
+  const bool read_last = cnt >= K;                // the last row feeds the forecast too
+  int64_t base = 0;
+  int64_t len = 0;
+  err::chunk_of(eg, &base, &len);
+  const int n_len = len > 0 ? static_cast<int>(len) : 0;  // <= kChunk
+  const int packs = (n_len + kV - 1) / kV;
+  err::Acc acc;
+  for (int pk = static_cast<int>(threadIdx.x); pk < packs; pk += err::kThreads) {
+    const int64_t c0 = base + static_cast<int64_t>(pk) * kV;
+    const int ne = min(kV, n_len - pk * kV);
+    if (kVec && ne == kV) {
+      float cur[kV];
+      float feat[kV];
+      float pred[kV];
+      unpack<T>(load16(f + c0), cur);
+#pragma unroll
+      for (int e = 0; e < kV; ++e) {
+        feat[e] = cur[e];
+        pred[e] = 0.0f;
+      }
+      T* row = d + c0;
+      int64_t r = 0;
+      for (; r < nd; ++r, row += ds0) {
+        float old[kV];
+        unpack<T>(load16(row), old);  // before row r is overwritten
+        const float wr = __ldg(w + r);
+        store16<T>(row, cur);
+#pragma unroll
+        for (int e = 0; e < kV; ++e) {
+          pred[e] = __fadd_rn(pred[e], __fmul_rn(wr, old[e]));
+          cur[e] = __fdiv_rn(__fsub_rn(cur[e], old[e]), g);
+        }
+      }
+      if (read_last) {
+        float old[kV];
+        unpack<T>(load16(row), old);
+        const float wr = __ldg(w + r);
+#pragma unroll
+        for (int e = 0; e < kV; ++e) pred[e] = __fadd_rn(pred[e], __fmul_rn(wr, old[e]));
+      }
+      store16<T>(row, cur);
+#pragma unroll
+      for (int e = 0; e < kV; ++e) cur[e] = 0.0f;
+      for (++r, row += ds0; r < K; ++r, row += ds0) store16<T>(row, cur);
+#pragma unroll
+      for (int e = 0; e < kV; ++e) acc.add(pred[e], feat[e]);
+    } else {
+      for (int e = 0; e < ne; ++e) {
+        const int64_t c = c0 + e;
+        update_column_error<T>(d + c * ds1, ds0, to_f32(f[c * fs]), g, w, K, nd, read_last, acc);
+      }
+    }
+  }
+  err::finish(acc, eg, ws, counter_slot, error);
+}
+
 // ---- host side ------------------------------------------------------------------------------------------------
 
 cudaError_t launch_forecast(DType dtype, const void* diffs, int64_t K, int64_t N, int64_t ds0, int64_t ds1,
@@ -209,6 +300,40 @@ cudaError_t taylor_update(DType dtype, void* diffs, int64_t K, int64_t N, int64_
       taylor_update_kernel<T, true><<<grid, kThreads, 0, stream>>>(d, K, N, ds0, ds1, f, fs, gap, count);
     } else {
       taylor_update_kernel<T, false><<<grid, kThreads, 0, stream>>>(d, K, N, ds0, ds1, f, fs, gap, count);
+    }
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t taylor_update_error(DType dtype, void* diffs, int64_t K, int64_t N, int64_t ds0, int64_t ds1,
+                                const void* feature, int64_t fs, ScalarF32 gap, ScalarI64 count, const float* weights,
+                                float* error, int64_t B, double* partials, int64_t partials_doubles, int counter_slot,
+                                cudaStream_t stream) {
+  if (K < 1 || N < 0 || B < 0) return cudaErrorInvalidValue;
+  if (B == 0) return N == 0 ? cudaSuccess : cudaErrorInvalidValue;
+  err::Grid eg;
+  cudaError_t status = err::grid_of(N, B, &eg);
+  if (status != cudaSuccess) return status;
+  if (error == nullptr || (N > 0 && (diffs == nullptr || feature == nullptr || weights == nullptr))) {
+    return cudaErrorInvalidValue;
+  }
+  status = err::check_workspace(eg, partials, partials_doubles, counter_slot);
+  if (status != cudaSuccess) return status;
+  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    T* d = static_cast<T*>(diffs);
+    const T* f = static_cast<const T*>(feature);
+    // 16-byte packs: unit column strides, aligned bases and row stride, and every sample starting on a pack
+    const bool vec = rows_vectorisable<T>(d, K, ds0, ds1) && fs == 1 && aligned16(f) &&
+                     (B == 1 || eg.L % Pack<T>::kN == 0);
+    const unsigned grid = static_cast<unsigned>(eg.B * eg.C);
+    double2* ws = reinterpret_cast<double2*>(partials);
+    if (vec) {
+      taylor_update_error_kernel<T, true><<<grid, err::kThreads, 0, stream>>>(d, K, ds0, ds1, f, fs, gap, count,
+                                                                              weights, eg, ws, counter_slot, error);
+    } else {
+      taylor_update_error_kernel<T, false><<<grid, err::kThreads, 0, stream>>>(d, K, ds0, ds1, f, fs, gap, count,
+                                                                               weights, eg, ws, counter_slot, error);
     }
     return cudaGetLastError();
   });

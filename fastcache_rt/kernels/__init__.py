@@ -1,4 +1,5 @@
-"""``fastcache_rt.kernels``: the Triton kernels (``band_l1``, ``chebyshev``, ``taylor``, ``launch``).
+"""``fastcache_rt.kernels``: the Triton kernels (``band_l1``, ``chebyshev``, ``taylor``, ``error_sums``,
+``launch``).
 
 Their source is the repository's top-level ``kernels/`` folder, which has no ``__init__.py`` on purpose: a folder
 with one would be a regular package named ``kernels`` whenever Python runs with the repository root on

@@ -3,7 +3,7 @@
 
 from ._backend import backends
 from .band_l1 import band_l1
-from .chebyshev import chebyshev_forecast, chebyshev_weights
+from .chebyshev import chebyshev_forecast, chebyshev_weights, history_update
 from .gate import gate_decide, gate_params, gate_state, gate_step
 from .layout import PARAMS_LEN, STATE_LEN
 from .taylor import hermite_forecast, taylor_forecast, taylor_update
@@ -20,6 +20,7 @@ __all__ = [
     "gate_state",
     "gate_step",
     "hermite_forecast",
+    "history_update",
     "taylor_forecast",
     "taylor_update",
 ]

@@ -47,6 +47,21 @@ scratch (a ticket counter, the partials) is per (device, stream): launches on di
       in place on diffs (K, N) (any strides, float32/16/bf16); feature: (N,) any stride, same dtype;
       gap: scalar; count: int64 scalar, int or None (= K), the number of valid orders before the call.
       new[0] = feature; new[i+1] = (new[i] - old[i]) / gap if i < count else 0. fp32 arithmetic.
+  taylor_update_error(diffs, feature, gap, count, weights, error)
+      taylor_update, and in the same pass the error sums (below) of pred = sum_{i < min(count, K)} weights[i] *
+      old diffs[i] against feature. weights: float32 (K,) contiguous. Rows i >= count are never read.
+  history_update(history, value, row, weights, count, error)
+      history (n, N) any strides, float32/16/bf16; value (N,) any stride, same dtype; row: int64 scalar tensor or
+      int (a tensor outside [0, n) writes nothing); weights: float32 (n,) contiguous; count as chebyshev_forecast;
+      error: float32 (B, 2) contiguous or None. With error: the error sums of pred = sum_{k < min(count, n)}
+      weights[k] * history[k] (before the write) against value; then history[row] = value (a bit copy).
+
+The error sums (``_reference.error_sums``): error (B, 2) float32 contiguous, written; sample b is the b-th of B
+equal consecutive slices of the N elements (N % B == 0). pred is formed in fp32 in row order from +0.0, each a
+product then an add (no FMA: the terms are bitwise the same on every backend); e = pred - value, then
+error[b] = (sum e * e, sum value * value), the fp32 terms summed in float64 over a partition of the sample's
+elements that depends on the sizes only (not on thread or SM counts), the parts added in a fixed order, rounded
+once to float32. NaN/Inf propagate.
 """
 
 from __future__ import annotations

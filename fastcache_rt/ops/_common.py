@@ -42,6 +42,22 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
     return lo, hi + t.element_size()
 
 
+def internal_overlap(t: torch.Tensor) -> bool:
+    """True unless ``t``'s elements are provably distinct in memory: torch's own check (0 no, 1 yes, 2 too hard,
+    e.g. any non-dense view), and for "too hard" the sorted-strides test (each stride, smallest first, beyond the
+    span of the smaller dims: a slice or a strided view of a buffer passes, an expanded view does not). A host check
+    on the strides (no data read)."""
+    verdict = torch._debug_has_internal_overlap(t)
+    if verdict != 2:
+        return verdict == 1
+    span = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
 def check_out(out: object, src_name: str, src: torch.Tensor) -> bool:
     """``out=`` of a forecast: shape ``src.shape[1:]``, src's dtype and device, not overlapping ``src``.
 
@@ -246,3 +262,59 @@ def backend_name(device: torch.device, backend: str | None) -> str:
 def bounds_tensor(bounds: list[int], device: torch.device) -> torch.Tensor:
     """Cached device copy of ``bounds`` (int64) so that a step does not upload it again."""
     return const_tensor("bounds", tuple(bounds), torch.int64, device)
+
+
+# ---- the forecast error of an update (taylor_update's error=, history_update) -------------------------------------
+
+
+def samples(value: torch.Tensor) -> int:
+    """B of a per-sample sum: the leading dim of a value of >= 2 dims; a 1-D (or 0-D) value is one sample."""
+    return value.shape[0] if value.dim() >= 2 else 1
+
+
+def check_weights(name: str, w: object, n: int, rows_name: str, device: torch.device) -> torch.Tensor:
+    """A float32 (n,) tensor on ``device`` (one weight per row of ``rows_name``), contiguous for the kernels."""
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name}: expected a float32 tensor of shape ({n},), got {type(w).__name__}")
+    if w.dtype != torch.float32:
+        raise TypeError(f"{name}: dtype {w.dtype}, expected torch.float32")
+    if w.dim() != 1 or w.shape[0] != n:
+        raise ValueError(f"{name}: shape {tuple(w.shape)}, expected ({n},) (one weight per row of {rows_name})")
+    if w.device != device:
+        raise ValueError(f"{name}: on {w.device}, but the data is on {device}")
+    return w.contiguous()
+
+
+def check_error(error: object, value_name: str, value: torch.Tensor, written: tuple) -> None:
+    """``error=``: float32 (B, 2), contiguous, on value's device (B = ``samples(value)``), sharing no memory with
+    the tensors the op reads or writes (``written``: (name, tensor) pairs)."""
+    B = samples(value)
+    if not isinstance(error, torch.Tensor):
+        raise TypeError(f"error: expected a float32 tensor of shape ({B}, 2), got {type(error).__name__}")
+    if error.dtype != torch.float32:
+        raise TypeError(f"error: dtype {error.dtype}, expected torch.float32")
+    if tuple(error.shape) != (B, 2):
+        raise ValueError(f"error: shape {tuple(error.shape)}, expected ({B}, 2) (per sample of {value_name}: the "
+                         "squared error and the squared value)")
+    if error.device != value.device:
+        raise ValueError(f"error: on {error.device}, but {value_name} is on {value.device}")
+    if not error.is_contiguous():
+        raise ValueError("error: must be contiguous")
+    if not torch.compiler.is_compiling() and error.numel():
+        for name, t in written:
+            if t.numel() and t.untyped_storage().data_ptr() == error.untyped_storage().data_ptr():
+                a0, a1 = _byte_span(error)
+                b0, b1 = _byte_span(t)
+                if a0 < b1 and b0 < a1:
+                    raise ValueError(f"error: overlaps {name} in memory")
+
+
+def update_rows(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(n, ...) -> ((n, N) rows to update in place, direct). When the trailing dims do not collapse the rows are a
+    copy (direct False): the op then writes them back into ``t``."""
+    n = t.shape[0]
+    N = t[0].numel() if n > 0 else 0
+    try:
+        return t.view(n, N), True
+    except RuntimeError:
+        return t.reshape(n, N).clone(), False

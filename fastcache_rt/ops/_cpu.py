@@ -245,3 +245,70 @@ def taylor_update(
     s_row, s_col = diffs.stride()
     _C.taylor_update(dt, diffs.data_ptr(), K, N, s_row, s_col, feature.data_ptr(), feature.stride(0), g, cn,
                      torch.get_num_threads())  # fmt: skip
+
+
+def _error_out(op: str, error: torch.Tensor | None, N: int) -> tuple[int, int]:
+    """(pointer, B) of the error sums (0, 0 without)."""
+    if error is None:
+        return 0, 0
+    _on_cpu(op, error)
+    if error.dtype != torch.float32 or error.dim() != 2 or error.shape[1] != 2 or not error.is_contiguous():
+        _fail(op, f"error must be float32 contiguous (B, 2), got {error.dtype} {tuple(error.shape)}")
+    B = error.shape[0]
+    if (B == 0 and N != 0) or (B > 0 and N % B != 0):
+        _fail(op, f"error has {B} rows (samples), which do not divide the {N} elements")
+    return error.data_ptr(), B
+
+
+def taylor_update_error(
+    diffs: torch.Tensor,
+    feature: torch.Tensor,
+    gap: torch.Tensor | float,
+    count: torch.Tensor | int | None,
+    weights: torch.Tensor,
+    error: torch.Tensor,
+) -> None:
+    op = "taylor_update_error"
+    gap, count = _host(gap, torch.float32), _host(count, torch.int64)
+    _on_cpu(op, diffs, feature, gap, count, weights)
+    dt = _code(op, diffs)
+    if diffs.dim() != 2:
+        _fail(op, f"diffs must be 2-D (K, N), got {tuple(diffs.shape)}")
+    K, N = diffs.shape
+    if feature.dtype != diffs.dtype or feature.dim() != 1 or feature.shape[0] != N:
+        _fail(op, f"feature must be {diffs.dtype} ({N},), got {feature.dtype} {tuple(feature.shape)}")
+    g = _scalar(op, "gap", gap, torch.float32)
+    cn = 0 if count is None else _scalar(op, "count", count, torch.int64)
+    w, w_s = _vec(op, "weights", weights, K)
+    e, B = _error_out(op, error, N)
+    if error is None:
+        _fail(op, "error is required")
+    s_row, s_col = diffs.stride()
+    _C.taylor_update_error(dt, diffs.data_ptr(), K, N, s_row, s_col, feature.data_ptr(), feature.stride(0), g, cn,
+                           w, w_s, e, B, torch.get_num_threads())  # fmt: skip
+
+
+def history_update(
+    history: torch.Tensor,
+    value: torch.Tensor,
+    row: torch.Tensor | int,
+    weights: torch.Tensor,
+    count: torch.Tensor | int | None,
+    error: torch.Tensor | None,
+) -> None:
+    op = "history_update"
+    row, count = _host(row, torch.int64), _host(count, torch.int64)
+    _on_cpu(op, history, value, row, count, weights)
+    dt = _code(op, history)
+    if history.dim() != 2:
+        _fail(op, f"history must be 2-D (n, N), got {tuple(history.shape)}")
+    n, N = history.shape
+    if value.dtype != history.dtype or value.dim() != 1 or value.shape[0] != N:
+        _fail(op, f"value must be {history.dtype} ({N},), got {value.dtype} {tuple(value.shape)}")
+    r = _scalar(op, "row", row, torch.int64)
+    cn = 0 if count is None else _scalar(op, "count", count, torch.int64)
+    w, w_s = _vec(op, "weights", weights, n)
+    e, B = _error_out(op, error, N)
+    s_row, s_col = history.stride()
+    _C.history_update(dt, history.data_ptr(), n, N, s_row, s_col, value.data_ptr(), value.stride(0), r, w, w_s, cn,
+                      e, B, torch.get_num_threads())  # fmt: skip

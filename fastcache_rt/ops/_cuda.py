@@ -23,6 +23,10 @@ other (the graph's kernels point at it, and later launches on that stream reuse 
 the tensor lives). A workspace that is outgrown is retired, never freed, since a captured graph may still point at
 it. Replay a graph on the stream it was captured on (or order it with that stream's other work): its launches use
 that stream's counter and workspace.
+
+taylor_update_error / history_update (with an error) reuse the (device, stream) workspace and slot for their float64
+partials (``_C.error_workspace_doubles(N, B)``: two per block of the size-fixed partition, csrc/cuda/error_sums.cuh)
+and their own translation units' ticket counters of that slot: one launch, no memset, the same capture rules.
 """
 
 from __future__ import annotations
@@ -367,4 +371,73 @@ def taylor_update(
         _C.taylor_update(
             _code(diffs), diffs.data_ptr(), K, N, diffs.stride(0), diffs.stride(1), feature.data_ptr(),
             _stride0(feature), g_ptr, g_val, c_ptr, c_val, _stream(dev),
+        )  # fmt: skip
+
+
+def _i64(x: torch.Tensor | int, keep: list) -> tuple[int, int]:
+    """(pointer, value) of an int64 scalar (row): a 0-dim device tensor's pointer, or 0 and the Python int."""
+    if isinstance(x, torch.Tensor):
+        if x.device.type != "cuda":  # a host tensor: its value (a host read, no device sync)
+            return 0, int(x)
+        t = _as(x, torch.int64)
+        keep.append(t)
+        return t.data_ptr(), 0
+    return 0, int(x)
+
+
+def taylor_update_error(
+    diffs: torch.Tensor,
+    feature: torch.Tensor,
+    gap: torch.Tensor | float,
+    count: torch.Tensor | int | None,
+    weights: torch.Tensor,
+    error: torch.Tensor,
+) -> None:
+    K, N = diffs.shape
+    B = error.shape[0]
+    dev = diffs.device
+    if feature.dtype != diffs.dtype:
+        raise TypeError(f"cuda backend: feature dtype {feature.dtype} differs from diffs' {diffs.dtype}")
+    keep: list = []
+    g_ptr, g_val = _f32(gap, keep)
+    c_ptr, c_val = _count(count, K, keep)
+    weights = _as(weights, torch.float32).contiguous()
+    with _on(dev):
+        stream = _stream(dev)
+        buf, slot = _workspace(dev, stream, _C.error_workspace_doubles(N, max(B, 1)))
+        _C.taylor_update_error(
+            _code(diffs), diffs.data_ptr(), K, N, diffs.stride(0), diffs.stride(1), feature.data_ptr(),
+            _stride0(feature), g_ptr, g_val, c_ptr, c_val, weights.data_ptr(), error.data_ptr(), B, buf.data_ptr(),
+            buf.numel(), slot, stream,
+        )  # fmt: skip
+
+
+def history_update(
+    history: torch.Tensor,
+    value: torch.Tensor,
+    row: torch.Tensor | int,
+    weights: torch.Tensor,
+    count: torch.Tensor | int | None,
+    error: torch.Tensor | None,
+) -> None:
+    n, N = history.shape
+    dev = history.device
+    if value.dtype != history.dtype:
+        raise TypeError(f"cuda backend: value dtype {value.dtype} differs from history's {history.dtype}")
+    keep: list = []
+    r_ptr, r_val = _i64(row, keep)
+    c_ptr, c_val = _count(count, n, keep)
+    weights = _as(weights, torch.float32).contiguous()
+    B = 0 if error is None else error.shape[0]
+    with _on(dev):
+        stream = _stream(dev)
+        if error is None:
+            buf_ptr, buf_n, slot = 0, 0, 0
+        else:
+            buf, slot = _workspace(dev, stream, _C.error_workspace_doubles(N, max(B, 1)))
+            buf_ptr, buf_n = buf.data_ptr(), buf.numel()
+        _C.history_update(
+            _code(history), history.data_ptr(), n, N, history.stride(0), history.stride(1), value.data_ptr(),
+            _stride0(value), r_ptr, r_val, weights.data_ptr(), c_ptr, c_val, _opt_ptr(error), B, buf_ptr, buf_n,
+            slot, stream,
         )  # fmt: skip

@@ -413,3 +413,72 @@ def taylor_update(
         nxt = torch.where(ok, (rows[i] - torch.where(ok, old[i], torch.zeros((), device=diffs.device))) / g, 0.0)
         rows.append(nxt)
     diffs.copy_(torch.stack(rows))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The forecast error of an update (taylor_update_error, history_update)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def forecast_rows(rows: torch.Tensor, w: torch.Tensor, count: torch.Tensor | int | None) -> torch.Tensor:
+    """pred[c] = sum_{k < min(count, n)} w[k] * rows[k, c] in float32: rows added in order k = 0, 1, ... starting
+    from +0.0, each a product then an add (no FMA). Every backend forms the same sum in the same order, so its pred
+    (and each error term) is bitwise this. Rows k >= count (and their weights) never enter it, even if they hold NaN.
+    rows: (n, N) any strides; w: float32 (n,). Returns float32 (N,)."""
+    n, N = rows.shape
+    dev = rows.device
+    acc = torch.zeros(N, dtype=torch.float32, device=dev)
+    valid = _valid_rows(n, count, dev)
+    for k in range(n):
+        acc = torch.where(valid[k], acc + w[k] * rows[k].float(), acc)
+    return acc
+
+
+def error_sums(pred: torch.Tensor, value: torch.Tensor, error: torch.Tensor) -> None:
+    """error[b] = (sum (pred - value)^2, sum value^2) over sample b, the b-th of B = error.shape[0] equal
+    consecutive slices of the flat (N,) vectors. Each term in float32 (e = pred - value, then e * e; value * value),
+    the sums in float64, rounded once to float32 (so every backend, whatever its order of float64 additions, agrees
+    with this to about one float32 ulp). NaN / Inf propagate. error: float32 (B, 2), written."""
+    B = error.shape[0]
+    if B == 0:
+        return
+    v = value.float()
+    e = pred - v
+    terms = torch.stack((e * e, v * v)).view(2, B, v.shape[0] // B)
+    error.copy_(terms.double().sum(-1).t().float())
+
+
+def taylor_update_error(
+    diffs: torch.Tensor,
+    feature: torch.Tensor,
+    gap: torch.Tensor | float,
+    count: torch.Tensor | int | None,
+    weights: torch.Tensor,
+    error: torch.Tensor,
+) -> None:
+    """taylor_update, and the error the forecast of this step from the old differences would have made:
+    pred = sum_{i < min(count, K)} weights[i] * old diffs[i] (``forecast_rows``), error = ``error_sums(pred,
+    feature)``. diffs: (K, N); feature: (N,); weights: float32 (K,); error: float32 (B, 2)."""
+    error_sums(forecast_rows(diffs, weights, count), feature, error)
+    taylor_update(diffs, feature, gap, count)
+
+
+def history_update(
+    history: torch.Tensor,
+    value: torch.Tensor,
+    row: torch.Tensor | int,
+    weights: torch.Tensor,
+    count: torch.Tensor | int | None,
+    error: torch.Tensor | None,
+) -> None:
+    """With ``error``: error = ``error_sums(forecast_rows(history, weights, count), value)`` (the history before the
+    write); then history[row] = value (a copy of the bits). A row tensor outside [0, n) writes nothing.
+    history: (n, N) any strides; value: (N,); weights: float32 (n,); error: float32 (B, 2) or None."""
+    if error is not None:
+        error_sums(forecast_rows(history, weights, count), value, error)
+    n = history.shape[0]
+    if isinstance(row, torch.Tensor):
+        hit = (torch.arange(n, device=history.device) == row.reshape(())).unsqueeze(1)
+        history.copy_(torch.where(hit, value.unsqueeze(0), history))
+    elif 0 <= row < n:
+        history[row].copy_(value)

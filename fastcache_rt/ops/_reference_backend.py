@@ -7,8 +7,10 @@ from ._reference import (  # noqa: F401  (re-exported as the backend's op functi
     gate_decide,
     gate_step,
     hermite_forecast,
+    history_update,
     taylor_forecast,
     taylor_update,
+    taylor_update_error,
 )
 
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "meta")

@@ -4,8 +4,8 @@ Runs on CUDA devices; with ``TRITON_INTERPRET=1`` set before this module (and tr
 tensors through the Triton interpreter (slow: for tests and debugging). Nothing is read back to the host: count,
 tau_query, distance, gap, the gate state and params are read by the kernels from device memory.
 
-band_l1 and gate_step keep a small per-device workspace and an atomic counter between launches (see
-``kernels/band_l1.py``): launches of these two ops on one device must not run concurrently on different streams.
+band_l1, gate_step and the error sums of taylor_update(error=) / history_update(error=) keep a small workspace and an
+atomic counter per (device, stream) (see ``kernels/band_l1.py``, ``kernels/error_sums.py``).
 """
 
 from __future__ import annotations
@@ -108,3 +108,25 @@ def taylor_update(
     diffs: torch.Tensor, feature: torch.Tensor, gap: torch.Tensor, count: torch.Tensor | None
 ) -> None:
     _taylor.taylor_update(diffs, feature, gap, count)
+
+
+def taylor_update_error(
+    diffs: torch.Tensor,
+    feature: torch.Tensor,
+    gap: torch.Tensor,
+    count: torch.Tensor | None,
+    weights: torch.Tensor,
+    error: torch.Tensor,
+) -> None:
+    _taylor.taylor_update_error(diffs, feature, gap, count, weights, error)
+
+
+def history_update(
+    history: torch.Tensor,
+    value: torch.Tensor,
+    row: torch.Tensor | int,
+    weights: torch.Tensor,
+    count: torch.Tensor | None,
+    error: torch.Tensor | None,
+) -> None:
+    _chebyshev.history_update(history, value, row, weights, count, error)

@@ -1,4 +1,5 @@
-"""Chebyshev ridge-regression forecast (Spectrum): basis, Gram, Cholesky solve and weighted sum in one launch."""
+"""Chebyshev ridge-regression forecast (Spectrum): basis, Gram, Cholesky solve and weighted sum in one launch; and
+the ring buffer's write (``history_update``) with the error the forecast of the written step would have made."""
 
 from __future__ import annotations
 
@@ -8,7 +9,20 @@ from collections.abc import Sequence
 import torch
 
 from . import _backend
-from ._common import backend_name, check_float, check_out, const_tensor, rows_view, scalar_arg, scalar_value
+from ._common import (
+    backend_name,
+    check_error,
+    check_float,
+    check_out,
+    check_same,
+    check_weights,
+    const_tensor,
+    internal_overlap,
+    rows_view,
+    scalar_arg,
+    scalar_value,
+    update_rows,
+)
 
 
 def _out_like(history: torch.Tensor) -> torch.Tensor:
@@ -89,6 +103,32 @@ def _chebyshev_weights_op(
 @_chebyshev_weights_op.register_fake
 def _(taus, tau_query, tau_query_value, count, count_value, degree, lam, blend, backend):
     return taus.new_empty((taus.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastcache_rt::history_update", mutates_args=("history", "error"))
+def _history_update_op(
+    history: torch.Tensor,
+    value: torch.Tensor,
+    row: torch.Tensor | None,
+    row_value: int | None,
+    weights: torch.Tensor,
+    count: torch.Tensor | None,
+    count_value: int | None,
+    backend: str,
+    error: torch.Tensor | None,
+) -> None:
+    h2, direct = update_rows(history)
+    _backend.get(backend).history_update(
+        h2, value.reshape(h2.shape[1]), scalar_value(row, row_value), weights, scalar_value(count, count_value),
+        error,
+    )
+    if not direct:
+        history.copy_(h2.view(history.shape))
+
+
+@_history_update_op.register_fake
+def _(history, value, row, row_value, weights, count, count_value, backend, error):
+    return None
 
 
 # The largest degree taken: the ridge solve is (degree + 1)^2 per call and Spectrum uses 4; beyond this the basis
@@ -270,3 +310,87 @@ def chebyshev_weights(
         validate = dev.type == "cpu"
     taus_t, q, cnt = _check_common(taus, tau_query, count, degree, lam, blend, None, dev, validate)
     return _chebyshev_weights_op(taus_t, *q, *cnt, degree, float(lam), float(blend), backend_name(dev, backend))
+
+
+def history_update(
+    history: torch.Tensor,
+    value: torch.Tensor,
+    row: int | torch.Tensor,
+    *,
+    weights: torch.Tensor,
+    count: int | torch.Tensor | None = None,
+    error: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> None:
+    """Write a computed step into a ring-buffer history, ``history[row] = value``, and, with ``error=``, in the same
+    pass the error the forecast of this step from the history before the write would have made (Spectrum's
+    error control).
+
+    Args:
+        history: ``(n, ...)`` ring buffer, float32/float16/bfloat16, any strides, modified in place (row ``row``).
+        value: the computed step, shape ``history.shape[1:]``, same dtype and device, any strides; copied bit for
+            bit.
+        row: the slot to write, ``0 <= row < n``: an int or an int64 one-element tensor on the device (a device
+            tensor is not range-checked on an accelerator, that would be a sync: out of range, no row is written).
+        weights: float32 ``(n,)`` on the device: the forecast of this step from the old rows, e.g.
+            ``ops.chebyshev_weights(taus_old, tau_new, ...)``; read only for rows ``k < count``.
+        count: valid rows before this call (rows ``k >= count`` are never read; they may hold garbage): an int
+            >= 0 or an int64 device tensor; None = all n.
+        error: float32 ``(B, 2)``, contiguous, on the device (B = ``value.shape[0]``; 1 for a 1-D value), written:
+            ``error[b, 0] = sum (pred - value)^2`` and ``error[b, 1] = sum value^2`` over sample b's elements, with
+            ``pred = sum_{k < min(count, n)} weights[k] * history[k]`` read before the write (0 when count is 0).
+        backend: as ``band_l1``.
+
+    Returns None (``history`` holds the new row; ``error`` the sums).
+
+    Reduction (``error=`` only): ``pred`` in fp32 with the rows added in order (bitwise the same on every backend),
+    each term in fp32, summed in float64 over a partition of each sample fixed by the size (never the thread or SM
+    count), the chunks added in order, rounded once to float32: bitwise run to run and across thread counts;
+    backends agree with the reference to about one float32 ulp (tested at rtol 1e-6). NaN / Inf propagate into the
+    sums. A rank's shard gives its shard's sums.
+
+    Capture / compile: registered as ``torch.ops.fastcache_rt.history_update`` (``mutates_args=("history",
+    "error")``) with a fake kernel; traced by ``torch.compile(fullgraph=True)`` (functionalized); no host sync;
+    capturable in a CUDA graph (one launch; with ``error`` the partial sums go to a per-stream workspace that the
+    launch's last program reduces).
+
+    Example::
+
+        >>> history = torch.tensor([[1., 1.], [2., 2.], [9., 9.]])    # rows 0, 1 valid; row 2 is free
+        >>> err = torch.empty(1, 2)
+        >>> w = torch.tensor([-1.0, 2.0, 0.0])                        # linear extrapolation: 2 * 2 - 1 = 3
+        >>> ops.history_update(history, torch.tensor([3., 4.]), 2, weights=w, count=2, error=err)
+        >>> history[2], err                                           # ((3 - 3)^2 + (3 - 4)^2, 3^2 + 4^2)
+        (tensor([3., 4.]), tensor([[ 1., 25.]]))
+    """
+    check_float("history", history)
+    if history.dim() < 1 or history.shape[0] == 0:
+        raise ValueError("history: expected shape (n, ...) with n >= 1")
+    check_float("value", value)
+    check_same("history", history, "value", value, shape=False)
+    if tuple(value.shape) != tuple(history.shape[1:]):
+        raise ValueError(f"value: shape {tuple(value.shape)} does not match history's rows {tuple(history.shape[1:])}")
+    if not torch.compiler.is_compiling() and internal_overlap(history):
+        raise ValueError("history: its elements overlap in memory (an expanded or stride-0 view); pass a buffer "
+                         "that owns its memory (e.g. history.contiguous())")
+    n = history.shape[0]
+    dev = history.device
+    if isinstance(row, torch.Tensor):
+        r = scalar_arg("row", row, dev, torch.int64)
+        if dev.type == "cpu" and not torch.compiler.is_compiling() and not 0 <= int(r[0]) < n:
+            raise ValueError(f"row: must be in [0, {n}), got {int(r[0])}")
+    else:
+        if isinstance(row, bool) or not isinstance(row, int):
+            raise TypeError(f"row: expected an int or an int64 tensor, got {type(row).__name__}")
+        if not 0 <= row < n:
+            raise ValueError(f"row: must be in [0, {n}), got {row}")
+        r = (None, int(row))
+    w = check_weights("weights", weights, n, "history", dev)
+    cnt = (None, None)
+    if count is not None:
+        if isinstance(count, int) and not isinstance(count, bool) and count < 0:
+            raise ValueError(f"count: must be >= 0, got {count}")
+        cnt = scalar_arg("count", count, dev, torch.int64)
+    if error is not None:
+        check_error(error, "value", value, (("history", history), ("value", value), ("weights", w)))
+    _history_update_op(history, value, *r, w, *cnt, backend_name(dev, backend), error)

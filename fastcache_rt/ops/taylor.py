@@ -1,4 +1,5 @@
-"""Taylor (TaylorSeer) and Hermite (FreqCa high band) forecasts from finite differences, and their update."""
+"""Taylor (TaylorSeer) and Hermite (FreqCa high band) forecasts from finite differences, and their update (with the
+error the forecast of the new step would have made, ``error=``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,19 @@ import math
 import torch
 
 from . import _backend
-from ._common import backend_name, check_float, check_out, check_same, rows_view, scalar_arg, scalar_value
+from ._common import (
+    backend_name,
+    check_error,
+    check_float,
+    check_out,
+    check_same,
+    check_weights,
+    internal_overlap,
+    rows_view,
+    scalar_arg,
+    scalar_value,
+    update_rows,
+)
 
 
 @torch.library.custom_op("fastcache_rt::taylor_forecast", mutates_args=())
@@ -97,6 +110,32 @@ def _taylor_update_op(
     _backend.get(backend).taylor_update(d2, f1, scalar_value(gap, gap_value), scalar_value(count, count_value))
     if not direct:
         diffs.copy_(d2.view(diffs.shape))
+
+
+@torch.library.custom_op("fastcache_rt::taylor_update_error", mutates_args=("diffs", "error"))
+def _taylor_update_error_op(
+    diffs: torch.Tensor,
+    feature: torch.Tensor,
+    gap: torch.Tensor | None,
+    gap_value: float,
+    count: torch.Tensor | None,
+    count_value: int | None,
+    error_weights: torch.Tensor,
+    backend: str,
+    error: torch.Tensor,
+) -> None:
+    d2, direct = update_rows(diffs)
+    _backend.get(backend).taylor_update_error(
+        d2, feature.reshape(d2.shape[1]), scalar_value(gap, gap_value), scalar_value(count, count_value),
+        error_weights, error,
+    )
+    if not direct:
+        diffs.copy_(d2.view(diffs.shape))
+
+
+@_taylor_update_error_op.register_fake
+def _(diffs, feature, gap, gap_value, count, count_value, error_weights, backend, error):
+    return None
 
 
 def _check_diffs(diffs):
@@ -189,9 +228,12 @@ def taylor_update(
     *,
     count: int | torch.Tensor | None = None,
     backend: str | None = None,
+    error: torch.Tensor | None = None,
+    error_weights: torch.Tensor | None = None,
 ) -> None:
     """In-place finite-difference update after a full step: ``new D^0 = feature``,
-    ``new D^{i+1} = (new D^i - old D^i) / gap`` for the orders that existed (i < count), 0 beyond.
+    ``new D^{i+1} = (new D^i - old D^i) / gap`` for the orders that existed (i < count), 0 beyond; with
+    ``error=``, in the same pass, the error the forecast of this step from the old differences would have made.
 
     Args:
         diffs: ``(O + 1, ...)`` buffer, float32/float16/bfloat16, any strides, modified in place.
@@ -201,13 +243,28 @@ def taylor_update(
         count: number of valid orders held before this call (0 for a fresh buffer; None = all O + 1): an int or an
             int64 device tensor. After the call ``min(count + 1, O + 1)`` orders are valid.
         backend: as ``band_l1``.
+        error: float32 ``(B, 2)``, contiguous, on the device (B = ``feature.shape[0]``; 1 for a 1-D feature),
+            written (not accumulated): ``error[b, 0] = sum (pred - feature)^2`` and ``error[b, 1] = sum feature^2``
+            over sample b's elements, where ``pred = sum_{i < min(count, O + 1)} error_weights[i] * old D^i`` is the
+            forecast of this step from the differences before the call (0 when count is 0). Rows ``i >= count``
+            are never read. Give both ``error`` and ``error_weights`` or neither.
+        error_weights: float32 ``(O + 1,)`` on the device: the forecast's weights, computed by the caller (Taylor:
+            ``gap^i / i!``; FreqCa: its Hermite weights).
 
-    Returns None (``diffs`` holds the result). Arithmetic in fp32, elementwise along the feature (no reduction:
-    a rank's shard updates its own shard).
+    Returns None (``diffs`` holds the result; ``error`` the sums). Arithmetic in fp32, elementwise along the
+    feature (a rank's shard updates its own shard).
 
-    Capture / compile: registered as ``torch.ops.fastcache_rt.taylor_update`` (``mutates_args=("diffs",)``) with a
-    fake kernel; traced by ``torch.compile(fullgraph=True)`` (functionalized); no host sync; capturable in a CUDA
-    graph.
+    Reduction (``error=`` only): per sample, each term in fp32 (``pred`` with the orders added in order, as every
+    backend does, so the terms are bitwise the same everywhere), summed in float64 over a partition fixed by the
+    size (chunks of the sample's elements, never the thread or SM count), the chunks added in order, rounded once
+    to float32: bitwise run to run and across thread counts; backends agree with the reference to about one
+    float32 ulp (tested at rtol 1e-6). NaN / Inf propagate into the sums. A rank's shard gives its shard's sums
+    (add them across ranks).
+
+    Capture / compile: registered as ``torch.ops.fastcache_rt.taylor_update`` (``mutates_args=("diffs",)``), and
+    ``torch.ops.fastcache_rt.taylor_update_error`` (``mutates_args=("diffs", "error")``) with ``error=``, with fake
+    kernels; traced by ``torch.compile(fullgraph=True)`` (functionalized); no host sync; capturable in a CUDA graph
+    (one launch, the error's partial sums in a per-stream workspace reduced by the launch's last program).
 
     Example::
 
@@ -216,12 +273,17 @@ def taylor_update(
         >>> ops.taylor_update(diffs, torch.full((2,), 3.0), 2.0, count=1)   # two steps later
         >>> diffs[:, 0]                                                     # D^0 = 3, D^1 = (3 - 1) / 2
         tensor([3., 1., 0.])
+        >>> err = torch.empty(1, 2)                                         # forecast 2 steps on: 3 + 2 * 1 = 5
+        >>> ops.taylor_update(diffs, torch.full((2,), 6.0), 2.0, count=2, error=err,
+        ...                   error_weights=torch.tensor([1.0, 2.0, 2.0]))
+        >>> err                                                             # ((5 - 6)^2 * 2, 6^2 * 2)
+        tensor([[ 2., 72.]])
     """
     _check_diffs(diffs)
     check_float("feature", feature)
     check_same("diffs", diffs, "feature", feature, shape=False)
-    # 0: no overlap; 1: overlap; 2: too complex to tell (a host check on strides, not traced by torch.compile)
-    if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(diffs) != 0:
+    # a host check on the strides (not traced by torch.compile): expanded / stride-0 views are refused
+    if not torch.compiler.is_compiling() and internal_overlap(diffs):
         raise ValueError("diffs: its elements overlap in memory (an expanded or stride-0 view); the update writes "
                          "every element, so pass a buffer that owns its memory (e.g. diffs.contiguous())")
     if tuple(feature.shape) != tuple(diffs.shape[1:]):
@@ -234,4 +296,12 @@ def taylor_update(
         if isinstance(count, int) and not isinstance(count, bool) and count < 0:
             raise ValueError(f"count: must be >= 0, got {count}")
         cnt = scalar_arg("count", count, diffs.device, torch.int64)
-    _taylor_update_op(diffs, feature, *g, *cnt, backend_name(diffs.device, backend))
+    if error is None and error_weights is None:
+        _taylor_update_op(diffs, feature, *g, *cnt, backend_name(diffs.device, backend))
+        return
+    if error is None or error_weights is None:
+        raise ValueError(f"{'error' if error is None else 'error_weights'}: pass error and error_weights together "
+                         "(the error sums and the weights of the forecast they measure), or neither")
+    w = check_weights("error_weights", error_weights, diffs.shape[0], "diffs", diffs.device)
+    check_error(error, "feature", feature, (("diffs", diffs), ("feature", feature), ("error_weights", w)))
+    _taylor_update_error_op(diffs, feature, *g, *cnt, w, backend_name(diffs.device, backend), error)

@@ -154,14 +154,6 @@ class _Tracked:
             self.error = torch.zeros((_samples(self.shape), 2), dtype=torch.float32, device=t.device)
 
 
-def _error_sums(pred: torch.Tensor, value: torch.Tensor, out: torch.Tensor) -> None:
-    """out[b] = (sum (pred - value)^2, sum value^2) over sample b's elements."""
-    B = out.shape[0]
-    d = (pred.float() - value.float()).reshape(B, -1)
-    v = value.float().reshape(B, -1)
-    out.copy_(torch.stack(((d * d).sum(1), (v * v).sum(1)), dim=1))
-
-
 class ReuseState(_Tracked):
     uses_step = False
 
@@ -170,9 +162,15 @@ class ReuseState(_Tracked):
         self.buf = torch.zeros(shape, dtype=dtype, device=device)
 
     def record(self, st, v, compute) -> None:
-        if self.error is not None:
-            _error_sums(self.buf, v, self.error)
-        masked_write_(self.buf, v, compute)
+        if self.error is None:
+            masked_write_(self.buf, v, compute)
+        else:  # the write and the error of reusing the old value, in one pass
+            ops.history_update(self.buf.unsqueeze(0), _masked(compute, v, self.buf), 0, weights=self.one,
+                               error=self.error)
+
+    def track_error(self) -> None:
+        super().track_error()
+        self.one = torch.ones(1, dtype=torch.float32, device=self.buf.device)
 
     def predict(self, st) -> torch.Tensor:
         return self.buf
@@ -197,14 +195,13 @@ class TaylorState(_Tracked):
 
     def _update(self, diffs, v, st, compute) -> None:
         gap = (st.step - st.last_full).clamp(min=1).float()
-        if self.error is not None:  # the forecast of this step from the differences before it
-            w = self.weights(self.K, gap, self.fc) * (torch.arange(self.K, device=gap.device) < self.count)
-            _error_sums(torch.tensordot(w.to(diffs.dtype), diffs, dims=1), v, self.error)
+        # with the error tracked, the same pass measures the forecast of this step from the differences before it
+        err = {} if self.error is None else {"error": self.error, "error_weights": self.weights(self.K, gap, self.fc)}
         if compute is True:
-            ops.taylor_update(diffs, v, gap, count=self.count)
+            ops.taylor_update(diffs, v, gap, count=self.count, **err)
         else:  # masked: the K difference rows are the whole state (K = order + 1, small)
             new = diffs.clone()
-            ops.taylor_update(new, v, gap, count=self.count)
+            ops.taylor_update(new, v, gap, count=self.count, **err)
             masked_write_(diffs, new, compute)
         self.count.copy_(_masked(compute, (self.count + 1).clamp(max=self.K), self.count))
 
@@ -244,11 +241,17 @@ class ChebyshevState(_Tracked):
         return step.float() * self.scale - self.shift
 
     def record(self, st, v, compute) -> None:
-        if self.error is not None:  # the forecast of this step from the history before it
-            _error_sums(self.predict(st), v, self.error)
         row = (self.count % self.cap).view(1)
         # masked by the decision: one row is written (with itself when not computing), never the whole history
-        self.hist.index_copy_(0, row, _masked(compute, v, self.hist.index_select(0, row)[0]).unsqueeze(0))
+        new = _masked(compute, v, self.hist.index_select(0, row)[0])
+        if self.error is None:
+            self.hist.index_copy_(0, row, new.unsqueeze(0))
+        else:  # the write and the error of this step's forecast from the history before it, in one pass
+            fc = self.fc
+            w = ops.chebyshev_weights(self.taus, self.tau(st.step), fc.degree, fc.lam, count=self.count.clamp(min=1),
+                                      blend=fc.blend, validate=False)
+            ops.history_update(self.hist, new, row.view(()), weights=w, count=self.count.clamp(max=self.cap),
+                               error=self.error)
         self.taus.index_copy_(0, row, _masked(compute, self.tau(st.step), self.taus.index_select(0, row)[0]).view(1))
         self.count.add_(1 if compute is True else compute.long())
 
@@ -337,13 +340,17 @@ class FreqCaState(_Tracked):
     weights = staticmethod(lambda K, x, fc: _ref.hermite_weights(K, x, fc.scale, x.device))
 
     def record(self, st, v, compute) -> None:
-        if self.error is not None:  # the forecast of this step from the state before it
-            _error_sums(self.predict(st), v, self.error)
         lo = self.lowpass(v)
+        if self.error is not None:
+            # the low and high bands are orthogonal (an orthonormal DCT's complementary bands), so the squared
+            # error of the whole forecast is the reused low band's change plus the high band's forecast error
+            B = self.error.shape[0]
+            drift, mag = (self.low - lo).float().reshape(B, -1), lo.float().reshape(B, -1)
+            low_sums = torch.stack(((drift * drift).sum(1), (mag * mag).sum(1)), dim=1)
         masked_write_(self.low, lo, compute)
-        error, self.error = self.error, None
-        TaylorState._update(self, self.diffs, v - lo, st, compute)
-        self.error = error
+        TaylorState._update(self, self.diffs, v - lo, st, compute)  # (the high band's sums, fused)
+        if self.error is not None:
+            self.error.add_(low_sums)
 
     def predict(self, st) -> torch.Tensor:
         x = (st.step - st.last_full).float()

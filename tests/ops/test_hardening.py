@@ -243,6 +243,8 @@ def _op_calls(backend):
     hist = torch.randn(5, 3, 40, generator=g)
     diffs = torch.randn(3, 3, 40, generator=g)
     out = torch.empty(3, 40)
+    err = torch.empty(3, 2)
+    w3, w5 = torch.tensor([1.0, 2.0, 2.0]), torch.tensor([0.1, -0.2, 0.3, 0.4, 0.0])
     state = ops.gate_state()
     params = ops.gate_params(0.5, 10)
     sums = torch.rand(2, 2)
@@ -259,6 +261,11 @@ def _op_calls(backend):
         "taylor_forecast": lambda: ops.taylor_forecast(diffs, 2.0, out=out, backend=backend),
         "hermite_forecast": lambda: ops.hermite_forecast(diffs, 1.5, backend=backend),
         "taylor_update": lambda: ops.taylor_update(diffs, hist[0], 2.0, count=1, backend=backend),
+        "taylor_update error": lambda: ops.taylor_update(diffs, hist[0], 2.0, count=2, error=err, error_weights=w3,
+                                                         backend=backend),
+        "history_update": lambda: ops.history_update(hist, diffs[0], 4, weights=w5, count=4, backend=backend),
+        "history_update error": lambda: ops.history_update(hist, diffs[0], 3, weights=w5, count=3, error=err,
+                                                           backend=backend),
     }
 
 

@@ -10,7 +10,8 @@ from fastcache_rt.ops import _backend
 from tests.conftest import available_fast_backends
 
 OPS = ["band_l1", "gate_step", "gate_decide", "chebyshev_forecast", "chebyshev_weights", "taylor_forecast",
-       "hermite_forecast", "taylor_update", "chebyshev_forecast_out", "taylor_forecast_out", "hermite_forecast_out"]
+       "hermite_forecast", "taylor_update", "chebyshev_forecast_out", "taylor_forecast_out", "hermite_forecast_out",
+       "taylor_update_error", "history_update"]
 
 
 def test_every_op_is_registered():
@@ -50,6 +51,14 @@ def _samples(backend):
         (T.hermite_forecast, (diffs, None, 1.5, 0.71, backend)),
         (T.taylor_update, (diffs.clone(), hist[0].clone(), dist, 0.0, torch.tensor(1), None, backend)),
         (T.taylor_update, (diffs.clone(), hist[0].clone(), None, 2.0, None, 1, backend)),
+        # the error of the forecast, fused into the updates (error: float32 (B, 2), B = the feature's first dim)
+        (T.taylor_update_error, (diffs.clone(), hist[0].clone(), dist, 0.0, torch.tensor(2), None,
+                                 torch.tensor([1.0, 2.0, 2.0]), backend, torch.empty(3, 2))),
+        (T.taylor_update_error, (diffs.clone(), hist[0].clone(), None, 2.0, None, 3, torch.tensor([1.0, 2.0, 2.0]),
+                                 backend, torch.empty(3, 2))),
+        (T.history_update, (hist.clone(), diffs[0].clone(), torch.tensor(5), None, torch.rand(6), cnt, None, backend,
+                            torch.empty(3, 2))),
+        (T.history_update, (hist.clone(), diffs[0].clone(), None, 2, torch.rand(6), None, 2, backend, None)),
         (T.chebyshev_forecast_out, (hist, taus, q, 0.0, cnt, None, 4, 0.1, 1.0, backend, torch.empty(3, 4))),
         (T.taylor_forecast_out, (diffs, dist, 0.0, backend, torch.empty(3, 4))),
         (T.hermite_forecast_out, (diffs, None, 2.0, 0.71, backend, torch.empty(3, 4))),

@@ -147,3 +147,42 @@ def test_the_preset_takes_tol_and_any_forecaster():
     assert p.gate.tol == 0.1 and isinstance(p.forecaster, Chebyshev)
     with pytest.raises(ValueError, match="tol"):
         fastcache_rt.PRESETS["adaptive"].with_overrides(tol=-1)
+
+
+@pytest.mark.parametrize("fc", [Taylor(order=1), Chebyshev(degree=2, history=6), Reuse()],
+                         ids=lambda f: type(f).__name__)
+@pytest.mark.parametrize("device_bools", [False, True], ids=["eager", "compiled"])
+def test_the_error_is_measured_in_the_update_pass(fc, device_bools):
+    """On a computed step the only ops that read the whole cached tensor are the finiteness check and the
+    forecaster's one fused update (``taylor_update_error`` / ``history_update``): no extra pass for the error."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    big = math.prod(SHAPE)
+
+    class Passes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if any(isinstance(a, torch.Tensor) and a.numel() >= big for a in (*args, *kwargs.values())):
+                self.ops.append(func.__name__.split(".")[0])
+            return func(*args, **kwargs)
+
+    gate = ErrorControl(tol=0.05, warmup=2)
+    st = StreamState(Policy(gate, fc, "hidden"), StreamSpec(SHAPE, torch.float32, "cpu", S, (1, 3, 4)))
+    for s in range(4):  # warm: a few computed steps
+        st.end_step(torch.tensor(True) if device_bools else True, _curved(s))
+    v = _curved(4)
+    with Passes() as p:
+        st.end_step(torch.tensor(True) if device_bools else True, v)
+    fused = {"taylor_update_error", "history_update"}
+    assert fused & set(p.ops), p.ops
+    # the finiteness check of every computed step (isfinite: abs, ne, eq, mul on CPU; all), views, and the
+    # masked writes of the compiled path
+    allowed = {"isfinite", "abs", "ne", "eq", "mul", "all", "unsqueeze", "select", "view", "clone", "where", "copy_",
+               "index_select"}
+    extra = [o for o in p.ops if o not in fused | allowed]
+    assert not extra, p.ops
+    assert sum(o in fused for o in p.ops) == 1, p.ops
