@@ -241,11 +241,11 @@ def test_knife_edge_compiled_matches_eager():
         assert _rel(x["compiled_out"], x["out"]) <= REL_TOLERANCE, r
 
 
-@pytest.mark.parametrize("method", ["freqca"])
+@pytest.mark.parametrize("method", ["freqca", "adaptive"])
 def test_compiled_matches_eager(method):
-    """``torch.compile(fullgraph=True)`` (aot_eager) under context parallelism: FreqCa's all-to-alls are functional
-    collectives traced into the graph (the signal gates' all-reduce: the knife-edge test above); the decisions and
-    the output are eager's."""
+    """``torch.compile(fullgraph=True)`` (aot_eager) under context parallelism: FreqCa's all-to-alls and the error
+    control's all-reduce of its error sums are functional collectives traced into the graph (the signal gates'
+    all-reduce: the knife-edge test above); the decisions and the output are eager's."""
     res = _run(workers.cached, 2, family="flux", mode="ulysses", steps=STEPS, method=method,
                overrides=METHODS[method]["flux"], compile_backend="aot_eager")
     for r, x in enumerate(res):

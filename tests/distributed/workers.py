@@ -31,6 +31,8 @@ METHODS: dict[str, dict[str, dict]] = {  # preset -> family -> overrides
     "magcache": {f: {"ratios": MAG_RATIOS} for f in ("flux", "wan", "qwen")},
     "spectrum": {f: {"warmup": 2} for f in ("flux", "wan", "qwen")},
     "freqca": {f: {"warmup": 2, "interval": 2} for f in ("flux", "wan", "qwen")},
+    # the error estimates' sums are all-reduced over the group: every rank chooses the same gaps
+    "adaptive": {f: {"tol": 0.3, "warmup": 2} for f in ("flux", "wan", "qwen")},
 }
 
 
