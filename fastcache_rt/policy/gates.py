@@ -412,7 +412,7 @@ class ErrorControl(Gate):
     the forecaster's ``p``. Eager mode reads the chosen step back once per computed step (a signal gate reads one
     value every step); under torch.compile everything stays on the device."""
 
-    tol: float = 0.05
+    tol: float = 0.3
     order: int | None = None
     safety: float = 0.9
     shrink: float = 0.2
