@@ -54,6 +54,29 @@ def _positive(name):
     return parse
 
 
+DEFAULT_NEGATIVE_PROMPT = ""  # true CFG's negative prompt unless given: the empty prompt (plain CFG)
+
+
+def _cfg_scale(s):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--true-cfg: expected a number, got {s!r}") from None
+    if not math.isfinite(v) or v <= 1:
+        raise argparse.ArgumentTypeError(f"--true-cfg: must be a finite number > 1 (1 is no guidance), got {s}")
+    return v
+
+
+def _true_cfg_args(p) -> None:
+    """True classifier-free guidance (bench and tune): FluxPipeline's ``true_cfg_scale`` with a negative prompt,
+    two transformer calls per step."""
+    p.add_argument("--true-cfg", type=_cfg_scale, default=None, metavar="SCALE",
+                   help="true classifier-free guidance at this scale (> 1; e.g. 4): the pipeline's true_cfg_scale "
+                        "with a negative prompt, two transformer calls per step (default: off)")
+    p.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="the negative prompt of --true-cfg (default: the empty prompt)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fastcache-rt", description="Feature caching for diffusion transformers: benchmark and generate.")
     sub = p.add_subparsers(dest="command", metavar="{bench,generate,calibrate,tune}")
@@ -82,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=_int("--threads"), default=1,
                    help="torch intra-op threads (default 1: on a shared machine, waiting threads make timings erratic)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _true_cfg_args(b)
 
     g = sub.add_parser("generate", help="generate one image with a caching policy on")
     g.add_argument("--model", default=None, help="diffusers pipeline folder or hub id (default: the shipped model)")
@@ -139,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output folder: tune.json, tune.md, tune_front.png and one "
                                                 "policy_<metric><target>.json per target met")
     _pipeline_args(t)
+    _true_cfg_args(t)
     return p
 
 
@@ -171,6 +196,32 @@ def parse_overrides(items) -> dict:
             value = raw.strip()
         out[key] = value
     return out
+
+
+def true_cfg_kwargs(a) -> dict:
+    """The pipeline arguments of ``--true-cfg`` / ``--negative-prompt`` ({} when off); a negative prompt without
+    true CFG is refused (it would be silently ignored)."""
+    if a.true_cfg is None:
+        if a.negative_prompt is not None:
+            raise UsageError("--negative-prompt: only with --true-cfg SCALE (true classifier-free guidance)")
+        return {}
+    neg = DEFAULT_NEGATIVE_PROMPT if a.negative_prompt is None else a.negative_prompt
+    return dict(true_cfg_scale=float(a.true_cfg), negative_prompt=neg)
+
+
+def check_true_cfg(pipe, cfg: dict) -> None:
+    """True CFG needs a pipeline that takes ``true_cfg_scale`` and ``negative_prompt`` (FluxPipeline does)."""
+    if not cfg:
+        return
+    import inspect
+
+    try:
+        params = inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if not {"true_cfg_scale", "negative_prompt"} <= set(params):
+        raise UsageError(f"--true-cfg: {type(pipe).__name__} has no true classifier-free guidance (true_cfg_scale=); "
+                         f"its guidance is --guidance-scale")
 
 
 def _check_steps(steps: int) -> None:
@@ -406,6 +457,7 @@ def cmd_bench(a) -> int:
 
         torch.set_num_threads(a.threads)
     mode = QUICK if a.quick else FULL
+    cfg = true_cfg_kwargs(a)
     try:
         ours, peers = M.select_methods(a.methods)
     except ValueError as e:
@@ -449,15 +501,17 @@ def cmd_bench(a) -> int:
 
     if not isinstance(pipe, FluxPipeline):
         raise UsageError(f"--model: the benchmark runs FLUX pipelines, got {type(pipe).__name__}")
+    check_true_cfg(pipe, cfg)
     settings = Settings(prompts=classes, seeds=list(a.seeds or mode["seeds"]), steps=a.steps, height=height,
                         width=width, call_kwargs=kw, rounds=a.rounds or mode["rounds"],
-                        uncached_every=mode["uncached_every"])
+                        uncached_every=mode["uncached_every"], true_cfg_scale=cfg.get("true_cfg_scale"),
+                        negative_prompt=cfg.get("negative_prompt", DEFAULT_NEGATIVE_PROMPT))
     configs = M.our_configs(a.steps, a.quick, ours) + tuned + M.peer_configs(peers, a.quick, warn)
     if not configs:
         raise UsageError("--methods: nothing left to run")
     print(f"fastcache-rt bench: {len(configs)} configurations, {len(settings.batch)} images per call "
-          f"({len(classes)} prompts x {len(settings.seeds)} seeds), {a.steps} steps, {height}x{width}, "
-          f"{settings.rounds} round(s)", flush=True)
+          f"({len(classes)} prompts x {len(settings.seeds)} seeds), {A.setting_line(settings.describe())}, "
+          f"{height}x{width}, {settings.rounds} round(s)", flush=True)
     h = Harness(pipe, settings, progress=not a.no_progress)
     try:
         res = h.run(configs)
@@ -465,7 +519,7 @@ def cmd_bench(a) -> int:
         raise UsageError(str(e)) from None
     finally:
         h.close()
-    an = A.analyse(res.rows)
+    an = A.analyse(res.rows, res.meta)
     md = A.markdown(an, res.meta)
     print()
     print(R.format_table(res.rows))
@@ -632,6 +686,7 @@ def cmd_tune(a) -> int:
         raise UsageError(str(e)) from None
     if a.budget_minutes is not None and not a.budget_minutes > 0:
         raise UsageError(f"--budget-minutes: must be > 0, got {a.budget_minutes}")
+    cfg = true_cfg_kwargs(a)
     if a.quick and a.steps == 50:
         a.steps = 20
     profile = None
@@ -654,6 +709,8 @@ def cmd_tune(a) -> int:
     except ValueError as e:
         raise UsageError(f"--target-{metric.replace('_', '-')}: {e}") from None
     pipe, kw = _load_for(a, shipped)
+    check_true_cfg(pipe, cfg)
+    kw.update(cfg)
     try:
         res = T.tune(pipe, targets, metric=metric, prompts=prompts, seeds=seeds, holdout_prompts=holdout,
                      holdout_seeds=hseeds, steps=a.steps, call_kwargs=kw, profile=profile,

@@ -92,7 +92,54 @@ def test_bench_bad_input(tiny_folder, tmp_path, capsys, blocked):
     _bad(["bench", "--classes", "purple elephant", "--out", str(tmp_path / "a" / "b")], capsys, "purple elephant")
     _bad(base + ["--rounds", "0"], capsys, "--rounds", ">= 1")
     _bad(base + ["--height", "-32"], capsys, "--height", ">= 1")
+    _bad(base + ["--true-cfg", "1"], capsys, "--true-cfg", "> 1")
+    _bad(base + ["--true-cfg", "nan"], capsys, "--true-cfg", "finite")
+    _bad(base + ["--true-cfg", "strong"], capsys, "--true-cfg", "expected a number")
+    _bad(base + ["--negative-prompt", "blue dots"], capsys, "--negative-prompt", "only with --true-cfg")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no output folder made by a failed run
+
+
+def test_true_cfg_needs_a_pipeline_that_has_it():
+    from fastcache_rt.cli import UsageError, check_true_cfg
+
+    class NoTrueCfg:  # e.g. SD3 / Wan: CFG through guidance_scale only
+        def __call__(self, prompt, negative_prompt=None, guidance_scale=7.0):
+            pass
+
+    class TrueCfg:
+        def __call__(self, prompt, negative_prompt=None, true_cfg_scale=1.0):
+            pass
+
+    with pytest.raises(UsageError, match="--true-cfg: NoTrueCfg has no true classifier-free guidance"):
+        check_true_cfg(NoTrueCfg(), dict(true_cfg_scale=4.0, negative_prompt=""))
+    check_true_cfg(TrueCfg(), dict(true_cfg_scale=4.0, negative_prompt=""))
+    check_true_cfg(NoTrueCfg(), {})  # off: nothing to check
+
+
+def test_bench_with_true_cfg_states_the_setting(tiny_folder, tmp_path, capsys):
+    """--true-cfg with a negative prompt: the quick adaptive sweep (three tolerances), the setting in the printed
+    header, table.json, table.csv and analysis.md, the quality spread and the timing ranges in the table."""
+    import csv
+    import json
+
+    out = tmp_path / "out"
+    main(["bench", "--quick", "--model", str(tiny_folder), "--classes", "red circle", "--seeds", "0", "--steps", "4",
+          "--height", "32", "--width", "32", "--true-cfg", "4", "--negative-prompt", "blue dots", "--methods",
+          "adaptive", "--rounds", "2", "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert "4 steps, true CFG 4 (negative prompt 'blue dots', 2 transformer calls per step)" in printed
+    table = json.loads((out / "table.json").read_text())
+    assert table["meta"]["true_cfg_scale"] == 4.0 and table["meta"]["negative_prompt"] == "blue dots"
+    rows = table["rows"]
+    assert [r["config"] for r in rows[1:]] == ["tol=0.1", "tol=0.3", "tol=0.5"]
+    assert rows[0]["nfe"] == rows[0]["calls"] == 8
+    with open(out / "table.csv") as f:
+        got = list(csv.DictReader(f))
+    assert {"psnr_min", "psnr_std", "ssim_min", "rel_l2_max", "speedup_min", "speedup_max", "true_cfg_scale"} <= \
+        set(got[0])
+    assert all(r["true_cfg_scale"] == "4.0" for r in got)
+    md = (out / "analysis.md").read_text()
+    assert "Setting: **4 steps, true CFG 4" in md and "## Quality over prompts x seeds" in md
 
 
 def test_generate_bad_sizes_devices_and_folders(tiny_folder, tmp_path, capsys):

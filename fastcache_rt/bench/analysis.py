@@ -10,6 +10,19 @@ from .methods import BUDGET_STEPS, CACHE_DIT, DIFFUSERS, OURS
 OVERHEAD_TARGET = 0.95  # achieved wall speedup / ideal S/NFE
 
 
+def setting_line(meta: dict) -> str:
+    """The setting a table was measured at: steps and guidance, e.g. "28 steps, true CFG 4 (negative prompt '',
+    2 transformer calls per step)"."""
+    steps = meta.get("steps")
+    cfg = meta.get("true_cfg_scale")
+    if cfg:
+        guidance = (f"true CFG {cfg:g} (negative prompt {meta.get('negative_prompt') or ''!r}, "
+                    f"{meta.get('calls_per_step', 2)} transformer calls per step)")
+    else:
+        guidance = "no true CFG (1 transformer call per step)"
+    return f"{steps} steps, {guidance}"
+
+
 def _cached_rows(rows):
     return [r for r in rows if r["library"] != "-"]
 
@@ -24,10 +37,15 @@ def overhead(rows) -> dict:
     for r in _cached_rows(rows):
         full_skip = "every step" not in r.get("note", "") and "MLPs run" not in r.get("note", "")
         per_cfg.append(dict(key=r["key"], method=r["method"], library=r["library"], nfe=r["nfe"],
-                            ideal=r["ideal_speedup"], speedup=r["speedup"], ratio=r["achieved_of_ideal"],
+                            ideal=r["ideal_speedup"], speedup=r["speedup"], speedup_min=r.get("speedup_min"),
+                            speedup_max=r.get("speedup_max"), ratio=r["achieved_of_ideal"],
                             passed=r["achieved_of_ideal"] >= OVERHEAD_TARGET, full_skip=full_skip,
                             controller_ms_per_step=r.get("controller_ms_per_step"),
-                            skipped_step_cost=r.get("skipped_step_cost")))
+                            skipped_step_cost=r.get("skipped_step_cost"),
+                            skipped_step_cost_median=r.get("skipped_step_cost_median"),
+                            skipped_step_cost_min=r.get("skipped_step_cost_min"),
+                            skipped_step_cost_max=r.get("skipped_step_cost_max"),
+                            skipped_step_cost_measurable=r.get("skipped_step_cost_measurable")))
     methods: dict = {}
     for c in per_cfg:
         m = methods.setdefault(f"{c['library']}/{c['method']}", dict(passed=True, worst=math.inf, configs=0))
@@ -51,7 +69,9 @@ def budgets(rows) -> dict:
         for r in rows:
             if r["library"] == OURS and f"budget{n}" in r.get("tags", []) and \
                     r["method"] in ("spectrum", "taylorseer", "freqca", "fora"):
-                entries[r["method"]] = dict(key=r["key"], nfe=r["nfe"], psnr=r["psnr"], ssim=r["ssim"],
+                # full steps: computed transformer calls per branch (true CFG runs two a step)
+                per_step = r.get("calls", r["steps"]) // r["steps"] or 1
+                entries[r["method"]] = dict(key=r["key"], nfe=r["nfe"] // per_step, psnr=r["psnr"], ssim=r["ssim"],
                                             rel_l2=r["rel_l2"], speedup=r["speedup"])
         matched = len({e["nfe"] for e in entries.values()}) == 1 and all(e["nfe"] == n for e in entries.values())
         res = dict(entries=entries, nfe_matched=matched)
@@ -126,8 +146,37 @@ def memory(rows) -> dict:
     return dict(per_method=per, per_config={r["key"]: r["cache_bytes"] for r in _cached_rows(rows)})
 
 
-def analyse(rows) -> dict:
-    return dict(overhead=overhead(rows), budgets=budgets(rows),
+QUALITY = ("psnr", "ssim", "rel_l2")
+
+
+def spread(rows) -> dict:
+    """Per configuration, each quality metric over the images of the batch (prompts x seeds): mean, min, max and
+    standard deviation (``rel_l2``: of the per-image relative L2; the table's ``rel_l2`` is the whole batch's)."""
+    out = {}
+    for r in _cached_rows(rows):
+        e = dict(key=r["key"], method=r["method"], library=r["library"], nfe=r["nfe"])
+        for m in QUALITY:
+            mean = r.get("rel_l2_mean") if m == "rel_l2" else r.get(m)
+            e[m] = dict(mean=mean, min=r.get(f"{m}_min"), max=r.get(f"{m}_max"), std=r.get(f"{m}_std"))
+        out[r["key"]] = e
+    return out
+
+
+def setting(rows, meta: dict | None = None) -> dict:
+    """The setting the table was measured at: steps and guidance (from the run's meta, else from its rows)."""
+    meta = dict(meta or {})
+    if "steps" not in meta:
+        meta["steps"] = next((r["steps"] for r in rows), None)
+    if "true_cfg_scale" not in meta:
+        meta["true_cfg_scale"] = next((r.get("true_cfg_scale") for r in rows), None)
+    keys = ("steps", "true_cfg_scale", "negative_prompt", "calls_per_step", "batch", "rounds")
+    out = {k: meta.get(k) for k in keys}
+    out["text"] = setting_line(meta)
+    return out
+
+
+def analyse(rows, meta: dict | None = None) -> dict:
+    return dict(setting=setting(rows, meta), spread=spread(rows), overhead=overhead(rows), budgets=budgets(rows),
                 spectralcache_vs_teacache=matched_quality(rows),
                 spectralcache_vs_teacache_ideal=matched_quality(rows, field="ideal_speedup"),
                 pareto=pareto(rows), pareto_ideal=pareto(rows, field="ideal_speedup"), memory=memory(rows))
@@ -141,28 +190,77 @@ def _f(v, fmt="{:.2f}"):
     return fmt.format(v)
 
 
+def _signed(v, fmt) -> str:
+    t = fmt.format(v)
+    return t[1:] if t.startswith("-") and fmt.format(-v) == t[1:] and float(t.rstrip("%x")) == 0 else t  # no "-0%"
+
+
+def _range(lo, hi, fmt="{:.2f}") -> str:
+    if lo is None or hi is None:
+        return "-"
+    a, b = _signed(lo, fmt), _signed(hi, fmt)
+    sep = " to " if a.startswith("-") or b.startswith("-") else "-"  # "-3% to 4%", not "-3%-4%"
+    return f"{a}{sep}{b}"
+
+
+def _skip_cell(c) -> str:
+    """The skipped call's share of a full one: its median over the rounds where measurable, else "n/m" with what
+    the rounds gave (the median and range), "-" where nothing was skipped."""
+    if c.get("skipped_step_cost") is not None:
+        return f"{c['skipped_step_cost']:.1%} ({_range(c.get('skipped_step_cost_min'), c.get('skipped_step_cost_max'), '{:.0%}')})"
+    if c.get("skipped_step_cost_median") is None:
+        return "-"
+    return f"n/m (median {_signed(c['skipped_step_cost_median'], '{:.0%}')}, range " \
+           f"{_range(c.get('skipped_step_cost_min'), c.get('skipped_step_cost_max'), '{:.0%}')})"
+
+
 def markdown(an: dict, meta: dict) -> str:
     L = []
-    L.append(f"# Benchmark analysis\n\n{meta.get('batch')} images per call ({len(meta.get('prompts', []))} prompts x "
-             f"{len(meta.get('seeds', []))} seeds), {meta.get('steps')} steps, {meta.get('height')}x"
+    st = an.get("setting") or setting([], meta)
+    cps = meta.get("calls_per_step") or 1
+    unit = "call" if cps > 1 else "step"
+    L.append(f"# Benchmark analysis\n\nSetting: **{st['text']}**. {meta.get('batch')} images per call "
+             f"({len(meta.get('prompts', []))} prompts x {len(meta.get('seeds', []))} seeds), {meta.get('height')}x"
              f"{meta.get('width')}, {meta.get('rounds')} timing round(s); uncached call "
              f"{_f(meta.get('uncached_time_s'), '{:.2f}')} s (median).\n")
+    if cps > 1:
+        L.append(f"With true CFG the pipeline calls the transformer {cps} times per step (cond, then uncond: one cache "
+                 f"stream each); NFE counts the transformer calls that ran in full, of {meta.get('calls')}.\n")
+    L.append("Speedups are the median over the timing rounds (each against the uncached calls next to it), with "
+             "the rounds' min-max range; PSNR / SSIM are means over the images, their spread below.\n")
+    L.append("## Quality over prompts x seeds\n")
+    L.append("| configuration | NFE | PSNR mean | PSNR min | PSNR sd | SSIM mean | SSIM min | SSIM sd "
+             "| rel L2 mean | rel L2 max | rel L2 sd |")
+    L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for e in an.get("spread", {}).values():
+        p, q, r = e["psnr"], e["ssim"], e["rel_l2"]
+        L.append(f"| {e['key']} | {e['nfe']} | {_f(p['mean'])} | {_f(p['min'])} | {_f(p['std'])} "
+                 f"| {_f(q['mean'], '{:.4f}')} | {_f(q['min'], '{:.4f}')} | {_f(q['std'], '{:.4f}')} "
+                 f"| {_f(r['mean'], '{:.4f}')} | {_f(r['max'], '{:.4f}')} | {_f(r['std'], '{:.4f}')} |")
+    L.append("\nPer image (prompt x seed) against the uncached image of the same prompt and seed; sd is the "
+             "population standard deviation over the images; rel L2 of the final latents, per image (the table's "
+             "rel L2 is the whole batch's). An identical image counts as 100 dB.\n")
     o = an["overhead"]
     L.append(f"## (a) Achieved wall speedup vs ideal S/NFE (target >= {o['target']:.0%})\n")
-    L.append("| configuration | NFE | ideal | achieved | achieved/ideal | skipped step / full step "
-             "| controller ms/step | pass |")
-    L.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    L.append(f"| configuration | NFE | ideal | achieved (median) | rounds min-max | achieved/ideal "
+             f"| skipped {unit} / full {unit} | controller ms/{unit} | pass |")
+    L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for c in o["configs"]:
-        L.append(f"| {c['key']} | {c['nfe']} | {_f(c['ideal'])} | {_f(c['speedup'])} | {_f(c['ratio'], '{:.0%}')} "
-                 f"| {_f(c['skipped_step_cost'], '{:.1%}')} | {_f(c['controller_ms_per_step'])} "
+        L.append(f"| {c['key']} | {c['nfe']} | {_f(c['ideal'])} | {_f(c['speedup'])} "
+                 f"| {_range(c.get('speedup_min'), c.get('speedup_max'))} | {_f(c['ratio'], '{:.0%}')} "
+                 f"| {_skip_cell(c)} | {_f(c['controller_ms_per_step'])} "
                  f"| {'yes' if c['passed'] else 'no'}"
                  f"{'' if c['full_skip'] else ' (partial skip)'} |")
     L.append(f"\nMethods passing at every setting: {', '.join(o['passed']) or 'none'}.  ")
     L.append(f"Methods failing at some setting: {', '.join(o['failed']) or 'none'}.  ")
-    t_step = meta.get("uncached_time_s", 0) / max(meta.get("steps", 1), 1)
-    L.append(f"A full step of the uncached call takes {1e3 * t_step:.1f} ms here. 'skipped step / full step' is what a "
-             "cached step cost, inferred from the timed call (its time minus NFE full steps, over the skipped "
-             "steps): the model's embedders, output head, scheduler step and the controller still run on it.  ")
+    calls = meta.get("calls") or meta.get("steps", 1)
+    t_call = meta.get("uncached_time_s", 0) / max(calls, 1)
+    L.append(f"A full {unit} of the uncached call takes {1e3 * t_call:.1f} ms here. 'skipped {unit} / full {unit}' is "
+             f"what a cached {unit} cost, inferred from each round's timed call (its time minus NFE full {unit}s, "
+             f"over the skipped ones): the model's embedders, output head, scheduler step and the controller still "
+             f"run on it. It is a small difference of two noisy times, so it is given (median over the rounds, "
+             f"with their range) only where the range is smaller than the median, from two rounds on; elsewhere "
+             f"'n/m' (not measurable here), with what the rounds gave.  ")
     L.append("FBCache-type methods (ours, diffusers FirstBlockCache, cache-dit DBCache) run the first block on every "
              "step and diffusers' TaylorSeerCache runs every MLP on every step, so S/NFE overstates what they can "
              "reach (marked 'partial skip').\n")

@@ -3,14 +3,24 @@ NFE, wall-clock time, cache memory and the distance of the outputs to the uncach
 
 Timing: each pipeline call generates the whole batch (every prompt x seed) with ``output_type="latent"`` and
 precomputed text embeddings, so the timed work is the denoising loop. Uncached calls are interleaved with the
-configurations (one before every few configurations and one at the end of each round); a configuration's speedup
-is the median over rounds of (mean of the nearest uncached times before and after it) / (its time). Every uncached
-call must reproduce the reference latents exactly: a configuration whose ``disable`` leaves anything behind stops
-the benchmark.
+configurations (one before every few configurations and one at the end of each round); in each round a
+configuration's speedup is (mean of the nearest uncached times before and after it) / (its time), and the table
+gives the median over the rounds with their min-max range. A quantity derived from a difference of timings (what
+a skipped step cost) is given only where its range over the rounds is smaller than its median (at least two
+rounds), else marked not measurable. Every uncached call must reproduce the reference latents exactly: a
+configuration whose ``disable`` leaves anything behind stops the benchmark.
+
+True classifier-free guidance (``Settings.true_cfg_scale``, FluxPipeline's ``true_cfg_scale`` with a negative
+prompt): two transformer calls per step (the pipeline's "cond" and "uncond" cache contexts, two cache streams).
+NFE then counts transformer calls that ran in full, of ``steps * 2``.
+
+Quality: PSNR / SSIM of the decoded images and relative L2 of the final latents against the uncached run, per
+image (prompt x seed); the table gives their mean, min, max and standard deviation over the batch.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -37,6 +47,8 @@ class Settings:
     call_kwargs: dict = field(default_factory=dict)  # guidance_scale, max_sequence_length, ...
     rounds: int = 1
     uncached_every: int = 3  # an uncached call before every this many configurations
+    true_cfg_scale: float | None = None  # FluxPipeline's true CFG (> 1), None: off (one transformer call per step)
+    negative_prompt: str = ""  # the negative prompt of true CFG (every image of the batch)
 
     def __post_init__(self):
         if not self.prompts:
@@ -49,6 +61,23 @@ class Settings:
             raise ValueError(f"rounds: must be an int >= 1, got {self.rounds!r}")
         if not isinstance(self.uncached_every, int) or self.uncached_every < 1:
             raise ValueError(f"uncached_every: must be an int >= 1, got {self.uncached_every!r}")
+        g = self.true_cfg_scale
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g)
+                              or g <= 1):
+            raise ValueError(f"true_cfg_scale: None (off) or a finite number > 1, got {g!r}")
+        if not isinstance(self.negative_prompt, str):
+            raise ValueError(f"negative_prompt: must be a str, got {self.negative_prompt!r}")
+
+    @property
+    def calls_per_step(self) -> int:
+        """Transformer calls per denoising step: 2 with true CFG (cond and uncond), else 1."""
+        return 1 if self.true_cfg_scale is None else 2
+
+    def describe(self) -> dict:
+        """The setting the table was measured at (steps, guidance), for its header and table.json's meta."""
+        cfg = self.true_cfg_scale
+        return dict(steps=self.steps, true_cfg_scale=cfg, negative_prompt=self.negative_prompt if cfg else None,
+                    calls_per_step=self.calls_per_step, guidance_scale=self.call_kwargs.get("guidance_scale"))
 
     @property
     def batch(self) -> list[tuple[str, int]]:
@@ -109,9 +138,14 @@ class Harness:
             if msl is not None:
                 enc["max_sequence_length"] = msl
             pe, pp, _ = pipe.encode_prompt(**enc)
-        self.embeds = dict(prompt_embeds=pe, pooled_prompt_embeds=pp)
+            self.embeds = dict(prompt_embeds=pe, pooled_prompt_embeds=pp)
+            if settings.true_cfg_scale is not None:
+                npe, npp, _ = pipe.encode_prompt(**dict(enc, prompt=[settings.negative_prompt] * len(prompts)))
+                self.embeds.update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=npp)
         if msl is not None:
             kw["max_sequence_length"] = msl
+        if settings.true_cfg_scale is not None:
+            kw["true_cfg_scale"] = float(settings.true_cfg_scale)
         self.kw = kw
         others = [v for k, v in pipe.components.items() if k != "transformer" and v is not None]
         self._stop = [pipe] + others
@@ -156,7 +190,7 @@ class Harness:
 
     # ------------------------------------------------------------------------------------------------------------
     def calibrate(self, configs: list[Config]) -> Context:
-        ctx = Context(steps=self.s.steps)
+        ctx = Context(steps=self.s.steps, calls_per_step=self.s.calls_per_step)
         needs = {c.needs for c in configs if c.needs}
         if "ours_mag" in needs:
             fastcache_rt.enable(self.pipe, "magcache", calibrate=True)
@@ -180,9 +214,14 @@ class Harness:
         # model already holds
         ref, _, ref_flags = self.call(walk=True)
         baseline = self._walked or {}
+        cps = s.calls_per_step
+        calls = s.steps * cps
+        if len(ref_flags) != calls:
+            raise BenchError(f"the uncached run made {len(ref_flags)} transformer calls for {s.steps} steps; "
+                             f"{cps} per step expected" + (" (true CFG: cond and uncond)" if cps > 1 else ""))
         ref_nfe = sum(ref_flags)
-        if ref_nfe != s.steps:
-            raise BenchError(f"the uncached run computed the last block {ref_nfe} times for {s.steps} steps")
+        if ref_nfe != calls:
+            raise BenchError(f"the uncached run computed the last block {ref_nfe} times in {calls} transformer calls")
         self._exclude = self._exclude | set(baseline)
         ctx = self.calibrate(configs)
 
@@ -249,11 +288,15 @@ class Harness:
         ref_img = self.decode(ref)
         images = {"uncached": ref_img}
         latents = {"uncached": ref}
-        rows = [dict(key="uncached", method="uncached", library="-", config="every step", nfe=s.steps,
-                     steps=s.steps, ideal_speedup=1.0, speedup=1.0, achieved_of_ideal=1.0, psnr=None, ssim=1.0,
-                     rel_l2=0.0, cache_bytes=0, skipped_step_cost=None, time_s=statistics.median(unc_times), times_s=unc_times,
+        setting = s.describe()
+        per_image_ref = [dict(prompt=p, seed=sd, psnr=None, ssim=1.0, rel_l2=0.0) for p, sd in s.batch]
+        rows = [dict(key="uncached", method="uncached", library="-", config="every step", nfe=calls,
+                     steps=s.steps, calls=calls, true_cfg_scale=s.true_cfg_scale, ideal_speedup=1.0, speedup=1.0,
+                     speedup_min=None, speedup_max=None, achieved_of_ideal=1.0,
+                     **quality_spread(per_image_ref), rel_l2=0.0, cache_bytes=0,
+                     **timing_spread(unc_times, "time_s"), times_s=unc_times, skipped_step_cost=None,
                      computed=list(range(s.steps)), controller_ms_per_step=None, repeatable=True, default=True,
-                     tags=[], note="reference")]
+                     tags=[], note="reference", per_image=per_image_ref)]
         for c in configs:
             f = first[c.key]
             flags = f["flags"]
@@ -262,34 +305,41 @@ class Harness:
             images[c.key] = img
             latents[c.key] = f["latents"]
             pairs = per_cfg[c.key]
-            speedup = statistics.median(u / t for t, u in pairs)
-            ideal = s.steps / nfe if nfe else float("inf")
+            ideal = calls / nfe if nfe else float("inf")
             walked = sum(f["walked"].values())
-            # what a skipped step cost, as a fraction of a full step, if full steps cost what uncached ones do:
-            # (t - NFE * t_full) / ((S - NFE) * t_full), t_full = uncached time / S (per timed call, median)
-            skip_cost = None
-            if nfe < s.steps:
-                skip_cost = statistics.median(
-                    (t - nfe * u / s.steps) / ((s.steps - nfe) * u / s.steps) for t, u in pairs)
+            speed = timing_spread([u / t for t, u in pairs], "speedup")
+            # what a skipped call cost, as a fraction of a full call, if full calls cost what uncached ones do:
+            # (t - NFE * t_full) / ((C - NFE) * t_full), t_full = uncached time / C (C calls: steps x calls per
+            # step), per round; only where the rounds agree (range < median)
+            skip = skip_cost(pairs, nfe, calls)
+            per_image = [dict(prompt=p, seed=sd, psnr=a, ssim=b, rel_l2=r) for (p, sd), a, b, r in zip(
+                s.batch, metrics.psnr_per_image(img, ref_img).tolist(), metrics.ssim_per_image(img, ref_img).tolist(),
+                metrics.rel_l2_per_image(f["latents"], ref).tolist())]
             row = dict(key=c.key, method=c.method, library=c.library, config=c.config, nfe=nfe, steps=s.steps,
-                       ideal_speedup=ideal, speedup=speedup, achieved_of_ideal=speedup / ideal,
-                       speedup_rounds=[u / t for t, u in pairs], skipped_step_cost=skip_cost,
-                       psnr=metrics.psnr(img, ref_img), ssim=metrics.ssim(img, ref_img),
-                       rel_l2=metrics.rel_l2(f["latents"], ref), cache_bytes=walked,
-                       time_s=statistics.median(t for t, _ in pairs), times_s=[t for t, _ in pairs],
-                       computed=[i for i, v in enumerate(flags) if v], controller_ms_per_step=None,
-                       repeatable=repeat_ok.get(c.key, True), default=c.default, tags=list(c.tags), note=c.note)
+                       calls=calls, true_cfg_scale=s.true_cfg_scale, ideal_speedup=ideal, **speed,
+                       achieved_of_ideal=speed["speedup"] / ideal, speedup_rounds=[u / t for t, u in pairs], **skip,
+                       **quality_spread(per_image), rel_l2=metrics.rel_l2(f["latents"], ref), cache_bytes=walked,
+                       **timing_spread([t for t, _ in pairs], "time_s"), times_s=[t for t, _ in pairs],
+                       computed=[i for i in range(s.steps) if flags[i * cps]], controller_ms_per_step=None,
+                       repeatable=repeat_ok.get(c.key, True), default=c.default, tags=list(c.tags), note=c.note,
+                       per_image=per_image)
+            if cps > 1:  # each branch's computed steps (cond, uncond)
+                row["computed_streams"] = [[i for i in range(s.steps) if flags[i * cps + b]] for b in range(cps)]
             st = f["stats"]
             if c.library == OURS and st:
                 row["cache_bytes"] = int(st["cache_bytes"])
                 row["cache_bytes_walked"] = walked
                 row["controller_ms_per_step"] = 1e3 * st["controller_seconds_per_call"]
-                if st.get("computed") != row["computed"]:
+                watched = row.get("computed_streams", [row["computed"]])
+                told = st.get("per_stream_computed") or [st.get("computed", [])]
+                if [list(x) for x in told] != watched:
                     row["note"] = (row["note"] + "; " if row["note"] else "") + \
-                        f"stats computed {len(st.get('computed', []))} != watched {nfe}"
+                        f"stats computed {sum(len(x) for x in told)} != watched {nfe}"
             rows.append(row)
         meta = dict(steps=s.steps, height=s.height, width=s.width, prompts=list(s.prompts), seeds=list(s.seeds),
-                    batch=len(s.batch), rounds=s.rounds, uncached_every=s.uncached_every,
+                    batch=len(s.batch), rounds=s.rounds, uncached_every=s.uncached_every, setting=setting,
+                    true_cfg_scale=s.true_cfg_scale, negative_prompt=setting["negative_prompt"],
+                    calls_per_step=cps, calls=calls,
                     uncached_time_s=statistics.median(unc_times), uncached_times_s=unc_times,
                     baseline_walk_bytes=sum(baseline.values()), wall_seconds=time.time() - t_start,
                     mag_ratios={k: list(v) for k, v in ctx.ratios.items()}, torch=torch.__version__,
@@ -298,6 +348,50 @@ class Harness:
 
     def close(self):
         self.probe.remove()
+
+
+def spread(values) -> dict:
+    """mean, min, max and standard deviation (population: the spread of the values measured) of a list of
+    numbers; all None for an empty list."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return dict(mean=None, min=None, max=None, std=None)
+    return dict(mean=statistics.fmean(vals), min=min(vals), max=max(vals), std=statistics.pstdev(vals))
+
+
+def quality_spread(per_image: list) -> dict:
+    """Row fields from per-image quality (dicts with psnr, ssim, rel_l2): ``psnr`` / ``ssim`` the means (as
+    before) and ``<metric>_min``, ``_max``, ``_std`` over the images; ``rel_l2_mean`` etc. for the per-image
+    relative L2 (``rel_l2`` itself stays the whole batch's)."""
+    out = {}
+    for m in ("psnr", "ssim", "rel_l2"):
+        sp = spread(e[m] for e in per_image)
+        out[m if m != "rel_l2" else "rel_l2_mean"] = sp["mean"]
+        out.update({f"{m}_{k}": sp[k] for k in ("min", "max", "std")})
+    return out
+
+
+def timing_spread(values: list, name: str) -> dict:
+    """``name``: the median over the rounds, ``name_min`` / ``name_max``: their range."""
+    return {name: statistics.median(values), f"{name}_min": min(values), f"{name}_max": max(values)}
+
+
+def skip_cost(pairs: list, nfe: int, calls: int) -> dict:
+    """What a skipped transformer call cost as a fraction of a full one, from (time, uncached neighbours' time)
+    per round: (t - NFE u / C) / ((C - NFE) u / C). ``skipped_step_cost`` is its median over the rounds where
+    that is measurable (at least two rounds and their range smaller than the median), else None with
+    ``skipped_step_cost_measurable`` False; the per-round median and range are kept either way. Nothing when no
+    call was skipped."""
+    out = dict(skipped_step_cost=None, skipped_step_cost_median=None, skipped_step_cost_min=None,
+               skipped_step_cost_max=None, skipped_step_cost_measurable=None)
+    if nfe >= calls or not pairs:
+        return out
+    vals = [(t - nfe * u / calls) / ((calls - nfe) * u / calls) for t, u in pairs]
+    med, lo, hi = statistics.median(vals), min(vals), max(vals)
+    ok = len(vals) >= 2 and hi - lo < med
+    out.update(skipped_step_cost=med if ok else None, skipped_step_cost_median=med, skipped_step_cost_min=lo,
+               skipped_step_cost_max=hi, skipped_step_cost_measurable=ok)
+    return out
 
 
 def _tqdm(**kw):

@@ -54,10 +54,12 @@ class Config:
 
 @dataclass
 class Context:
-    """What configurations need at enable time: the step count and calibrated ratios."""
+    """What configurations need at enable time: the step count, transformer calls per step (2 with true CFG: cond
+    then uncond) and calibrated ratios."""
 
     steps: int
     ratios: dict = field(default_factory=dict)
+    calls_per_step: int = 1
 
 
 def _fmt(v) -> str:
@@ -397,8 +399,11 @@ def cache_dit_dbcache(threshold: float, calibrator=None, default=False) -> Confi
         import cache_dit
         from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
 
+        # true CFG: FluxPipeline calls the transformer twice a step (cond, then uncond); cache-dit keeps one cache
+        # per branch and counts steps right only when told (its auto setting assumes FLUX runs one call a step)
         cfg = DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
-                            num_inference_steps=ctx.steps)
+                            num_inference_steps=ctx.steps,
+                            enable_separate_cfg=True if ctx.calls_per_step > 1 else None)
         cal = None
         if calibrator == "taylorseer":
             cal = TaylorSeerCalibratorConfig(taylorseer_order=1)

@@ -78,6 +78,16 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> float:
     return float(ssim_per_image(a, b, data_range).mean())
 
 
+def rel_l2_per_image(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """(N,) float64: ``rel_l2`` of each sample (the first dimension) on its own."""
+    if x.shape != ref.shape:
+        raise ValueError(f"x: shape {tuple(x.shape)} differs from ref's {tuple(ref.shape)}")
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(f"x: expected a batch of samples, got shape {tuple(x.shape)}")
+    r = ref.double().flatten(1)
+    return (x.double().flatten(1) - r).norm(dim=1) / r.norm(dim=1).clamp_min(1e-300)
+
+
 def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
     """||x - ref||_2 / ||ref||_2 over the whole tensor, in float64."""
     if x.shape != ref.shape:

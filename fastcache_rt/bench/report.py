@@ -10,18 +10,33 @@ import math
 from pathlib import Path
 
 from .._files import check_writable, json_bytes, write_atomic  # noqa: F401 (re-exported)
-from .analysis import frontier
+from .analysis import frontier, setting_line
 
 COLUMNS = [("method", "method", "{}"), ("library", "library", "{}"), ("config", "configuration", "{}"),
-           ("nfe", "NFE", "{}"), ("speedup", "speedup", "{:.2f}x"), ("ideal_speedup", "ideal S/NFE", "{:.2f}x"),
-           ("achieved_of_ideal", "achieved/ideal", "{:.0%}"), ("psnr", "PSNR dB", "{:.2f}"),
-           ("ssim", "SSIM", "{:.4f}"), ("rel_l2", "rel L2 latents", "{:.4f}"), ("cache_bytes", "cache bytes", "{:,}")]
-CSV_FIELDS = ["key", "method", "library", "config", "nfe", "steps", "speedup", "ideal_speedup", "achieved_of_ideal",
-              "psnr", "ssim", "rel_l2", "cache_bytes", "time_s", "controller_ms_per_step", "repeatable", "note"]
+           ("nfe", "NFE", "{}"), ("speedup", "speedup", "{:.2f}x"), ("speedup_range", "rounds min-max", "{}"),
+           ("ideal_speedup", "ideal S/NFE", "{:.2f}x"), ("achieved_of_ideal", "achieved/ideal", "{:.0%}"),
+           ("psnr", "PSNR dB", "{:.2f}"), ("psnr_min", "PSNR min", "{:.2f}"), ("psnr_std", "PSNR sd", "{:.2f}"),
+           ("ssim", "SSIM", "{:.4f}"), ("ssim_min", "SSIM min", "{:.4f}"), ("rel_l2", "rel L2 latents", "{:.4f}"),
+           ("rel_l2_max", "rel L2 max", "{:.4f}"), ("cache_bytes", "cache bytes", "{:,}")]
+CSV_FIELDS = ["key", "method", "library", "config", "nfe", "calls", "steps", "true_cfg_scale", "speedup",
+              "speedup_min", "speedup_max", "ideal_speedup", "achieved_of_ideal",
+              "psnr", "psnr_min", "psnr_max", "psnr_std", "ssim", "ssim_min", "ssim_max", "ssim_std",
+              "rel_l2", "rel_l2_mean", "rel_l2_min", "rel_l2_max", "rel_l2_std", "cache_bytes",
+              "time_s", "time_s_min", "time_s_max", "skipped_step_cost", "skipped_step_cost_median",
+              "skipped_step_cost_min", "skipped_step_cost_max", "skipped_step_cost_measurable",
+              "controller_ms_per_step", "repeatable", "note"]
+
+
+def speedup_range(row) -> str | None:
+    """The speedup's min-max over the timing rounds, e.g. "2.10-2.31x" (None for the uncached row)."""
+    lo, hi = row.get("speedup_min"), row.get("speedup_max")
+    if lo is None or hi is None:
+        return None
+    return f"{lo:.2f}-{hi:.2f}x"
 
 
 def _cell(row, key, fmt):
-    v = row.get(key)
+    v = speedup_range(row) if key == "speedup_range" else row.get(key)
     if v is None:
         return "-"
     if isinstance(v, float) and math.isinf(v):
@@ -83,34 +98,53 @@ def grid_png(images: dict, rows: list, max_cols: int = 16, scale: int | None = N
     return _png_bytes_pil(canvas)
 
 
-def pareto_png(rows: list) -> bytes:
+# methods drawn with a marker of their own (beside their library's): the error-controlled rows
+METHOD_MARKERS = {("fastcache_rt", "adaptive"): "*"}
+_LIBRARY_MARKERS = {"fastcache_rt": "o", "diffusers": "s", "cache-dit": "^"}
+
+
+def _xy(rs):
+    return [(r["psnr"] if r["psnr"] is not None else 100.0, r["speedup"]) for r in rs]
+
+
+def pareto_series(rows: list) -> list[dict]:
+    """The plot's series: one per (library, method), in library then method order, each with its label, marker,
+    (PSNR, speedup) points (an identical image at 100 dB) and its frontier."""
+    pts = [r for r in rows if r["library"] != "-"]
+    order = {"fastcache_rt": 0, "diffusers": 1, "cache-dit": 2}
+    methods = sorted({(r["library"], r["method"]) for r in pts}, key=lambda lm: (order.get(lm[0], 3), lm[1]))
+    out = []
+    for lib, m in methods:
+        xy = _xy([r for r in pts if r["library"] == lib and r["method"] == m])
+        out.append(dict(library=lib, method=m, label=f"{m} [{lib}]",
+                        marker=METHOD_MARKERS.get((lib, m), _LIBRARY_MARKERS.get(lib, "x")), points=xy,
+                        frontier=frontier(xy)))
+    return out
+
+
+def pareto_png(rows: list, meta: dict | None = None) -> bytes:
     """Speedup (measured) vs PSNR: every configuration as a point, each method's frontier as a thin line, each
-    library's frontier as a thick step line."""
+    library's frontier as a thick step line; the title states the setting (steps, guidance)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     pts = [r for r in rows if r["library"] != "-"]
-    order = {"fastcache_rt": 0, "diffusers": 1, "cache-dit": 2}
-    methods = sorted({(r["library"], r["method"]) for r in pts}, key=lambda lm: (order.get(lm[0], 3), lm[1]))
-    markers = {"fastcache_rt": "o", "diffusers": "s", "cache-dit": "^"}
     palette = list(plt.get_cmap("tab10").colors) + list(plt.get_cmap("Dark2").colors) + \
         list(plt.get_cmap("Set1").colors)
-
-    def xy_of(rs):
-        return [(r["psnr"] if r["psnr"] is not None else 100.0, r["speedup"]) for r in rs]
+    xy_of = _xy
 
     fig, ax = plt.subplots(figsize=(11, 7), dpi=110)
-    for i, (lib, m) in enumerate(methods):
-        xy = xy_of([r for r in pts if r["library"] == lib and r["method"] == m])
+    for i, sr in enumerate(pareto_series(rows)):
+        lib, xy, star = sr["library"], sr["points"], sr["marker"] == "*"
         color = palette[i % len(palette)]
-        ax.scatter([p[0] for p in xy], [p[1] for p in xy], marker=markers.get(lib, "x"), color=color, s=42,
-                   label=f"{m} [{lib}]", zorder=3, edgecolors="black" if lib != "fastcache_rt" else "none",
-                   linewidths=0.5)
-        fr = frontier(xy)
+        ax.scatter([p[0] for p in xy], [p[1] for p in xy], marker=sr["marker"], color=color, s=110 if star else 42,
+                   label=sr["label"], zorder=4 if star else 3,
+                   edgecolors="black" if lib != "fastcache_rt" or star else "none", linewidths=0.5)
+        fr = sr["frontier"]
         if len(fr) > 1:
-            ax.plot([p[0] for p in fr], [p[1] for p in fr], color=color, lw=1, alpha=0.8)
+            ax.plot([p[0] for p in fr], [p[1] for p in fr], color=color, lw=1.6 if star else 1, alpha=0.8)
     all_x = [p[0] for p in xy_of(pts)] or [0.0]
     x_lo = min(all_x) - 1.0
     for lib, style in (("fastcache_rt", "-"), ("diffusers", "--"), ("cache-dit", ":")):
@@ -134,7 +168,10 @@ def pareto_png(rows: list) -> bytes:
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("PSNR vs uncached (dB, higher = closer)")
     ax.set_ylabel("wall-clock speedup vs uncached (same run)")
-    ax.set_title("Speed vs quality on the shipped model: each library's and each method's Pareto frontier")
+    title = "Speed vs quality: each library's and each method's Pareto frontier"
+    if meta:
+        title += f"\n{setting_line(meta)}; mean PSNR over {meta.get('batch', '?')} images"
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="best")
     fig.tight_layout()
@@ -156,7 +193,7 @@ def write_outputs(out: Path, rows, analysis: dict, analysis_md: str, meta: dict,
         out / "analysis.json": json_bytes(analysis),
         out / "analysis.md": analysis_md.encode(),
         grid_path: grid_png(images, rows),
-        pareto_path: pareto_png(rows),
+        pareto_path: pareto_png(rows, meta),
     }
     for p in files:
         p.parent.mkdir(parents=True, exist_ok=True)

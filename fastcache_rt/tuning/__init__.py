@@ -39,7 +39,8 @@ def tune(pipe, targets, *, metric: str = "psnr", prompts, seeds=(0,), holdout_pr
         prompts, seeds: where the search runs (one batched generation per setting).
         holdout_prompts, holdout_seeds: where the choice is verified (default: the same prompts, seeds 1).
         steps: denoising steps.
-        call_kwargs: further pipeline arguments (height, width, guidance_scale, ...).
+        call_kwargs: further pipeline arguments (height, width, guidance_scale, ...; true CFG: ``true_cfg_scale``
+            with ``negative_prompt``, one str for every image or a list).
         profile: a calibration profile (``fastcache_rt.calibrate``): its MagCache ratios and TeaCache polynomial
             add arms; without one, the MagCache arm is calibrated by one uncached generation here.
         mag_ratios: MagCache's ratios, if known already.
@@ -48,7 +49,8 @@ def tune(pipe, targets, *, metric: str = "psnr", prompts, seeds=(0,), holdout_pr
             first).
 
     Returns a dict: per target the chosen policy (``policy``: a Policy; ``policy_dict``: its JSON form), its NFE,
-    quality on both sets, measured speedup; the Pareto front; generations spent.
+    quality on both sets, measured speedup; the Pareto front; generations spent; the setting (steps, true CFG).
+    NFE is in computed steps; with true CFG the mean over the cond and uncond branches (possibly a half).
     """
     values = check_targets(metric, targets)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
@@ -125,8 +127,13 @@ def tune(pipe, targets, *, metric: str = "psnr", prompts, seeds=(0,), holdout_pr
             again = held.run(e["policy"])[2]
             e["speedup"] = statistics.median(unc) / statistics.median([e["seconds"], again])
     pts = list(tuner.points.values())
+    kw = dict(call_kwargs or {})
+    cfg = kw.get("true_cfg_scale")
+    cfg = cfg if cfg is not None and cfg > 1 and kw.get("negative_prompt") is not None else None
+    setting = {"steps": steps, "true_cfg_scale": cfg, "negative_prompt": kw.get("negative_prompt") if cfg else None,
+               "guidance_scale": kw.get("guidance_scale")}
     return {
-        "metric": metric, "steps": steps, "targets": results,
+        "metric": metric, "steps": steps, "setting": setting, "targets": results,
         "front": [p.row() for p in front(pts, metric)],
         "points": [p.row() for p in pts],
         "search": {"prompts": list(prompts), "seeds": list(seeds), "generations": search_generations,

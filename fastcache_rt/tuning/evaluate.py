@@ -18,6 +18,9 @@ class Evaluator:
         self.batch = [(p, s) for p in prompts for s in seeds]
         self.steps = steps
         self.kw = dict(call_kwargs or {})
+        neg = self.kw.get("negative_prompt")
+        if isinstance(neg, str):  # true CFG: the negative prompt of every image of the batch
+            self.kw["negative_prompt"] = [neg] * len(self.batch)
         self.generations = 0
         self.ref_images, self.ref_latents, self.ref_seconds, _ = self.run(None)
 
@@ -70,12 +73,24 @@ def _images(out) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-def _nfe(handle, steps: int) -> int:
-    """Steps at which any transformer of the pipeline ran (the union over its transformers' first streams)."""
-    computed = set()
+def _nfe(handle, steps: int) -> int | float:
+    """Computed steps: for each branch (stream) the steps at which any transformer of the pipeline ran it (the
+    union over the transformers: the experts of a two-transformer pipeline take turns), averaged over the branches.
+    One branch without true CFG; with it (FluxPipeline's ``true_cfg_scale``: cond and uncond calls, one stream
+    each, each deciding for itself) the mean of the two, so a fractional count means the branches differ (an int
+    where it is whole)."""
+    branches: list[set] = []
     for c in handle.controllers.values():
-        computed.update(c.stats()["computed"])
-    return len(computed)
+        st = c.stats()
+        per = st.get("per_stream_computed") or [st.get("computed", [])]
+        for b, comp in enumerate(per):
+            while len(branches) <= b:
+                branches.append(set())
+            branches[b].update(comp)
+    if not branches:
+        return 0
+    n = sum(len(b) for b in branches) / len(branches)
+    return int(n) if float(n).is_integer() else n
 
 
 def _calibration(ev: Evaluator) -> dict:

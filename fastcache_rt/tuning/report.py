@@ -41,7 +41,7 @@ def front_png(result: dict) -> bytes:
         ax.set_yscale("log")
         ax.invert_yaxis()
     ax.set_title(f"fastcache-rt tune: {result['search']['generations']} search generations of "
-                 f"{result['search']['settings_in_grid']} settings", fontsize=10)
+                 f"{result['search']['settings_in_grid']} settings; {setting_text(result)}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6.5, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
@@ -55,9 +55,20 @@ def _capped(v: float) -> float:
     return min(v, 100.0)
 
 
+def setting_text(result: dict) -> str:
+    """The setting the tuner ran at: steps and true CFG."""
+    st = result.get("setting") or {"steps": result.get("steps")}
+    if st.get("true_cfg_scale"):
+        neg = st.get("negative_prompt")
+        neg = neg[0] if isinstance(neg, list) and neg else neg
+        return (f"{st['steps']} steps, true CFG {st['true_cfg_scale']:g} (negative prompt {neg or ''!r}; NFE: the "
+                f"mean over the cond and uncond branches)")
+    return f"{st['steps']} steps, no true CFG"
+
+
 def markdown(result: dict) -> str:
     m = result["metric"]
-    lines = [f"| target | chosen policy | setting | NFE | {m} search | {m} held-out | speedup |",
+    lines = [f"Setting: {setting_text(result)}.", "",f"| target | chosen policy | setting | NFE | {m} search | {m} held-out | speedup |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for e in result["targets"]:
         if not e.get("met"):

@@ -105,3 +105,91 @@ def test_settings_validation():
         Settings(prompts=["a"], seeds=[0], steps=1)
     with pytest.raises(ValueError, match="prompts"):
         Settings(prompts=[], seeds=[0])
+
+
+# ---------------------------------------------------------------------------------------------------- true CFG
+def _cfg_settings(**kw):
+    base = dict(prompts=["red circle"], seeds=[0], steps=4, height=32, width=32,
+                call_kwargs=dict(guidance_scale=1.0, max_sequence_length=8), rounds=2, uncached_every=2,
+                true_cfg_scale=4.0, negative_prompt="")
+    return Settings(**dict(base, **kw))
+
+
+def test_harness_with_true_cfg_two_calls_per_step_spread_and_ranges():
+    """True CFG: the reference makes two transformer calls per step (cond, uncond) and differs from the unguided
+    output; NFE counts calls, each branch's computed steps are kept; quality spread and timing ranges are in every
+    row."""
+    pipe = tiny_pipeline()
+    h = Harness(pipe, _cfg_settings(), progress=False)
+    try:
+        res = h.run([M.ours("fora", dict(interval=2, warmup=1)), M.ours("adaptive", dict(tol=0.5))])
+    finally:
+        h.close()
+    meta, rows = res.meta, res.rows
+    assert meta["calls_per_step"] == 2 and meta["calls"] == 8 and meta["true_cfg_scale"] == 4.0
+    assert meta["setting"]["negative_prompt"] == ""
+    gens = [torch.Generator().manual_seed(0)]
+    with torch.no_grad():
+        plain = pipe(prompt=["red circle"], num_inference_steps=4, generator=gens, output_type="latent", **CALL).images
+    assert not torch.allclose(plain, res.latents["uncached"])  # the guidance was applied
+    ref, fora, adaptive = rows
+    assert ref["nfe"] == ref["calls"] == 8 and ref["true_cfg_scale"] == 4.0
+    # FixedInterval(2, warm-up 1): steps 0 and 2 in both branches, 4 of 8 calls
+    assert fora["computed_streams"] == [[0, 2], [0, 2]] and fora["nfe"] == 4
+    assert fora["ideal_speedup"] == pytest.approx(2.0) and "!=" not in fora["note"]  # stats agree per branch
+    assert len(adaptive["computed_streams"]) == 2 and adaptive["nfe"] == sum(map(len, adaptive["computed_streams"]))
+    for r in (fora, adaptive):
+        assert r["speedup_min"] <= r["speedup"] <= r["speedup_max"] and len(r["speedup_rounds"]) == 2
+        assert r["time_s_min"] <= r["time_s"] <= r["time_s_max"]
+        assert r["psnr_min"] <= r["psnr"] <= r["psnr_max"] and r["psnr_std"] == 0.0  # one image
+        assert r["per_image"] == [dict(prompt="red circle", seed=0, psnr=r["psnr"], ssim=r["ssim"],
+                                       rel_l2=pytest.approx(r["rel_l2"]))]
+        if r["nfe"] < r["calls"]:  # a skipped call's cost: given only where the rounds agree
+            measurable = r["skipped_step_cost"] is not None
+            assert measurable == (r["skipped_step_cost_max"] - r["skipped_step_cost_min"]
+                                  < r["skipped_step_cost_median"])
+
+
+def test_settings_validation_true_cfg():
+    for bad in (1.0, 0.5, float("nan"), float("inf"), True, "4"):
+        with pytest.raises(ValueError, match="true_cfg_scale"):
+            _cfg_settings(true_cfg_scale=bad)
+    with pytest.raises(ValueError, match="negative_prompt"):
+        _cfg_settings(negative_prompt=None)
+    assert _cfg_settings(true_cfg_scale=None).calls_per_step == 1
+
+
+@pytest.mark.slow  # every method and peer at 28 steps with true CFG (~20 s)
+def test_every_method_at_28_steps_with_true_cfg():
+    from fastcache_rt.bench import analysis as A
+
+    pipe = tiny_pipeline()
+    ours, peers = M.select_methods(None)
+    configs = M.our_configs(28, True, ours) + M.peer_configs(peers, True, lambda msg: None)
+    assert [c.config for c in configs if c.method == "adaptive"] == ["tol=0.1", "tol=0.3", "tol=0.5"]
+    assert not any(c.tags for c in configs)  # the 50-step budgets do not apply
+    h = Harness(pipe, _cfg_settings(steps=28, rounds=1, uncached_every=6), progress=False)
+    try:
+        res = h.run(configs)
+    finally:
+        h.close()
+    rows = res.rows[1:]
+    assert [r["key"] for r in rows] == [c.key for c in configs]
+    for r in rows:
+        assert r["calls"] == 56 and 0 < r["nfe"] <= 56 and len(r["computed_streams"]) == 2, r["key"]
+        assert r["skipped_step_cost"] is None  # one round: not measurable
+        if r["library"] == "fastcache_rt":
+            assert "!=" not in r["note"], r["key"]
+    an = A.analyse(res.rows, res.meta)
+    md = A.markdown(an, res.meta)
+    assert "28 steps, true CFG 4" in md and "skipped" in an["budgets"]
+    assert set(an["spread"]) == {c.key for c in configs}
+
+
+def test_adaptive_sweeps():
+    quick = [c for c in M.our_configs(50, True, {"adaptive"})]
+    full = [c for c in M.our_configs(28, False, {"adaptive"})]
+    assert [c.config for c in quick] == ["tol=0.1", "tol=0.3", "tol=0.5"]
+    assert [c.config for c in full] == [f"tol={t:g}" for t in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)]
+    assert [c.default for c in quick] == [False, True, False]  # the picture grid shows tol 0.3
+    assert "adaptive" in M.select_methods(["adaptive"])[0]

@@ -184,6 +184,10 @@ def test_cli_tune_bad_input(tmp_path, capsys):
     _bad(["tune", "--out", out, "--target-psnr", "40", "--prompts", str(tmp_path / "none.txt")], capsys, "--prompts")
     _bad(["tune", "--out", out, "--target-psnr", "40", "--device", "cuda:7"], capsys, "--device")
     _bad(["bench", "--policy", str(tmp_path / "junk.json")], capsys, "--policy")
+    _bad(["tune", "--out", out, "--target-psnr", "40", "--true-cfg", "1"], capsys, "--true-cfg", "> 1")
+    _bad(["tune", "--out", out, "--target-psnr", "40", "--true-cfg", "inf"], capsys, "--true-cfg", "finite")
+    _bad(["tune", "--out", out, "--target-psnr", "40", "--negative-prompt", "x"], capsys, "--negative-prompt",
+         "--true-cfg")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "junk.json"]  # nothing written
 
 
@@ -208,3 +212,76 @@ def test_tune_a_two_expert_wan_pipeline():
         assert len(computed) == e["heldout_nfe"]
     finally:
         h.disable()
+
+
+# ---------------------------------------------------------------------------------------------------- adaptive, true CFG
+def test_the_adaptive_arms_are_searched():
+    """ErrorControl's search space: three arms (Taylor 1 / 2, Chebyshev at the hidden site), tolerances slow to
+    fast; with a profile's fields 27 arms in all."""
+    from fastcache_rt.policy.gates import ErrorControl
+
+    fit = {"ratios": [1.0] * 50, "coeffs": (1.0, 0.0)}
+    by = {a.name: a for a in T.arms(50, fit=fit)}
+    assert len(by) == 27
+    adaptive = [n for n in by if n.startswith("adaptive+")]
+    assert adaptive == ["adaptive+taylor1", "adaptive+taylor2", "adaptive+chebyshev"]
+    arm = by["adaptive+taylor1"]
+    assert arm.nfe is None and arm.knobs == sorted(arm.knobs) and len(arm.knobs) >= 10  # tol: larger is faster
+    pol = arm.make(0.3)
+    assert isinstance(pol.gate, ErrorControl) and pol.gate.tol == 0.3 and pol.site == "hidden"
+    assert pol.forecaster == PRESETS["adaptive"].forecaster
+
+
+class _FakeController:
+    def __init__(self, per_stream):
+        self.per_stream = per_stream
+
+    def stats(self):
+        return {"computed": self.per_stream[0] if self.per_stream else [], "per_stream_computed": self.per_stream}
+
+
+class _FakeHandle:
+    def __init__(self, *controllers):
+        self.controllers = {f"t{i}": c for i, c in enumerate(controllers)}
+
+
+def test_nfe_is_the_mean_over_the_true_cfg_branches():
+    from fastcache_rt.tuning.evaluate import _nfe
+
+    # true CFG: cond and uncond decide apart (error control): 5 and 4 steps -> 4.5
+    assert _nfe(_FakeHandle(_FakeController([[0, 1, 2, 5, 9], [0, 1, 3, 9]])), 10) == 4.5
+    assert _nfe(_FakeHandle(_FakeController([[0, 2, 4], [0, 2, 4]])), 10) == 3  # the same steps: a whole count
+    # two experts taking turns, one branch each: the union
+    assert _nfe(_FakeHandle(_FakeController([[0, 1, 2]]), _FakeController([[5, 7]])), 10) == 5
+
+
+def test_evaluator_runs_true_cfg_on_a_batch():
+    """A str negative prompt with a batch of several images (the pipeline wants one per image); the fixed
+    interval computes the same steps in both branches."""
+    from fastcache_rt.testing.pipelines import CALL, tiny_pipeline
+
+    pipe = tiny_pipeline()
+    ev = T.Evaluator(pipe, ["red circle", "blue dots"], [0], 4, dict(CALL, true_cfg_scale=4.0, negative_prompt=""))
+    assert ev.kw["negative_prompt"] == ["", ""]
+    images, latents, _, nfe = ev.run(Policy(FixedInterval(interval=2, warmup=1), Reuse(), "residual", "f"))
+    assert nfe == 2 and images.shape[0] == 2
+    plain = T.Evaluator(pipe, ["red circle", "blue dots"], [0], 4, CALL)
+    assert not torch.allclose(plain.ref_latents, ev.ref_latents)  # the guidance was applied
+    assert ev.quality(images, latents)["psnr"] > 0
+
+
+def test_cli_tune_with_true_cfg_states_the_setting(tiny_folder, tmp_path, capsys):
+    """``fastcache-rt tune --true-cfg`` on a FLUX folder: the search (the adaptive arms among the rest) runs with the
+    guidance, and tune.json / tune.md state the setting (~5 s)."""
+    (tmp_path / "prompts.txt").write_text("red circle\n")
+    out = tmp_path / "tune"
+    assert main(["tune", "--model", str(tiny_folder), "--prompts", str(tmp_path / "prompts.txt"), "--steps", "6",
+                 "--height", "32", "--width", "32", "--max-sequence-length", "8", "--target-psnr", "25",
+                 "--true-cfg", "4", "--out", str(out), "--no-progress"]) == 0
+    assert "Setting: 6 steps, true CFG 4 (negative prompt ''" in capsys.readouterr().out
+    res = json.loads((out / "tune.json").read_text())
+    assert res["setting"]["true_cfg_scale"] == 4.0 and res["setting"]["negative_prompt"] == ""
+    assert {"adaptive+taylor1", "adaptive+taylor2", "adaptive+chebyshev"} <= set(res["search"]["arms"])
+    assert any(p["arm"].startswith("adaptive+") for p in res["points"])  # the adaptive arms ran
+    assert (out / "tune.md").read_text().startswith("Setting: 6 steps, true CFG 4")
+    assert (out / "tune_front.png").read_bytes()[:4] == b"\x89PNG"
