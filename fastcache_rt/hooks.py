@@ -5,6 +5,8 @@ context parallelism): a stateful hook on the transformer (whose ``StateManager``
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import weakref
 
@@ -16,9 +18,9 @@ from .controller import RUN, Controller
 from .families import bind
 from .parallel import resolve_group
 
-COPY_NOTE = ("fastcache_rt: a copy (copy.deepcopy) of a pipeline or transformer with caching enabled runs uncached; "
-             "the original keeps its caching. To cache the copy, build it from a pipeline without caching and "
-             "enable it there")
+COPY_NOTE = ("fastcache_rt: a copy (copy.deepcopy) of a pipeline or transformer with caching enabled is made without "
+             "fastcache_rt's hooks: it runs uncached (fastcache_rt.enable caches it on its own); the original keeps "
+             "its caching")
 PICKLE_NOTE = ("fastcache_rt: a pipeline or transformer with caching enabled cannot be pickled; call "
                "fastcache_rt.disable(target) first and enable it again after loading")
 
@@ -194,15 +196,51 @@ def sync_parallel(model, controller: Controller) -> None:
         order_hooks(model, controller)
 
 
-def install(model, controller: Controller) -> list:
-    """Register the hooks; returns the modules that had no hook registry before (``uninstall`` removes those)."""
-    created: list = []
+class _CopyPlain:
+    """``copy.deepcopy`` of the transformer or of one of its blocks while fastcache_rt's hooks are on them (set as
+    the modules' instance attribute ``__deepcopy__``, which deepcopy consults first). diffusers' hook registry binds
+    the original module in closures that a deep copy shares, so a copy made with the hooks on would run the original
+    module. The copy is made with fastcache_rt's hooks taken off, which are put back on the original right after: a
+    plain module (its other hooks copied as diffusers copies them), uncached unless caching is enabled on it."""
+
+    def __init__(self, model, controller: Controller, created: list):
+        self.model, self.controller, self.created = model, controller, created
+
+    def copy(self, target, memo):
+        _warn_copy()
+        model, ctl = self.model, self.controller
+        uninstall(model, ctl, self.created)
+        try:
+            return copy.deepcopy(target, memo)
+        finally:
+            _SYNCED.pop(ctl, None)  # the hooks' order among diffusers' parallel ones is set again
+            install(model, ctl, self.created)
+
+    def __reduce__(self):
+        raise TypeError(PICKLE_NOTE)
+
+
+_COPY_ATTR = "__deepcopy__"
+
+
+def _hooked(model, controller: Controller) -> list:
+    return [model, *(b for blocks in controller.lists for b in blocks)]
+
+
+def install(model, controller: Controller, created: list | None = None) -> list:
+    """Register the hooks; returns the modules that had no hook registry before (``uninstall`` removes those),
+    filling ``created`` when given."""
+    created = [] if created is None else created
+    created.clear()
     for li, blocks in enumerate(controller.lists):
         for j, block in enumerate(blocks):
             _register(block, BlockHook(controller, li, j), BLOCK_HOOK, created)
     _register(model, TransformerHook(controller), MODEL_HOOK, created)
     model._diffusers_hook.invalidate_child_registries_cache()
     sync_parallel(model, controller)
+    guard = _CopyPlain(model, controller, created)
+    for m in _hooked(model, controller):
+        m.__dict__[_COPY_ATTR] = functools.partial(guard.copy, m)
     return created
 
 
@@ -220,6 +258,9 @@ def uninstall(model, controller: Controller, created: list) -> None:
     """Remove the hooks; a module that had no other hook is left exactly as it was (no registry, no instance
     ``forward``)."""
     controller.hooks.release()  # (hooks a call that raised left aside)
+    for m in _hooked(model, controller):
+        if isinstance(m.__dict__.get(_COPY_ATTR), functools.partial):
+            del m.__dict__[_COPY_ATTR]
     _remove(model._diffusers_hook, MODEL_HOOK)
     for blocks in controller.lists:
         for block in blocks:

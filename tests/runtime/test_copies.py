@@ -1,10 +1,9 @@
-"""A deep copy of an enabled pipeline runs uncached (with a warning) and never touches the original, which keeps
-its caching and can still be disabled; enabling caching on such a copy is refused with what to do; pickling an
-enabled pipeline says to disable first.
+"""A deep copy of an enabled pipeline is a plain pipeline: it runs uncached (with a warning), its own weights, and
+never touches the original, which keeps its caching, its stats, and can still be disabled; enabled, the copy is
+cached on its own; pickling an enabled pipeline says to disable first.
 
 Every preset on two families (the shipped FLUX model and the tiny SD3 pipeline), eager and with the original's
-transformer compiled after the copy ran. The tests marked xfail pin what a copy still does that it should not: its
-calls reach the original's hooks with the original module (see COPY_RUNS_THE_ORIGINAL)."""
+transformer compiled after the copy ran."""
 
 from __future__ import annotations
 
@@ -59,8 +58,9 @@ def test_deepcopy_of_an_enabled_pipeline(preset, caplog):
     assert any("copy" in r.getMessage() and "uncached" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="not enabled"):
         fastcache_rt.disable(twin)
-    with pytest.raises(ValueError, match="copy"):
-        fastcache_rt.enable(twin, preset)
+    fastcache_rt.enable(twin, preset)  # the copy is a plain pipeline: cached on its own
+    assert torch.equal(_run(twin, 12), _run(cached, 12))
+    fastcache_rt.disable(twin)
     # the original: its caching, its scheduler, its handle
     assert torch.equal(_run(pipe, 12), _run(cached, 12))
     assert fastcache_rt.stats(pipe)["num_steps"] == 12
@@ -110,8 +110,11 @@ def test_a_copy_of_a_pipeline_with_every_preset(refs, preset, case, mode, caplog
         assert _copy_warned(caplog.records), [r.getMessage() for r in caplog.records]
         with pytest.raises(ValueError, match="not enabled"):
             fastcache_rt.disable(twin)
-        with pytest.raises(ValueError, match="copy"):
-            case.enable(twin, preset)
+        case.enable(twin, preset)  # the copy is a plain pipeline: enabled, it is cached on its own
+        try:
+            check_cached_generation(case, refs, twin, preset, b, case.call(twin, b))
+        finally:
+            fastcache_rt.disable(twin)
         if mode == "compiled":
             compile_transformer(pipe)
             try:
@@ -129,25 +132,10 @@ def test_a_copy_of_a_pipeline_with_every_preset(refs, preset, case, mode, caplog
         assert torch.equal(case.call(pipe, steps), refs.plain(case, steps)), "disable did not restore the model"
 
 
-# A copy's transformer call reaches the original's hooks *with the original module*: diffusers' registry gives the
-# module its instance `forward` = partial(<closure over the registry's HookFunctionReference>, module); deepcopy
-# copies the partial (its argument becomes the copy) but not the closure (functions are atomic), so the copy's call
-# goes through the original registry's function reference, whose `forward` is partial(hook.new_forward,
-# <original module>). fastcache_rt's `_foreign(module, mine)` (hooks.py) then sees the original, and the copy's
-# generation runs the original module (its weights) through the original's Controller. The tests above pass only
-# because every call of the copy happens to compute: the copy's scheduler announces no steps, so each call is a new
-# call position, a new stream of the original's Controller whose first step computes (and on SD3, whose generations
-# are only closed by the next one: the original's own stream, past its announced step count, computes too).
-COPY_RUNS_THE_ORIGINAL = (
-    "fastcache_rt defect: a deep copy's transformer calls reach fastcache_rt's hooks with the original module "
-    "(diffusers' registry closure binds it; hooks._foreign never sees the copy), so the copy runs the original "
-    "module's weights through the original's Controller: {}")
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=COPY_RUNS_THE_ORIGINAL.format(
-    "its calls are recorded as the original's: after the copy's 8-step generation stats(original)['per_stream'] "
-    "lists a stream per call position of the copy (its scheduler announces no steps), and the original's own stream "
-    "is changed (SD3: computed [0, 3] becomes [0, 3, 6]) or evicted (FLUX: its 'cond' stream is gone)"))
+# diffusers' hook registry gives a hooked module its instance `forward` = partial(<closure over the registry's
+# function references>, module); a deep copy shares the closure (functions are atomic), whose references are bound to
+# the original module, so a copy made with the hooks on would run the original module. fastcache_rt makes the copy
+# with its hooks taken off (hooks._CopyPlain): the tests below fail if the copy reaches the original in any way.
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_copys_generation_leaves_the_originals_stats(refs, case):
     case = CASES[case]
@@ -166,8 +154,6 @@ def test_a_copys_generation_leaves_the_originals_stats(refs, case):
         fastcache_rt.disable(pipe)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=COPY_RUNS_THE_ORIGINAL.format(
-    "the copy's own parameters are not used (scaling the copy's output projection leaves its output unchanged)"))
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_copy_runs_its_own_weights(refs, case):
     case = CASES[case]
@@ -187,9 +173,6 @@ def test_a_copy_runs_its_own_weights(refs, case):
         fastcache_rt.disable(pipe)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=COPY_RUNS_THE_ORIGINAL.format(
-    "a copy made before the original's first generation raises ValueError('num_steps: the number of denoising "
-    "steps is unknown...') from the original's Controller"))
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_copy_made_before_any_generation_runs_uncached(refs, case):
     case = CASES[case]
@@ -202,10 +185,6 @@ def test_a_copy_made_before_any_generation_runs_uncached(refs, case):
         fastcache_rt.disable(pipe)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=COPY_RUNS_THE_ORIGINAL.format(
-    "compiled, every call of the copy recompiles (guard on the original Controller's calls_this_step, which the "
-    "copy's unwatched scheduler never resets) and the 9th call fails with FailOnRecompileLimitHit; the original's "
-    "stats record the copy's calls"))
 def test_a_compiled_copy_runs_uncached(refs):
     case = CASES["sd3"]
     a = STEPS[0]
