@@ -12,7 +12,7 @@ import torch
 
 from ._targets import split as _split
 from ._targets import unwrap as _unwrap
-from .controller import Controller
+from .controller import Controller, Setup
 from .families import family_for
 from .hooks import COPY_NOTE, PICKLE_NOTE, install, is_copy_of_enabled, sync_parallel, uninstall
 from .policy import Policy, resolve_policy
@@ -222,13 +222,9 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
 
     restore: list = []
     controllers = {}
+    setups = {}
     for name, m in models.items():
         fam, pol = fams[name], pols[name]
-        inst = m.__dict__.get(_INSTALL)
-        if inst is not None:  # shared with another pipeline: its hooks and controller serve this one too
-            controllers[name] = inst.controller
-            restore.append(inst.attach())
-            continue
         coeffs = None
         if getattr(pol.gate, "family_coeffs", False) and pol.gate.coeffs is None:
             if fam.teacache:
@@ -236,11 +232,21 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
             else:
                 logger.warning("fastcache_rt: no published TeaCache coefficients for %s; the relative change is "
                                "accumulated unscaled (coeffs=(1, 0)): tune threshold= or pass coeffs=", fam.name)
+        # what this pipeline's generations run with (a transformer shared with another pipeline switches to it)
+        setups[name] = Setup(pol, coeffs, grid)
+        inst = m.__dict__.get(_INSTALL)
+        if inst is not None:  # shared with another pipeline: its hooks and controller serve this one too
+            if group is not None and group is not inst.controller.group:
+                raise ValueError(f"group: its {name} is cached through another pipeline with another process "
+                                 f"group; pipelines sharing a transformer share its context-parallel group")
+            controllers[name] = inst.controller
+            restore.append(inst.attach())
+            continue
         ctl = Controller(m, fam, pol, num_steps=num_steps, grid=grid, coeffs=coeffs, group=group)
         inst = _Installation(m, ctl)
         restore.append(inst.attach())
         controllers[name] = ctl
-    watch = _PipelineWatch(pipe, controllers, restore, pols) if pipe is not None else None
+    watch = _PipelineWatch(pipe, controllers, restore, setups) if pipe is not None else None
     handle = Handle(target, models, controllers, restore, watch)
     for obj in [target, *models.values()]:
         if obj is target or pipe is None:
@@ -350,12 +356,12 @@ class _PipelineWatch:
     replaced after ``enable`` is watched from the next transformer call on and announces the generation it has set
     up (the controllers run ``check`` before each call, on the host)."""
 
-    def __init__(self, pipe, controllers: dict, restore: list, policies: dict):
+    def __init__(self, pipe, controllers: dict, restore: list, setups: dict):
         self.pipe, self.restore = pipe, restore
         self.controllers = list(controllers.values())
         # each transformer's policy for this pipeline's generations (a transformer shared with another pipeline
         # runs each pipeline's generations with that pipeline's policy)
-        self.policies = [policies[name] for name in controllers]
+        self.setups = [setups[name] for name in controllers]
         self.scheduler = None
         self.watch(getattr(pipe, "scheduler", None))
         for c in self.controllers:
@@ -376,10 +382,10 @@ class _PipelineWatch:
         self._announce(steps if steps > 0 else None, offset=begin if steps > 0 else 0)
 
     def _announce(self, steps: int | None, close: bool = True, offset: int = 0) -> None:
-        for c, pol in zip(self.controllers, self.policies):
+        for c, setup in zip(self.controllers, self.setups):
             if close:
                 c.end_generation()
-            c.new_generation(steps, offset, policy=pol, owner=self)
+            c.new_generation(steps, offset, setup=setup, owner=self)
 
     def watch(self, sched) -> None:
         self.scheduler = sched
@@ -402,7 +408,10 @@ class _PipelineWatch:
             def step(*args, **kwargs):
                 for c in self.controllers:
                     c.step_done()
-                return original_step(*args, **kwargs)
+                result = original_step(*args, **kwargs)
+                for c in self.controllers:  # the last step: the generation ends here (a transformer without
+                    c.steps_finished()      # diffusers' cache context is not reset at the pipeline's end)
+                return result
 
             _patch_attr(sched, "step", step, self.restore)
         if hasattr(sched, "set_begin_index"):

@@ -14,6 +14,7 @@ import logging
 import math
 import threading
 import time
+import typing
 import torch
 
 from .families import Family, bind, signature, trace_outside_cond
@@ -30,6 +31,15 @@ logger = logging.getLogger("fastcache_rt")
 
 # keyword marking a block call made by the list takeover itself
 RUN = "_fastcache_rt_run"
+
+
+class Setup(typing.NamedTuple):
+    """What a pipeline's generations run with: its policy, the family's TeaCache polynomial its gate takes, and the
+    token grid it was given (pipelines sharing a transformer each bring theirs)."""
+
+    policy: Policy
+    coeffs: tuple | None = None
+    grid: tuple | None = None
 
 
 class Call:
@@ -81,6 +91,7 @@ class Controller:
             signature(type(m))  # read here, not while torch.compile traces a call (it cannot trace inspect)
         self.set_policy(policy)
         self.owner = None  # who announced the current generation (a pipeline's watch), and what it last saw
+        self.open = False  # a generation was announced and has not ended
         self.finished: dict = {}
         self.thread: threading.Thread | None = None  # the thread of the generation in progress
         self.call: Call | None = None
@@ -116,15 +127,17 @@ class Controller:
                 f"each thread its own pipeline and transformer)")
         self.thread = me
 
-    def new_generation(self, num_steps: int | None = None, offset: int = 0, *, policy: Policy | None = None,
+    def new_generation(self, num_steps: int | None = None, offset: int = 0, *, setup: Setup | None = None,
                        owner=None) -> None:
         """Announced by the pipeline (its scheduler's set_timesteps; ``offset``: set_begin_index, img2img; its
-        ``policy`` where pipelines share this transformer), the cache context, or the user."""
+        ``setup`` where pipelines share this transformer), the cache context, or the user."""
         self._check_thread()
-        if policy is not None and policy != self.policy:
-            self.set_policy(policy)
+        if setup is not None and setup != (self.policy, self.coeffs, self.grid):
+            self.coeffs, self.grid = setup.coeffs, setup.grid
+            self.set_policy(setup.policy)
         if owner is not None:
             self.owner = owner
+        self.open = True
         self.gens.new(num_steps, offset)
         self.calls_this_step = 0
         self.gen_steps = 0
@@ -134,6 +147,7 @@ class Controller:
         """The pipeline finished a generation (diffusers resets stateful hooks at the end of every pipeline call):
         keep what ``stats`` reports of it, warn about what it saw, and start the next one clean."""
         self._check_thread()
+        self.open = False
         if self.gens.end():
             self.calls_this_step = 0
             self.gen_steps = 0
@@ -159,6 +173,13 @@ class Controller:
         self.calls_this_step = 0
         self.gen_steps += 1
 
+    def steps_finished(self) -> None:
+        """After a scheduler step: when it was the generation's last, the generation ends (its warnings, its
+        stats, and another thread may start one)."""
+        n = self.gens.num_steps
+        if n is not None and self.gen_steps >= n and self.gens.running():
+            self.end_generation()
+
     def _warn_once(self, key: str, msg: str, *args) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -179,7 +200,14 @@ class Controller:
             if context is None:
                 self.host_bookkeeping()
         off = any(kwargs.get(k) is not None for k in fam.uncached_kwargs)
-        if off:
+        if self.owner is not None and not self.open and not torch.compiler.is_compiling():
+            # pipelines drive this transformer, and none announced this call's generation: a pipeline sharing the
+            # transformer without caching (disabled while another still caches it) calls it
+            self._warn_once("unannounced", "fastcache_rt: %s called outside a generation a cached pipeline "
+                            "announced (a pipeline sharing it without caching?): this call runs uncached",
+                            type(self.model).__name__)
+            off = True
+        elif off:
             self._warn_once("off", "fastcache_rt: %s called with %s: this call runs uncached", type(self.model).__name__,
                             ", ".join(k for k in fam.uncached_kwargs if kwargs.get(k) is not None))
         if context is not None:

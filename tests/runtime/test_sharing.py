@@ -143,22 +143,12 @@ def _shared_pair(case):
     return p1, p2
 
 
-SECOND_GETS_FIRSTS_COEFFS = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "fastcache_rt defect: enable() on a pipeline whose transformer another pipeline already caches reuses that "
-    "pipeline's Controller and drops its own controller settings: the family's published TeaCache polynomial "
-    "(coeffs=None takes FLUX's), grid= and group=. When the first pipeline's preset takes no coefficients (FORA, "
-    "TaylorSeer), the second pipeline's TeaCache runs with the identity polynomial: on the shipped model at 8 steps "
-    "it computes [0, 5, 7] where a TeaCache pipeline of its own computes [0, 3, 6, 7]"))
-
-
 def _sharing_params():
     out = []
     for preset in PRESET_NAMES:
         for case in CASES:
-            # p2 runs the next preset: TeaCache (family coefficients) follows TaylorSeer
-            bug = case == "flux" and PRESET_NAMES[(PRESET_NAMES.index(preset) + 1) % len(PRESET_NAMES)] == "teacache"
-            out.append(pytest.param(preset, case, id=f"{preset}-{case}",
-                                    marks=[SECOND_GETS_FIRSTS_COEFFS] if bug else []))
+            # p2 runs the next preset (e.g. TeaCache, which takes the family's coefficients, after TaylorSeer)
+            out.append(pytest.param(preset, case, id=f"{preset}-{case}"))
     return out
 
 
@@ -199,7 +189,6 @@ def test_every_preset_on_a_shared_transformer(refs, preset, case):
                 fastcache_rt.disable(pipe)
 
 
-@SECOND_GETS_FIRSTS_COEFFS
 def test_a_pipeline_enabled_second_gets_its_family_coefficients(refs):
     """TeaCache with the family's published polynomial (no coeffs= given) on the second pipeline of a shared
     transformer is the TeaCache of a pipeline of its own."""
@@ -215,15 +204,7 @@ def test_a_pipeline_enabled_second_gets_its_family_coefficients(refs):
         fastcache_rt.disable(p1)
 
 
-DISABLED_STILL_CACHED = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "fastcache_rt defect: after disable(p2), p2's transformer calls still go through the hooks the shared "
-    "transformer keeps for p1, into p1's Controller (p1's policy and stream state; p2's scheduler, no longer "
-    "watched, announces nothing): on the shipped model p2's 8-step generation comes out cached, equal neither to "
-    "the plain model's nor to a fresh cached pipeline's. (On SD3 it comes out plain only because that generation is "
-    "past the step count of the Controller's unclosed generation, where every step computes.)"))
-
-
-@pytest.mark.parametrize("case", [pytest.param("flux", marks=DISABLED_STILL_CACHED), "sd3"])
+@pytest.mark.parametrize("case", ["flux", "sd3"])
 def test_a_disabled_pipeline_runs_uncached_while_the_other_stays_cached(refs, case):
     case = CASES[case]
     a, b = STEPS
@@ -245,7 +226,7 @@ def test_a_disabled_pipeline_runs_uncached_while_the_other_stays_cached(refs, ca
 # Compiled: the presets in groups of two (three for the last one of an odd count), each pipeline of a group caching
 # with its own preset and step count, so that a group's generation configurations (each compiled once) cover its
 # presets. The presets that take the family's TeaCache polynomial come first in their group (they create the shared
-# controller; see the xfail above for the other order).
+# controller; the other order is tested eager above).
 _FAMILY_COEFFS = ("spectralcache", "teacache")
 _ORDER = [p for p in PRESET_NAMES if p in _FAMILY_COEFFS] + [p for p in PRESET_NAMES if p not in _FAMILY_COEFFS]
 _HALF = len(_ORDER) // 2
