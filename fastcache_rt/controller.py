@@ -139,6 +139,7 @@ class Controller:
             self.owner = owner
         self.open = True
         self.gens.new(num_steps, offset)
+        self._set_live(True)
         self.calls_this_step = 0
         self.gen_steps = 0
         self._grids.clear()
@@ -148,7 +149,10 @@ class Controller:
         keep what ``stats`` reports of it, warn about what it saw, and start the next one clean."""
         self._check_thread()
         self.open = False
-        if self.gens.end():
+        ended = self.gens.end()
+        if self.owner is not None:
+            self._set_live(False)
+        if ended:
             self.calls_this_step = 0
             self.gen_steps = 0
             self._grids.clear()
@@ -172,6 +176,10 @@ class Controller:
         """The pipeline's scheduler finished a step: the next transformer call is the first branch of the next."""
         self.calls_this_step = 0
         self.gen_steps += 1
+
+    def _set_live(self, live: bool) -> None:
+        for st in self.gens.streams.values():
+            st.live.fill_(live)
 
     def steps_finished(self) -> None:
         """After a scheduler step: when it was the generation's last, the generation ends (its warnings, its
@@ -380,7 +388,7 @@ class Controller:
         c = gate.decide(step)
         if isinstance(c, bool):
             c = torch.full((), c, dtype=torch.bool, device=st.step.device)  # a constant of the graph
-        return c | ~st.has_cache | (st.step >= st.num_steps)
+        return c | ~st.has_cache | (st.step >= st.num_steps) | ~st.live
 
     def _finish(self, call: Call, value: torch.Tensor, residual) -> None:
         call.st.gate.after(call.step, call.compute, residual)

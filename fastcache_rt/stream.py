@@ -38,6 +38,9 @@ class StreamState:
         self.has_cache = torch.zeros((), dtype=torch.bool, device=device)  # compiled mode: a step was computed
         self.log = torch.zeros(num_steps + 1, dtype=torch.bool, device=device)  # compiled mode's record (+ overflow)
         self.events = torch.zeros(1, dtype=torch.int64, device=device)  # computed steps with a non-finite value
+        # a generation announced and not ended (the compiled decision computes outside one: a pipeline sharing the
+        # transformer without caching calls it); set on the host between calls
+        self.live = torch.ones((), dtype=torch.bool, device=device)
         self.spec = spec
         self.gate = policy.gate.make_state(spec.replace(shape=tuple(tokens or spec.shape)))
         self.shape = tuple(spec.shape)
@@ -125,7 +128,7 @@ class StreamState:
     def cache_bytes(self) -> int:
         seen, total = set(), 0
         for t in self.fc.tensors() + self.gate.tensors() + [self.step, self.last_full, self.has_cache, self.log,
-                                                            self.events]:
+                                                            self.events, self.live]:
             if t is not None and id(t) not in seen:
                 seen.add(id(t))
                 total += t.numel() * t.element_size()

@@ -204,13 +204,26 @@ def test_a_pipeline_enabled_second_gets_its_family_coefficients(refs):
         fastcache_rt.disable(p1)
 
 
-@pytest.mark.parametrize("case", ["flux", "sd3"])
-def test_a_disabled_pipeline_runs_uncached_while_the_other_stays_cached(refs, case):
+UNANNOUNCED_COMPILED_WITHOUT_CONTEXT = pytest.mark.xfail(strict=True, raises=(
+    torch._dynamo.exc.Unsupported, torch._dynamo.exc.FailOnRecompileLimitHit), reason=(
+    "known limit: a transformer without diffusers' cache context (SD3) tells its calls apart by their position in "
+    "the step, which only the watched scheduler resets: compiled, the disabled pipeline's calls each take a new "
+    "position (a new stream, a recompile) until torch.compile's recompile limit fails the call (an error, not a "
+    "wrong image)"))
+
+
+@pytest.mark.parametrize("mode,case", [("eager", "flux"), ("eager", "sd3"), ("compiled", "flux"),
+                                       pytest.param("compiled", "sd3", marks=UNANNOUNCED_COMPILED_WITHOUT_CONTEXT)])
+def test_a_disabled_pipeline_runs_uncached_while_the_other_stays_cached(refs, case, mode):
+    """Compiled: the shared transformer compiled after both enabled; a call outside any announced generation is
+    computed by the device decision (eager: the call runs uncached)."""
     case = CASES[case]
     a, b = STEPS
     p1, p2 = _shared_pair(case)
     case.enable(p1, "fora")
     case.enable(p2, "spectrum")
+    if mode == "compiled":
+        compile_transformer(p1)
     try:
         check_cached_generation(case, refs, p1, "fora", a, case.call(p1, a))
         check_cached_generation(case, refs, p2, "spectrum", b, case.call(p2, b))
@@ -218,6 +231,8 @@ def test_a_disabled_pipeline_runs_uncached_while_the_other_stays_cached(refs, ca
         assert torch.equal(case.call(p2, b), refs.plain(case, b)), "the disabled pipeline does not run uncached"
         check_cached_generation(case, refs, p1, "fora", a, case.call(p1, a))
     finally:
+        if mode == "compiled":
+            uncompile_transformer(p1)
         for pipe in (p1, p2):
             with contextlib.suppress(ValueError):
                 fastcache_rt.disable(pipe)
