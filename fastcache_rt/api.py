@@ -166,7 +166,12 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
         profile: a calibration profile (a path or the dict from ``fastcache_rt.calibrate``) made on this model:
             the TeaCache / SpectralCache gates take its polynomial, MagCache its ratios (per transformer).
         **overrides: fields of the preset's gate or forecaster (e.g. ``threshold=0.4``, ``alpha=3.0``), or
-            ``gate=``, ``forecaster=``, ``site=``.
+            ``gate=``, ``forecaster=``, ``site=``; or caps that hold whatever the gate (``fastcache_rt.policy.Caps``;
+            a name that is a field of the gate or the forecaster goes there first): ``max_cached_steps=`` (cached
+            steps per generation and stream), ``max_consecutive=`` (cached steps in a row), ``mask=`` (1 = the
+            step computes, 0 = the gate decides; or a preset "slow" / "medium" / "fast" / "ultra" for any step
+            count), ``refresh=k`` (steps 0, k, 2k, ... compute), or ``caps=Caps(...)``. ``stats()`` lists per
+            stream the steps the caps made compute (``forced``).
 
     Returns a ``Handle``; ``fastcache_rt.disable(target)`` restores the original forward exactly.
     """

@@ -526,7 +526,8 @@ def cmd_bench(a) -> int:
     print()
     print(md)
     written = R.write_outputs(out, res.rows, an, md, res.meta, res.images,
-                              grid_path=images_dir / "bench_grid.png", pareto_path=images_dir / "bench_pareto.png")
+                              grid_path=images_dir / "bench_grid.png", pareto_path=images_dir / "bench_pareto.png",
+                              tolerance_path=images_dir / "bench_tolerance.png")
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -137,6 +137,10 @@ class Controller:
             self.set_policy(setup.policy)
         if owner is not None:
             self.owner = owner
+        caps = getattr(self.policy, "caps", None)
+        steps = num_steps if num_steps is not None else self.gens.num_steps
+        if caps is not None and caps.active and steps:  # on the host, before any (possibly compiled) call
+            caps.schedule(steps)  # ValueError: a mask of another length than the generation's steps
         self.open = True
         self.gens.new(num_steps, offset)
         self._set_live(True)

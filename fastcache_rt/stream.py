@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .policy.caps import CappedState, with_caps
 from .policy.spec import StreamSpec, masked_write_
 
 
@@ -42,20 +43,24 @@ class StreamState:
         # transformer without caching calls it); set on the host between calls
         self.live = torch.ones((), dtype=torch.bool, device=device)
         self.spec = spec
-        self.gate = policy.gate.make_state(spec.replace(shape=tuple(tokens or spec.shape)))
+        # the gate's own state; ``gate``: the same behind the policy's caps where any is set (every decision handed
+        # to the controller is capped, and the gate sees the capped outcome; a mask of another length: ValueError)
+        self.gate_state = policy.gate.make_state(spec.replace(shape=tuple(tokens or spec.shape)))
+        self.gate = with_caps(self.gate_state, getattr(policy, "caps", None), num_steps, device)
+        self.capped = self.gate if isinstance(self.gate, CappedState) else None
         self.shape = tuple(spec.shape)
         self.fc = policy.forecaster.make_state(spec if policy.site != "output" else spec.replace(shard=None))
         # a gate following the forecaster's measured error (ErrorControl): the forecaster measures it on every
         # computed step, summed over a context-parallel group where the site is split (the output is whole)
         self.error_shard = spec.shard if policy.site != "output" else None
-        if callable(getattr(self.gate, "measured", None)):
+        if callable(getattr(self.gate_state, "measured", None)):
             if not callable(getattr(self.fc, "track_error", None)):
                 raise ValueError(f"{type(policy.gate).__name__} follows the forecaster's measured error: "
                                  f"{type(policy.forecaster).__name__}'s state has no track_error()")
             self.fc.track_error()
-            self.gate.bind(policy.forecaster.error_order())
+            self.gate_state.bind(policy.forecaster.error_order())
         # eager mode advances the device counters only where a gate or the forecaster reads them
-        self.uses_step = bool(self.fc.uses_step or self.gate.uses_step)
+        self.uses_step = bool(self.fc.uses_step or self.gate_state.uses_step)
         self.index = 0  # host step index (eager)
         self.host_log: list[bool | None] = []  # eager mode's record of decisions
         self.compiled = False  # any step of this generation ran under torch.compile
@@ -94,7 +99,7 @@ class StreamState:
             self.fc.record(self, value, keep)
             if getattr(self.fc, "error", None) is not None:
                 sums = self.fc.error if self.error_shard is None else self.error_shard.sum(self.fc.error)
-                self.gate.measured(self, sums, compute, keep)
+                self.gate_state.measured(self, sums, compute, keep)
             if compute is not True or self.uses_step:
                 masked_write_(self.last_full, self.step, keep)
         if isinstance(compute, torch.Tensor):
@@ -138,14 +143,17 @@ class StreamState:
 
 def stream_stats(key: tuple, st: StreamState) -> dict:
     """What ``stats()`` reports of one stream's generation: its branch and shape, computed and cached steps, the
-    computed steps with a non-finite result, and a calibration gate's measurements."""
+    computed steps with a non-finite result, the steps the policy's caps made compute where the gate would have
+    cached (``forced``, where any cap is set), and a calibration gate's measurements."""
     log = st.decisions()
     row = {"branch": key[0][1], "shape": list(key[1]), "computed": [i for i, c in enumerate(log) if c is True],
            "cached": [i for i, c in enumerate(log) if c is False], "nonfinite": int(st.events[0])}
-    if hasattr(st.gate, "report"):  # what an error-controlled gate measured and chose
-        row.update(st.gate.report(log))
-    if hasattr(st.gate, "measurements"):  # a calibration run: every signal at every step of the generation
-        row["calibration"] = st.gate.measurements(len(log))
+    if st.capped is not None:
+        row["forced"] = st.capped.forced_steps(st.compiled, len(log))
+    if hasattr(st.gate_state, "report"):  # what an error-controlled gate measured and chose
+        row.update(st.gate_state.report(log))
+    if hasattr(st.gate_state, "measurements"):  # a calibration run: every signal at every step of the generation
+        row["calibration"] = st.gate_state.measurements(len(log))
         if "mag" in row["calibration"]:
             row["mag_ratios"] = row["calibration"]["mag"][sum(c is None for c in log):]  # its own steps
     return row

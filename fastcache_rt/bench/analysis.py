@@ -137,6 +137,66 @@ def pareto(rows, field="speedup") -> dict:
     return dict(field=field, points=res, exceptions=[r["peer"] for r in res if not r["covered"]])
 
 
+# the error-controlled method's targets (issue-style acceptance, measured on the benchmark's own rows): fewer computed
+# steps than every peer point by this factor at the peer's PSNR, and than the best fixed-schedule preset at each
+# PSNR target by this share
+ADAPTIVE = "adaptive"
+FIXED_SCHEDULES = ("spectrum", "taylorseer", "freqca", "fora")
+PEER_FACTOR = 1.3
+FIXED_TARGETS = (40.0, 45.0, 50.0, 55.0)
+FIXED_SHARE = 0.85
+
+
+def _fewest(rows, psnr: float):
+    """The row with the fewest computed steps reaching ``psnr`` (ties: the higher PSNR), or None."""
+    ok = [r for r in rows if _psnr(r) >= psnr]
+    return min(ok, key=lambda r: (r["nfe"], -_psnr(r))) if ok else None
+
+
+def error_control(rows) -> dict:
+    """(f) the error-controlled rows against (1) every peer point: an adaptive setting reaching the peer's PSNR
+    with at most the peer's NFE / 1.3; (2) the best fixed-schedule preset at 40, 45, 50 and 55 dB: at most 85 % of
+    its NFE; (3) the PSNR spread over the images at equal NFE (against the best fixed-schedule row of the same NFE,
+    else within one step). A target no fixed-schedule row of the sweep reaches is not compared (``met`` None)."""
+    ours = [r for r in rows if r["library"] == OURS]
+    ada = [r for r in ours if r["method"] == ADAPTIVE]
+    if not ada:
+        return dict(present=False)
+    fixed = [r for r in ours if r["method"] in FIXED_SCHEDULES]
+    peers = []
+    for p in rows:
+        if p["library"] not in (DIFFUSERS, CACHE_DIT) or p["psnr"] is None:
+            continue
+        best = _fewest(ada, p["psnr"])
+        limit = p["nfe"] / PEER_FACTOR
+        peers.append(dict(peer=p["key"], peer_nfe=p["nfe"], peer_psnr=p["psnr"], limit=limit,
+                          by=best["key"] if best else None, by_nfe=best["nfe"] if best else None,
+                          by_psnr=best["psnr"] if best else None, met=best is not None and best["nfe"] <= limit))
+    targets = []
+    for t in FIXED_TARGETS:
+        a, f = _fewest(ada, t), _fewest(fixed, t)
+        # None: no fixed-schedule row of the sweep reaches the target (nothing to compare with)
+        met = None if f is None else (a is not None and a["nfe"] <= FIXED_SHARE * f["nfe"])
+        targets.append(dict(target=t, adaptive=a["key"] if a else None, adaptive_nfe=a["nfe"] if a else None,
+                            adaptive_psnr=a["psnr"] if a else None, fixed=f["key"] if f else None,
+                            fixed_nfe=f["nfe"] if f else None, fixed_psnr=f["psnr"] if f else None,
+                            saving=(1 - a["nfe"] / f["nfe"]) if a and f else None, met=met))
+    spreads = []
+    for a in ada:
+        near = [f for f in fixed if abs(f["nfe"] - a["nfe"]) <= 1 and f.get("psnr_std") is not None]
+        if not near or a.get("psnr_std") is None:
+            continue
+        # the best fixed schedule at that NFE: the closest NFE, then the highest PSNR
+        f = min(near, key=lambda f: (abs(f["nfe"] - a["nfe"]), -_psnr(f)))
+        spreads.append(dict(adaptive=a["key"], nfe=a["nfe"], psnr=a["psnr"], std=a["psnr_std"],
+                            fixed=f["key"], fixed_nfe=f["nfe"], fixed_psnr=f["psnr"], fixed_std=f["psnr_std"],
+                            steadier=a["psnr_std"] < f["psnr_std"]))
+    return dict(present=True, peer_factor=PEER_FACTOR, fixed_share=FIXED_SHARE, peers=peers, targets=targets,
+                spreads=spreads, peers_met=sum(x["met"] for x in peers), targets_met=sum(x["met"] is True for x in targets),
+                targets_compared=sum(x["met"] is not None for x in targets),
+                steadier=sum(x["steadier"] for x in spreads))
+
+
 def memory(rows) -> dict:
     """(e) cache bytes per configuration, and per method the largest."""
     per = {}
@@ -179,7 +239,8 @@ def analyse(rows, meta: dict | None = None) -> dict:
     return dict(setting=setting(rows, meta), spread=spread(rows), overhead=overhead(rows), budgets=budgets(rows),
                 spectralcache_vs_teacache=matched_quality(rows),
                 spectralcache_vs_teacache_ideal=matched_quality(rows, field="ideal_speedup"),
-                pareto=pareto(rows), pareto_ideal=pareto(rows, field="ideal_speedup"), memory=memory(rows))
+                pareto=pareto(rows), pareto_ideal=pareto(rows, field="ideal_speedup"), memory=memory(rows),
+                error_control=error_control(rows))
 
 
 def _f(v, fmt="{:.2f}"):
@@ -309,4 +370,36 @@ def markdown(an: dict, meta: dict) -> str:
     for k, v in sorted(m["per_method"].items(), key=lambda kv: kv[1]):
         L.append(f"| {k} | {v:,} |")
     L.append("")
+    e = an.get("error_control") or {}
+    if e.get("present"):
+        L.append("## (f) Error-controlled caching (adaptive) against its targets\n")
+        L.append(f"Peer points: the fewest computed steps of an adaptive setting reaching the peer's PSNR, against "
+                 f"the peer's NFE / {e['peer_factor']:g}.\n")
+        L.append("| peer configuration | NFE | PSNR | limit | adaptive | its NFE | its PSNR | met |")
+        L.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for x in e["peers"]:
+            L.append(f"| {x['peer']} | {x['peer_nfe']} | {_f(x['peer_psnr'])} | {x['limit']:.1f} | {x['by'] or 'none'} "
+                     f"| {_f(x['by_nfe'], '{}')} | {_f(x['by_psnr'])} | {'yes' if x['met'] else '**no**'} |")
+        L.append(f"\n{e['peers_met']} of {len(e['peers'])} peer points met.\n")
+        L.append(f"PSNR targets: the fewest computed steps reaching each, adaptive against the best fixed-schedule "
+                 f"preset ({', '.join(FIXED_SCHEDULES)}); met at {e['fixed_share']:.0%} of its NFE or fewer.\n")
+        L.append("| target dB | adaptive | NFE | PSNR | best fixed schedule | NFE | PSNR | saving | met |")
+        L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for x in e["targets"]:
+            L.append(f"| {x['target']:g} | {x['adaptive'] or 'none'} | {_f(x['adaptive_nfe'], '{}')} "
+                     f"| {_f(x['adaptive_psnr'])} | {x['fixed'] or 'none'} | {_f(x['fixed_nfe'], '{}')} "
+                     f"| {_f(x['fixed_psnr'])} | {_f(x['saving'], '{:+.0%}')} "
+                 f"| {'n/a' if x['met'] is None else 'yes' if x['met'] else '**no**'} |")
+        L.append(f"\n{e['targets_met']} of {e['targets_compared']} comparable targets met (n/a: no fixed-schedule "
+                 f"setting of the sweep reaches the target).\n")
+        if e["spreads"]:
+            L.append("PSNR spread over the images at equal NFE (the best fixed-schedule row of the same NFE, else "
+                     "within one step):\n")
+            L.append("| adaptive | NFE | PSNR | sd | fixed schedule | NFE | PSNR | sd | steadier |")
+            L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+            for x in e["spreads"]:
+                L.append(f"| {x['adaptive']} | {x['nfe']} | {_f(x['psnr'])} | {_f(x['std'])} | {x['fixed']} "
+                         f"| {x['fixed_nfe']} | {_f(x['fixed_psnr'])} | {_f(x['fixed_std'])} "
+                         f"| {'yes' if x['steadier'] else 'no'} |")
+            L.append("")
     return "\n".join(L)

@@ -322,7 +322,7 @@ class Harness:
                        **timing_spread([t for t, _ in pairs], "time_s"), times_s=[t for t, _ in pairs],
                        computed=[i for i in range(s.steps) if flags[i * cps]], controller_ms_per_step=None,
                        repeatable=repeat_ok.get(c.key, True), default=c.default, tags=list(c.tags), note=c.note,
-                       per_image=per_image)
+                       settings=dict(c.settings), per_image=per_image)
             if cps > 1:  # each branch's computed steps (cond, uncond)
                 row["computed_streams"] = [[i for i in range(s.steps) if flags[i * cps + b]] for b in range(cps)]
             st = f["stats"]

@@ -46,6 +46,7 @@ class Config:
     tags: tuple = ()  # e.g. ("budget14",)
     needs: str | None = None  # a calibration this config needs from the context ("ours_mag" / "diffusers_mag")
     note: str = ""
+    settings: dict = field(default_factory=dict)  # a preset's overrides (the knob values, for plots by knob)
 
     @property
     def key(self) -> str:
@@ -91,7 +92,8 @@ def ours(preset: str, overrides: dict, *, default=False, tags=()) -> Config:
 
     k = first_blocks(gate)
     return Config(preset, OURS, _label(overrides), enable, disable, default=default, tags=tuple(tags), needs=needs,
-                  note=f"first block{'s' if k > 1 else ''} run{'' if k > 1 else 's'} every step" if k else "")
+                  note=f"first block{'s' if k > 1 else ''} run{'' if k > 1 else 's'} every step" if k else "",
+                  settings={k_: v for k_, v in overrides.items() if isinstance(v, (int, float, str, bool))})
 
 
 def ours_applied(preset: str, overrides: dict) -> Config:

@@ -181,12 +181,65 @@ def pareto_png(rows: list, meta: dict | None = None) -> bytes:
     return buf.getvalue()
 
 
+def tolerance_rows(rows: list) -> list[dict]:
+    """The error-controlled rows of the table that set a tolerance, by tolerance."""
+    found = [r for r in rows if r.get("library") == "fastcache_rt" and r.get("method") == "adaptive"
+             and isinstance((r.get("settings") or {}).get("tol"), (int, float)) and r.get("psnr") is not None]
+    return sorted(found, key=lambda r: r["settings"]["tol"])
+
+
+def tolerance_png(rows: list, meta: dict | None = None) -> bytes | None:
+    """How ``tol`` relates to quality and speed: the mean PSNR over the images with its min-max range (left axis)
+    and the computed steps (right axis), per tolerance; None when the table has no such rows."""
+    found = tolerance_rows(rows)
+    if not found:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # a setting that cached nothing (identical images, 100 dB) is left off the PSNR line: it would squash the axis
+    cached = [r for r in found if r["psnr"] < 100.0]
+    mean = [r["psnr"] for r in cached]
+    lo = [m - r.get("psnr_min", m) for m, r in zip(mean, cached)]
+    hi = [r.get("psnr_max", m) - m for m, r in zip(mean, cached)]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    ax.errorbar([r["settings"]["tol"] for r in cached], mean, yerr=[lo, hi], fmt="o-", color="tab:blue", capsize=4,
+                label="PSNR: mean, min-max")
+    tol = [r["settings"]["tol"] for r in found]
+    ax.set_xscale("log")
+    ax.set_xlabel("tol (relative error of a forecast)")
+    ax.set_ylabel("PSNR vs uncached (dB)", color="tab:blue")
+    ax.grid(alpha=0.3, which="both")
+    ax2 = ax.twinx()
+    ax2.plot(tol, [r["nfe"] for r in found], "s--", color="tab:red", label="computed steps")
+    ax2.set_ylabel(f"computed steps of {found[0]['steps']}", color="tab:red")
+    ax2.set_ylim(bottom=0)
+    title = "Error-controlled caching (adaptive): tolerance vs quality and computed steps"
+    if meta:
+        title += f"\n{setting_line(meta)}; {meta.get('batch', '?')} images"
+    ax.set_title(title, fontsize=9)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="lower left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def write_outputs(out: Path, rows, analysis: dict, analysis_md: str, meta: dict, images: dict,
-                  grid_path: Path | None = None, pareto_path: Path | None = None) -> list[Path]:
-    """Render everything first, then write each file atomically; returns the paths written."""
+                  grid_path: Path | None = None, pareto_path: Path | None = None,
+                  tolerance_path: Path | None = None) -> list[Path]:
+    """Render everything first, then write each file atomically; returns the paths written (the tolerance plot
+    only when the table has error-controlled rows)."""
     out = Path(out)
     grid_path = Path(grid_path) if grid_path else out / "grid.png"
     pareto_path = Path(pareto_path) if pareto_path else out / "pareto.png"
+    tolerance_path = Path(tolerance_path) if tolerance_path else out / "tolerance.png"
+    tol_png = tolerance_png(rows, meta)
     files = {
         out / "table.json": json_bytes(dict(meta=meta, rows=rows)),
         out / "table.csv": csv_bytes(rows),
@@ -195,6 +248,8 @@ def write_outputs(out: Path, rows, analysis: dict, analysis_md: str, meta: dict,
         grid_path: grid_png(images, rows),
         pareto_path: pareto_png(rows, meta),
     }
+    if tol_png is not None:
+        files[tolerance_path] = tol_png
     for p in files:
         p.parent.mkdir(parents=True, exist_ok=True)
     for p, data in files.items():

@@ -1,5 +1,7 @@
-"""Policies: composable gates x forecasters, validated dataclasses, and the presets."""
+"""Policies: composable gates x forecasters (and the caps that hold under any of them), validated dataclasses, and
+the presets."""
 
+from .caps import MASK_PRESETS, Caps, steps_mask
 from .forecasters import FORECASTERS, Chebyshev, Forecaster, FreqCa, Reuse, Taylor, register_forecaster
 from .gates import (
     FLUX_TEACACHE_COEFFS,
@@ -29,9 +31,9 @@ from .presets import (
 from .spec import StreamSpec, masked, masked_write_
 
 __all__ = [
-    "FLUX_TEACACHE_COEFFS", "FORECASTERS", "GATES", "PRESETS", "Chebyshev", "EveryStep", "FBCacheGate",
-    "FixedInterval", "Forecaster", "FreqCa", "Gate", "MagCacheGate", "Policy", "Reuse", "ScheduleState",
+    "FLUX_TEACACHE_COEFFS", "FORECASTERS", "GATES", "MASK_PRESETS", "PRESETS", "Caps", "Chebyshev", "EveryStep",
+    "FBCacheGate", "FixedInterval", "Forecaster", "FreqCa", "Gate", "MagCacheGate", "Policy", "Reuse", "ScheduleState",
     "SearchSpace", "SignalState", "SpectralCacheGate", "SpectrumSchedule", "StreamSpec", "Taylor", "TeaCacheGate",
     "load_policy", "masked", "masked_write_", "policy_from_dict", "policy_to_dict", "register_forecaster",
-    "register_gate", "resolve_policy", "save_policy",
+    "register_gate", "resolve_policy", "save_policy", "steps_mask",
 ]

@@ -809,6 +809,21 @@ class SignalState:
         if self.against_last:  # FBCache compares with the last *computed* step
             masked_write_(self.prev, step.probe, compute)
 
+    def forced(self, forced) -> None:
+        """A step the policy's caps made compute where this gate had cached (a host True, or a device bool): the
+        state as if the gate had computed (accumulator and run of cached steps back to 0, a cache held, one more
+        computed step), so the gate counts from the real computed step."""
+        st = self.state
+        f = forced if isinstance(forced, torch.Tensor) else torch.ones((), dtype=torch.bool, device=st.device)
+        zero, one = st.new_zeros(()), st.new_ones(())
+        new = st.clone()
+        new[L.S_ACC] = torch.where(f, zero, st[L.S_ACC])
+        new[L.S_CONSEC] = torch.where(f, zero, st[L.S_CONSEC])
+        new[L.S_HAS_CACHE] = torch.where(f, one, st[L.S_HAS_CACHE])
+        new[L.S_LAST_COMPUTE] = torch.where(f, one, st[L.S_LAST_COMPUTE])
+        new[L.S_COMPUTED] = st[L.S_COMPUTED] + f.float()
+        st.copy_(new)
+
     def reset(self) -> None:
         self.state.zero_()
         self.fresh = True

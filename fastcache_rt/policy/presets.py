@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .caps import CAP_FIELDS, Caps
 from .forecasters import FORECASTERS, Chebyshev, FreqCa, Reuse, Taylor
 from .gates import (
     GATES,
@@ -28,14 +29,22 @@ class Policy:
     """gate x forecaster x site. ``site``: "residual" caches the whole-stack residual (output image tokens minus the
     tokens entering the cached blocks; FreqCa's CRF idea), "hidden" the image tokens after the last block, "output"
     the model's output (after its output head, which a skipped step then skips too; the smallest tensor: on FLUX 64
-    channels instead of 3072). Either way one tensor per stream: the cache does not grow with depth."""
+    channels instead of 3072). Either way one tensor per stream: the cache does not grow with depth. ``caps``
+    (``Caps``): limits that hold whatever the gate (at most so many cached steps, in all or in a row, a computation
+    mask, a refresh every k steps); they only add computed steps."""
 
     gate: object
     forecaster: object = Reuse()
     site: str = "residual"
     name: str = "custom"
+    caps: Caps = Caps()
 
     def __post_init__(self):
+        if self.caps is None:
+            object.__setattr__(self, "caps", Caps())
+        if not isinstance(self.caps, Caps):
+            raise ValueError(f"Policy.caps: must be a fastcache_rt.policy.Caps (e.g. Caps(max_consecutive=3)), "
+                             f"got {self.caps!r}")
         if not callable(getattr(self.gate, "make_state", None)) or isinstance(self.gate, type):
             raise ValueError(f"Policy.gate: must be a gate instance such as {', '.join(c.__name__ + '()' for c in GATES.values())}; "
                              f"got {self.gate!r}")
@@ -49,6 +58,11 @@ class Policy:
             raise ValueError(f"Policy.site: the {type(self.gate).__name__} gate runs the first blocks every step; use "
                              f"site='residual'")
 
+    def __repr__(self) -> str:  # the caps only where any is set (a policy without caps reads as before them)
+        caps = f", caps={self.caps!r}" if self.caps.active else ""
+        return (f"Policy(gate={self.gate!r}, forecaster={self.forecaster!r}, site={self.site!r}, "
+                f"name={self.name!r}{caps})")
+
     def check_ready(self) -> None:
         """What can only be checked once the policy is about to run (e.g. MagCache's calibrated ratios)."""
         for part in (self.gate, self.forecaster):
@@ -56,34 +70,44 @@ class Policy:
                 part.check_ready()
 
     def with_overrides(self, **overrides) -> "Policy":
-        """Change fields by name: a gate field, a forecaster field, or gate=/forecaster=/site=."""
-        gate, fc, site = self.gate, self.forecaster, self.site
+        """Change fields by name: a gate field, a forecaster field, a cap (``max_cached_steps``,
+        ``max_consecutive``, ``mask``, ``refresh``: a name that is a field of the gate or the forecaster goes there
+        first), or gate=/forecaster=/site=/caps=."""
+        gate, fc, site, caps = self.gate, self.forecaster, self.site, self.caps
         if "gate" in overrides:
             gate = overrides.pop("gate")
         if "forecaster" in overrides:
             fc = overrides.pop("forecaster")
         if "site" in overrides:
             site = overrides.pop("site")
+        if "caps" in overrides:
+            caps = overrides.pop("caps")
         # a swapped part is checked here, before its fields are read: the error names the field
-        Policy(gate=gate, forecaster=fc, site=site, name=self.name)
+        Policy(gate=gate, forecaster=fc, site=site, name=self.name, caps=caps)
+        caps = caps if caps is not None else Caps()
         g_fields = {f.name for f in dataclasses.fields(gate)}
         f_fields = {f.name for f in dataclasses.fields(fc)}
-        g_new, f_new = {}, {}
+        g_new, f_new, c_new = {}, {}, {}
         for k, v in overrides.items():
             if k in g_fields:
                 g_new[k] = v
             elif k in f_fields:
                 f_new[k] = v
+            elif k in CAP_FIELDS:
+                c_new[k] = v
             else:
                 raise ValueError(
                     f"{k}: not a field of {type(gate).__name__} ({', '.join(sorted(g_fields)) or 'none'}) nor of "
-                    f"{type(fc).__name__} ({', '.join(sorted(f_fields)) or 'none'})"
+                    f"{type(fc).__name__} ({', '.join(sorted(f_fields)) or 'none'}) nor a cap "
+                    f"({', '.join(CAP_FIELDS)})"
                 )
         if g_new:
             gate = dataclasses.replace(gate, **g_new)
         if f_new:
             fc = dataclasses.replace(fc, **f_new)
-        return Policy(gate=gate, forecaster=fc, site=site, name=self.name)
+        if c_new:
+            caps = dataclasses.replace(caps, **c_new)
+        return Policy(gate=gate, forecaster=fc, site=site, name=self.name, caps=caps)
 
 
 PRESETS: dict[str, Policy] = {
@@ -140,15 +164,16 @@ SWEEPS: dict[str, Sweep] = {
                        [dict(alpha=0.25), dict(alpha=0.75), dict(alpha=1.5), dict(alpha=3.0),
                         dict(alpha=0.75, site="output"), dict(alpha=3.0, site="output")], dict(alpha=0.75)),
     # error-controlled caching: the tolerance of the forecast's relative error (larger: faster); on the shipped model
-    # at 50 steps tol 0.1 computes about 31 steps, 0.3 about 16, 0.5 about 14
+    # at 50 steps tol 0.1 computes about 32 steps, 0.3 about 17, 0.5 about 15, 2.0 about 11
     "adaptive": _sweep([dict(tol=t) for t in (0.1, 0.3, 0.5)],
-                       [dict(tol=t) for t in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)], dict(tol=0.3)),
+                       [dict(tol=t) for t in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2, 2.0)], dict(tol=0.3)),
 }
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # policy files: {"format": "fastcache_rt.policy", "version": 1, "name", "site", "gate": {"type", fields},
-# "forecaster": {"type", fields}, ...}: what ``fastcache-rt tune`` writes and ``enable(pipe, "file.json")`` reads
+# "forecaster": {"type", fields}, "caps": {set caps} (only where any is set; optional), ...}: what
+# ``fastcache-rt tune`` writes and ``enable(pipe, "file.json")`` reads
 # ---------------------------------------------------------------------------------------------------------------
 POLICY_FORMAT = "fastcache_rt.policy"
 POLICY_VERSION = 1
@@ -163,9 +188,12 @@ def _part(obj, registry) -> dict:
 
 
 def policy_to_dict(policy: Policy) -> dict:
-    """The policy as plain JSON data (every field of its gate and forecaster)."""
-    return {"format": POLICY_FORMAT, "version": POLICY_VERSION, "name": policy.name, "site": policy.site,
-            "gate": _part(policy.gate, GATES), "forecaster": _part(policy.forecaster, FORECASTERS)}
+    """The policy as plain JSON data (every field of its gate and forecaster; the caps that are set, if any)."""
+    out = {"format": POLICY_FORMAT, "version": POLICY_VERSION, "name": policy.name, "site": policy.site,
+           "gate": _part(policy.gate, GATES), "forecaster": _part(policy.forecaster, FORECASTERS)}
+    if policy.caps.active:
+        out["caps"] = policy.caps.to_dict()
+    return out
 
 
 def policy_from_dict(data: dict, source: str = "policy") -> Policy:
@@ -191,7 +219,11 @@ def policy_from_dict(data: dict, source: str = "policy") -> Policy:
             parts.append(table[kind](**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}))
         except TypeError as e:
             raise ValueError(f"{source}: {key} {kind}: {e}") from None
-    return Policy(parts[0], parts[1], data.get("site", "residual"), str(data.get("name", "custom")))
+    caps = Caps()
+    if data.get("caps") is not None:
+        caps = Caps.from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in data["caps"].items()}
+                              if isinstance(data["caps"], dict) else data["caps"], source)
+    return Policy(parts[0], parts[1], data.get("site", "residual"), str(data.get("name", "custom")), caps)
 
 
 def save_policy(policy: Policy, path) -> None:

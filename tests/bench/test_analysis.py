@@ -141,3 +141,45 @@ def test_pareto_plot_draws_adaptive_as_its_own_series():
     png = R.pareto_png(rows, dict(steps=28, true_cfg_scale=4.0, negative_prompt="", calls_per_step=2, batch=8))
     assert png[:4] == b"\x89PNG"
     assert "tol=0.3" in R.csv_bytes(rows).decode()
+
+
+def test_tolerance_plot_reads_the_tolerance_of_each_adaptive_row():
+    from fastcache_rt.bench import report as R
+
+    ada = [dict(row("fastcache_rt", "adaptive", f"tol={t}", n, s, p), settings=dict(tol=t), psnr_min=p - 2,
+                psnr_max=p + 1) for t, n, s, p in ((0.5, 14, 3.3, 45.0), (0.1, 31, 1.5, 58.0), (0.3, 16, 2.9, 48.8))]
+    assert [r["settings"]["tol"] for r in R.tolerance_rows(ROWS + ada)] == [0.1, 0.3, 0.5]  # sorted by tol
+    assert R.tolerance_rows(ROWS) == [] and R.tolerance_png(ROWS) is None  # no adaptive rows: no plot
+    png = R.tolerance_png(ROWS + ada, dict(steps=50, batch=8))
+    assert png[:4] == b"\x89PNG"
+
+
+def test_error_control_targets_on_known_rows():
+    fixed = [dict(row("fastcache_rt", "spectrum", f"a{n}", n, 3.0, p), psnr_std=s)
+             for n, p, s in ((20, 56.0, 3.0), (13, 46.0, 2.0), (10, 40.5, 4.0))]
+    peers = [row("diffusers", "TaylorSeerCache lite", "i6", 11, 4.7, 40.0), row("cache-dit", "DBCache", "t", 27, 1.5, 56.8)]
+    ada = [dict(row("fastcache_rt", "adaptive", f"tol={t}", n, 3.0, p), psnr_std=s)
+           for t, n, p, s in ((0.1, 22, 57.0, 1.0), (0.3, 13, 47.0, 2.5), (0.8, 8, 41.0, 1.0))]
+    e = A.error_control([ROWS[0]] + fixed + peers + ada)
+    by = {x["peer"]: x for x in e["peers"]}
+    lite = by["diffusers/TaylorSeerCache lite/i6"]
+    assert lite["by"] == "fastcache_rt/adaptive/tol=0.8" and lite["limit"] == pytest.approx(11 / 1.3) and lite["met"]
+    db = by["cache-dit/DBCache/t"]  # 22 steps for 56.8 dB: more than 27 / 1.3
+    assert db["by_nfe"] == 22 and not db["met"] and e["peers_met"] == 1
+    t = {x["target"]: x for x in e["targets"]}
+    assert t[40.0]["fixed_nfe"] == 10 and t[40.0]["adaptive_nfe"] == 8 and t[40.0]["met"]  # 8 <= 0.85 * 10
+    assert t[45.0]["fixed_nfe"] == 13 and t[45.0]["adaptive_nfe"] == 13 and not t[45.0]["met"]
+    assert t[55.0]["saving"] == pytest.approx(1 - 22 / 20) and not t[55.0]["met"]
+    assert t[50.0]["met"] is False and e["targets_met"] == 1 and e["targets_compared"] == 4
+    e2 = A.error_control([ROWS[0]] + fixed[1:] + peers + ada)  # no fixed row reaches 50 or 55 dB: not compared
+    assert [x["met"] for x in e2["targets"]] == [True, False, None, None] and e2["targets_compared"] == 2
+    sp = {x["adaptive"]: x for x in e["spreads"]}
+    assert sp["fastcache_rt/adaptive/tol=0.3"]["fixed_std"] == 2.0 and not sp["fastcache_rt/adaptive/tol=0.3"]["steadier"]
+    # against the best fixed schedule at that NFE (the highest PSNR), not the steadiest
+    worse = dict(row("fastcache_rt", "fora", "i", 13, 3.0, 30.0), psnr_std=0.1)
+    sp2 = {x["adaptive"]: x for x in A.error_control([ROWS[0]] + fixed + [worse] + ada)["spreads"]}
+    assert sp2["fastcache_rt/adaptive/tol=0.3"]["fixed"] == "fastcache_rt/spectrum/a13"
+    assert "fastcache_rt/adaptive/tol=0.8" not in sp  # no fixed row within one step
+    assert A.error_control(ROWS) == dict(present=False)
+    md = A.markdown(A.analyse([ROWS[0]] + fixed + peers + ada, dict(steps=50)), dict(steps=50))
+    assert "## (f)" in md and "1 of 2 peer points met" in md and "1 of 4 comparable targets met" in md

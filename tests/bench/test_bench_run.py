@@ -43,6 +43,7 @@ def test_bench_command_writes_every_output(tiny_folder, tmp_path, capsys):
     fora = by["fastcache_rt/fora/interval=4 warmup=3"]
     # FixedInterval(4, warm-up 3): steps 0, 1, 2, then every 4th counted from step 2
     assert fora["computed"] == [s for s in range(STEPS) if s < 3 or (s - 2) % 4 == 0]
+    assert fora["settings"] == {"interval": 4, "warmup": 3}  # the knob values, for plots by knob
     assert fora["nfe"] == len(fora["computed"]) and fora["ideal_speedup"] == pytest.approx(STEPS / fora["nfe"])
     for r in rows[1:]:
         assert r["speedup"] > 0 and r["time_s"] > 0 and 0 < r["ssim"] <= 1 and r["rel_l2"] >= 0
@@ -59,6 +60,7 @@ def test_bench_command_writes_every_output(tiny_folder, tmp_path, capsys):
     grid = Image.open(img / "bench_grid.png")
     assert grid.height >= 3 * 32  # uncached + one row per method shown
     assert Image.open(img / "bench_pareto.png").width > 200
+    assert not (img / "bench_tolerance.png").exists()  # no adaptive rows here: no tolerance plot
     assert not list(out.glob(".*")) and not list(img.glob(".*"))  # no temporary files left
 
 
@@ -160,8 +162,9 @@ def test_settings_validation_true_cfg():
 
 
 @pytest.mark.slow  # every method and peer at 28 steps with true CFG (~20 s)
-def test_every_method_at_28_steps_with_true_cfg():
+def test_every_method_at_28_steps_with_true_cfg(tmp_path):
     from fastcache_rt.bench import analysis as A
+    from fastcache_rt.bench import report as R
 
     pipe = tiny_pipeline()
     ours, peers = M.select_methods(None)
@@ -184,12 +187,15 @@ def test_every_method_at_28_steps_with_true_cfg():
     md = A.markdown(an, res.meta)
     assert "28 steps, true CFG 4" in md and "skipped" in an["budgets"]
     assert set(an["spread"]) == {c.key for c in configs}
+    assert [r["settings"]["tol"] for r in R.tolerance_rows(res.rows)] == [0.1, 0.3, 0.5]
+    written = R.write_outputs(tmp_path, res.rows, an, md, res.meta, res.images, tolerance_path=tmp_path / "tol.png")
+    assert tmp_path / "tol.png" in written and (tmp_path / "tol.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_adaptive_sweeps():
     quick = [c for c in M.our_configs(50, True, {"adaptive"})]
     full = [c for c in M.our_configs(28, False, {"adaptive"})]
     assert [c.config for c in quick] == ["tol=0.1", "tol=0.3", "tol=0.5"]
-    assert [c.config for c in full] == [f"tol={t:g}" for t in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)]
+    assert [c.config for c in full] == [f"tol={t:g}" for t in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2, 2.0)]
     assert [c.default for c in quick] == [False, True, False]  # the picture grid shows tol 0.3
     assert "adaptive" in M.select_methods(["adaptive"])[0]
