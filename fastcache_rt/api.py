@@ -14,7 +14,7 @@ from ._targets import split as _split
 from ._targets import unwrap as _unwrap
 from .controller import Controller, Setup
 from .families import family_for
-from .hooks import COPY_NOTE, PICKLE_NOTE, install, is_copy_of_enabled, sync_parallel, uninstall
+from .hooks import COPY_NOTE, PICKLE_NOTE, install, sync_parallel, uninstall
 from .policy import Policy, resolve_policy
 from .policy.gates import GATES, first_blocks
 
@@ -67,7 +67,7 @@ class Handle:
         self._restore.clear()
 
     def __deepcopy__(self, memo):
-        return None  # a copy of the target is not enabled (see COPY_NOTE; the hooks say so when it runs)
+        return None  # a copy of the target is not enabled (see COPY_NOTE: it is made without the hooks, saying so)
 
     def __reduce__(self):
         raise TypeError(PICKLE_NOTE)
@@ -221,9 +221,6 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
             raise ValueError(f"target: cache-dit caching is enabled on its {name}; two caching libraries on one "
                              f"transformer would each skip what the other computes: call cache_dit.disable_cache("
                              f"pipe) first")
-        if is_copy_of_enabled(m):
-            raise ValueError(f"target: its {name} is a copy (copy.deepcopy) of a model with fastcache_rt enabled, "
-                             f"whose hooks still lead to the original; enable caching on a pipeline built without it")
 
     restore: list = []
     controllers = {}

@@ -14,7 +14,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from .controller import RUN, Controller
+from .controller import Controller
 from .families import bind
 from .parallel import resolve_group
 
@@ -48,15 +48,6 @@ class _Manager(StateManager):
             self.controller.host_bookkeeping()
 
 
-def _foreign(module, mine) -> bool:
-    """``module`` is not the module this hook was installed on: a deep copy's forward still leads here (diffusers'
-    registry keeps the original's closures), so it runs uncached, as its own class defines it."""
-    if module is mine:
-        return False
-    _warn_copy()
-    return True
-
-
 _COPY_WARNED = []
 
 
@@ -66,14 +57,8 @@ def _warn_copy() -> None:
         logging.getLogger("fastcache_rt").warning(COPY_NOTE)
 
 
-class _Inert(ModelHook):
-    """What a deep copy of a fastcache_rt hook becomes: nothing (the copy's calls are routed by the original's
-    registry closures, which pass the copied module to the original hook: see ``_foreign``)."""
-
-
 class _NotPicklable:
-    def __deepcopy__(self, memo):
-        return _Inert()
+    """A deep copy of the modules is made without the hooks (``_CopyPlain``); pickling them refuses."""
 
     def __reduce__(self):
         raise TypeError(PICKLE_NOTE)
@@ -92,8 +77,6 @@ class TransformerHook(_NotPicklable, ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         ctl = self.controller
-        if _foreign(module, ctl.model):
-            return type(module).forward(module, *args, **kwargs)
         original = self.fn_ref.original_forward  # (what this call runs, even if the sync below moves the hook)
         if not torch.compiler.is_compiling():
             sync_parallel(module, ctl)
@@ -117,9 +100,6 @@ class BlockHook(_NotPicklable, ModelHook):
         self.controller, self.li, self.j = controller, li, j
 
     def new_forward(self, module, *args, **kwargs):
-        if _foreign(module, self.controller.lists[self.li][self.j]):
-            kwargs.pop(RUN, None)
-            return type(module).forward(module, *args, **kwargs)
         return self.controller.block(self.li, self.j, module, self.fn_ref.original_forward, args, kwargs)
 
 
@@ -277,9 +257,3 @@ def uninstall(model, controller: Controller, created: list) -> None:
             del module.forward
         if any(m is module for m in created if not isinstance(m, tuple)):
             del module._diffusers_hook
-
-
-def is_copy_of_enabled(model) -> bool:
-    """The model (a deep copy) carries fastcache_rt's hooks in its registry but is not the module they serve."""
-    reg = model.__dict__.get("_diffusers_hook")
-    return reg is not None and any(isinstance(h, _Inert) for h in reg.hooks.values())

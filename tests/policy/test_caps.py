@@ -29,7 +29,7 @@ from fastcache_rt.policy import (
 from fastcache_rt.policy.caps import CappedState
 from fastcache_rt.stream import Step
 from fastcache_rt.testing.tiny_flux import call, denoise, inputs, tiny_flux
-from tests.runtime.helpers import count_host_reads
+from tests.runtime.helpers import count_host_reads, one_thread_module
 
 S = 12
 PRESETS = [p for p in sorted(fastcache_rt.PRESETS) if p != "none"]
@@ -44,10 +44,7 @@ MASK = (True, False, False, True, False, False, False, True, False, False, True,
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    yield from one_thread_module()
 
 
 @pytest.fixture(scope="module")

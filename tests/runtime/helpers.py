@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 import fastcache_rt
+from fastcache_rt.testing.presets import COMPILED_PRESETS, tiny_overrides
 
 
 def count_host_reads(monkeypatch) -> list:
@@ -39,7 +40,8 @@ def count_host_reads(monkeypatch) -> list:
 # ------------------------------------------------------------------------------------------------------------------
 PRESET_NAMES = [p for p in sorted(fastcache_rt.PRESETS) if p != "none"]
 STEPS = (6, 8)  # two step counts at which every preset caches (and computes) some steps on both models
-_MAGCACHE = {"ratios": (1.0,) + (0.97,) * 7}  # (a calibration run's ratios stand-in: MagCache caches with them)
+# the compiled variants of the tests run these presets (every gate state class, probe and forecaster between them)
+COMPILED_PRESET_NAMES = [p for p in PRESET_NAMES if p in COMPILED_PRESETS]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,19 +92,22 @@ def _sd3_call(pipe, steps, **kw):
                     **kw).images
 
 
+# Per-preset settings: the table (fastcache_rt.testing.presets) for 8 steps (MagCache's 8 ratios serve both step
+# counts), FORA, TaylorSeer and FreqCa at their presets' intervals (which cache at 6 and 8 steps here), and:
 CASES = {
     # FreqCa: FLUX's token grid comes from img_ids only in eager mode; given here for both modes (32x32 images:
     # 16x16 tokens). FBCache: the preset's 0.05 computes every step of the shipped model; so does the error-
-    # controlled gate's tolerance at 6 and 8 steps (its forecasts' relative error is larger here).
+    # controlled gate's tolerance at 6 and 8 steps (its forecasts' relative error is larger here). The signal
+    # gates with FLUX's published TeaCache coefficients at their presets' thresholds.
     "flux": PipelineCase("flux", _flux_build, _flux_call,
-                         {"magcache": _MAGCACHE, "freqca": {"grid": (16, 16)}, "fbcache": {"threshold": 0.5},
-                          "adaptive": {"tol": 5.0, "warmup": 2}},
+                         tiny_overrides(8, fora=None, taylorseer=None, freqca={"grid": (16, 16)}, teacache=None,
+                                        spectralcache=None, adaptive={"tol": 5.0, "warmup": 2}),
                          ("single_transformer_blocks.5.proj_out", 0, -1, 0)),
     # no published TeaCache coefficients for SD3: the identity polynomial with a threshold that caches here
     "sd3": PipelineCase("sd3", _sd3_build, _sd3_call,
-                        {"magcache": _MAGCACHE, "fbcache": {"threshold": 0.5}, "adaptive": {"tol": 2.0, "warmup": 2},
-                         "teacache": {"threshold": 0.3, "coeffs": (1.0, 0.0)},
-                         "spectralcache": {"threshold": 0.3, "coeffs": (1.0, 0.0)}},
+                        tiny_overrides(8, fora=None, taylorseer=None, freqca=None,
+                                       teacache={"threshold": 0.3, "coeffs": (1.0, 0.0)},
+                                       spectralcache={"threshold": 0.3, "coeffs": (1.0, 0.0)}),
                         ("transformer_blocks.1.ff", 0, -1, 0)),
 }
 

@@ -1,8 +1,9 @@
 """Hooks on the blocks (profilers, a user's ``register_forward_hook``) see each block run exactly once per real
 execution, and never on a step where it does not run: while a cached call is in progress the blocks' forward hooks
-are held aside, and the controller fires them around each block it really runs. Every preset, eager and compiled,
-families that take a list over (FLUX, SD3, Wan) and ones whose model runs block by block (Chroma, HiDream); and a value a
-hook returns reaches the output as without caching (a NaN: counted)."""
+are held aside, and the controller fires them around each block it really runs. Every preset eager, on families
+that take a list over (FLUX, SD3, Wan) and ones whose model runs block by block (Chroma, HiDream); compiled, one of
+each kind (FLUX, Chroma) with presets that trace every preset's step path; and a value a hook returns reaches the
+output as without caching (a NaN: counted)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,16 @@ import torch
 
 import fastcache_rt
 from fastcache_rt.families import family_for
-from fastcache_rt.policy.gates import first_blocks
 from fastcache_rt.models import SAMPLE_DEFAULTS, load_default
+from fastcache_rt.policy.gates import first_blocks
 from fastcache_rt.testing.families import TINY, denoise, model
+from fastcache_rt.testing.presets import COMPILED_PRESETS, step_path, tiny_overrides
 
 STEPS = 6
 PRESETS = [p for p in sorted(fastcache_rt.PRESETS) if p != "none"]
 # settings that cache some steps and compute others on the tiny models (FLUX's token grid comes from its img_ids,
-# which a compiled call cannot read: FreqCa gets it)
-OVERRIDES = {"magcache": {"ratios": (1.0,) + (0.97,) * (STEPS - 1)}, "freqca": {"interval": 2},
-             "taylorseer": {"interval": 2}, "fora": {"interval": 2}, "teacache": {"threshold": 0.3},
-             "spectralcache": {"threshold": 0.3}, "fbcache": {"threshold": 0.5}, "adaptive": {"tol": 2.0, "warmup": 2}}
+# which a compiled call cannot read: FreqCa gets it below): the table as it is
+OVERRIDES = tiny_overrides(STEPS)
 
 
 class Counting:
@@ -67,15 +67,32 @@ def _blocks(m):
     return [b for spec in family_for(m).lists for b in getattr(m, spec.attr)]
 
 
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
-@pytest.mark.parametrize("preset", PRESETS)
-@pytest.mark.parametrize("name", ["flux", "sd3", "wan", "chroma", "hidream"])
+# Compiled keeps FLUX (lists taken over) and Chroma (block by block) x COMPILED_PRESETS (every gate state class, probe,
+# forecaster); SD3/Wan take one list over as FLUX does, the other presets trace a COMPILED_PRESETS path: eager only.
+# HiDream is eager only: its mixture-of-experts routing loops over a data-dependent count (no fullgraph=True).
+FAMILIES = ["flux", "sd3", "wan", "chroma", "hidream"]
+COMPILED_FAMILIES = ["flux", "chroma"]
+
+
+def _params():
+    eager = [pytest.param(name, preset, False, id=f"{name}-{preset}-eager") for name in FAMILIES for preset in PRESETS]
+    compiled = [pytest.param(name, preset, True, id=f"{name}-{preset}-compiled", marks=pytest.mark.slow)
+                for name in COMPILED_FAMILIES for preset in PRESETS if preset in COMPILED_PRESETS]
+    return eager + compiled
+
+
+def test_the_compiled_presets_cover_every_step_path():
+    """The compiled matrices' presets (``COMPILED_PRESETS``, "adaptive" among them) trace every gate state class,
+    probe, forecaster and site that any preset does."""
+    assert "adaptive" in COMPILED_PRESETS and set(COMPILED_PRESETS) <= set(PRESETS)
+    paths = {p: step_path(p) for p in fastcache_rt.PRESETS}
+    for part in range(4):
+        want = {path[part] for path in paths.values()}
+        assert {paths[p][part] for p in COMPILED_PRESETS} == want, (part, paths)
+
+
+@pytest.mark.parametrize(("name", "preset", "compiled"), _params())
 def test_block_hooks_fire_once_per_real_run(name, preset, compiled):
-    if compiled and name == "wan":
-        pytest.skip("one list taken over, as SD3, which is compiled here")
-    if compiled and name == "hidream":
-        pytest.skip("HiDream's mixture-of-experts routing loops over a data-dependent count: the model itself does "
-                    "not compile with fullgraph=True (Chroma is the block-by-block family compiled here)")
     m = model(name)
     blocks = _blocks(m)
     counting = Counting(blocks)

@@ -2,8 +2,8 @@
 never touches the original, which keeps its caching, its stats, and can still be disabled; enabled, the copy is
 cached on its own; pickling an enabled pipeline says to disable first.
 
-Every preset on two families (the shipped FLUX model and the tiny SD3 pipeline), eager and with the original's
-transformer compiled after the copy ran."""
+Every preset on two families (the shipped FLUX model and the tiny SD3 pipeline) eager, and with the original's
+transformer compiled after the copy ran for presets that trace every preset's step path."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import fastcache_rt
 from fastcache_rt.models import SAMPLE_DEFAULTS, load_default
 from tests.runtime.helpers import (
     CASES,
+    COMPILED_PRESET_NAMES,
     PRESET_NAMES,
     STEPS,
     References,
@@ -90,9 +91,15 @@ def _copy_warned(records) -> bool:
                in r.getMessage() for r in records if r.name == "fastcache_rt")
 
 
-@pytest.mark.parametrize("mode", ["eager", "compiled"])
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("preset", PRESET_NAMES)
+# Compiled keeps COMPILED_PRESET_NAMES on both families (every gate state class, probe, forecaster); the copy itself
+# runs eager in every case, the other presets' compiled step path is one of theirs (fastcache_rt/testing/presets.py).
+def _params():
+    return [pytest.param(preset, case, mode, id=f"{preset}-{case}-{mode}")
+            for preset in PRESET_NAMES for case in CASES for mode in ("eager", "compiled")
+            if mode == "eager" or preset in COMPILED_PRESET_NAMES]
+
+
+@pytest.mark.parametrize(("preset", "case", "mode"), _params())
 def test_a_copy_of_a_pipeline_with_every_preset(refs, preset, case, mode, caplog):
     """The copy (made after a cached generation) runs uncached, with the warning, at another step count; the original
     then generates as a fresh cached pipeline does (compiled: its transformer compiled after the copy ran, compared
@@ -183,6 +190,40 @@ def test_a_copy_made_before_any_generation_runs_uncached(refs, case):
         assert torch.equal(case.call(twin, STEPS[0]), refs.plain(case, STEPS[0]))
     finally:
         fastcache_rt.disable(pipe)
+
+
+def test_a_copy_of_an_enabled_transformer_or_of_its_blocks_is_plain():
+    """A transformer enabled by itself, and its blocks, copy as a pipeline's do: plain modules (no fastcache_rt hook,
+    uncached, their own weights), which ``enable`` caches on their own; the original keeps its caching and stats."""
+    from fastcache_rt.testing.tiny_flux import denoise, tiny_flux
+
+    def hookless(module):
+        reg = module.__dict__.get("_diffusers_hook")
+        return (reg is None or not reg.hooks) and "__deepcopy__" not in module.__dict__
+
+    S = 6
+    plain = denoise(tiny_flux(), S)
+    m = tiny_flux()
+    with fastcache_rt.cached(m, "fora", num_steps=S, interval=2) as handle:
+        cached = denoise(m, S)
+        st = fastcache_rt.stats(m)
+        assert 0 < len(st["computed"]) < S and not torch.equal(cached, plain)
+        twin = copy.deepcopy(m)
+        blocks = copy.deepcopy(m.transformer_blocks)
+        block = copy.deepcopy(m.single_transformer_blocks[0])
+        assert all(hookless(x) for x in [twin, *twin.transformer_blocks, *twin.single_transformer_blocks, *blocks,
+                                         block])
+        assert all(b is not o for b, o in zip(blocks, m.transformer_blocks)) and not hookless(m)
+        assert torch.equal(denoise(twin, S), plain), "the copy is not the uncached model"
+        with pytest.raises(ValueError, match="not enabled"):
+            fastcache_rt.disable(twin)
+        with fastcache_rt.cached(twin, "fora", num_steps=S, interval=2):
+            assert torch.equal(denoise(twin, S), cached)
+        assert hookless(twin)
+        assert fastcache_rt.stats(m)["per_stream"] == st["per_stream"]
+        handle.new_generation(S)
+        assert torch.equal(denoise(m, S), cached)
+    assert hookless(m) and torch.equal(denoise(m, S), plain)
 
 
 def test_a_compiled_copy_runs_uncached(refs):

