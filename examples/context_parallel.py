@@ -1,8 +1,10 @@
-"""Caching under diffusers' context parallelism: one generation of the shipped model on several ranks.
+"""Caching under diffusers' context parallelism (or tensor parallelism): one generation of the shipped model on
+several ranks.
 
     torchrun --nproc-per-node 2 examples/context_parallel.py                      # Ulysses, uncached only
     torchrun --nproc-per-node 2 examples/context_parallel.py --ring --method spectrum
     torchrun --nproc-per-node 2 examples/context_parallel.py --method teacache --set threshold=0.4
+    torchrun --nproc-per-node 3 examples/context_parallel.py --tp 3 --method teacache   # tensor parallelism
 
 Every rank loads the shipped FLUX-architecture pipeline (``fastcache_rt.models.load_default``), turns on context
 parallelism on its transformer (``transformer.enable_parallelism(config=ContextParallelConfig(...))``: the token
@@ -23,6 +25,19 @@ What a user must know (diffusers 0.42.1):
   return it, so this script routes it through ``aten::_scaled_dot_product_flash_attention_for_cpu`` (CPU only).
 - The image tokens (256) and text tokens (8) are split evenly: the rank count must divide both (1, 2, 4, 8).
 
+Tensor parallelism (``--tp N``, N = the number of ranks): the transformer is loaded with
+``FluxTransformer2DModel.from_pretrained(..., parallel_config=TensorParallelConfig(tp_degree=N))``, which reads each
+rank's slice of the weights its ``_tp_plan`` names (safetensors); every block then passes the whole hidden states on,
+identical on every rank, so caching needs no communication of its own. What a user must know:
+- N must divide the attention heads: the shipped model's 3 heads allow ``--tp 3`` (diffusers refuses 2 and 4:
+  "`tp_degree` (2) must divide the number of attention heads (3).").
+- diffusers 0.42.1 allows tensor parallelism on cuda / neuron / tpu / xpu only ("Tensor parallelism is not
+  supported on device type 'cpu'"); on the CPU this script adds "cpu" to that list (torch's DTensors run on gloo).
+- Context and tensor parallelism together are refused: diffusers' ``ParallelConfig`` says "Combining context
+  parallelism and tensor parallelism in a single `ParallelConfig` is not supported", and ``enable_parallelism`` on
+  a model loaded with a ``parallel_config`` says "Parallelism is already applied". ``--tp`` with ``--ulysses`` /
+  ``--ring``, or with more ranks than N, stops with that message.
+
 With ``--method``, every signal gate (TeaCache, SpectralCache, FBCache) all-reduces its band sums over the
 context-parallel group before deciding (one all-reduce of a few floats per step), so every rank takes the same
 decision; schedule gates need no communication. The script also counts the collectives of one more cached
@@ -42,11 +57,13 @@ import time
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = p.add_mutually_exclusive_group()
+    mode = p.add_mutually_exclusive_group()  # (default: Ulysses, unless --tp)
     mode.add_argument("--ulysses", dest="mode", action="store_const", const="ulysses", help="Ulysses attention "
                       "(all-to-all over heads; the default)")
     mode.add_argument("--ring", dest="mode", action="store_const", const="ring", help="ring attention")
-    p.set_defaults(mode="ulysses")
+    p.set_defaults(mode=None)
+    p.add_argument("--tp", type=int, default=None, metavar="N", help="tensor parallelism over N ranks instead of "
+                   "context parallelism (N = the number of ranks; N must divide the model's 3 attention heads)")
     p.add_argument("--method", default=None, help="a fastcache_rt preset (spectrum, teacache, spectralcache, fbcache, "
                    "magcache, freqca, ...); without it only the uncached run")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
@@ -62,7 +79,21 @@ def parse_args(argv=None):
     p.add_argument("--count", action="store_true", help="run the cached generation once more, counting the "
                    "collectives (and their bytes) each transformer call issues")
     p.add_argument("--out", default=None, help="save rank 0's images here (PREFIX_uncached.png, PREFIX_cached.png)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.tp is not None and args.tp < 1:
+        p.error("--tp: a positive number of ranks")
+    if args.tp is not None and args.mode is not None:
+        p.error(f"--tp with --{args.mode}: {CP_TP_REFUSED}")
+    if args.tp is None and args.mode is None:
+        args.mode = "ulysses"
+    return args
+
+
+# what diffusers 0.42.1 says to context and tensor parallelism together
+CP_TP_REFUSED = ("context and tensor parallelism cannot be combined in diffusers 0.42.1 (ParallelConfig: "
+                 "\"Combining context parallelism and tensor parallelism in a single `ParallelConfig` is not "
+                 "supported\"; enable_parallelism on a model loaded with a parallel_config: \"Parallelism is already "
+                 "applied\"); run one of them")
 
 
 def _value(text: str):
@@ -90,9 +121,13 @@ def overrides(items) -> dict:
 
 def cpu_fixes() -> None:
     """diffusers 0.42.1 on a CPU-only torch: ``device_count`` 1 instead of 0; ring attention's log-sum-exp through
-    the CPU flash-attention kernel (see the module docstring)."""
+    the CPU flash-attention kernel; tensor parallelism allowed on a CPU mesh (see the module docstring)."""
     import torch
+    from diffusers.hooks import tensor_parallel as tp
     from diffusers.models import attention_dispatch as ad
+
+    if "cpu" not in tp._SUPPORTED_TP_DEVICES:
+        tp._SUPPORTED_TP_DEVICES = (*tp._SUPPORTED_TP_DEVICES, "cpu")
 
     if torch.accelerator.device_count() == 0:
         torch.accelerator.device_count = lambda: 1
@@ -120,6 +155,12 @@ def main(argv=None) -> int:
         print("launch with torchrun, e.g. torchrun --nproc-per-node 2 examples/context_parallel.py", file=sys.stderr)
         return 2
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if args.tp is not None and args.tp != world:
+        if rank == 0:
+            print(f"--tp {args.tp} on {world} ranks: tensor parallelism needs exactly --tp ranks (launch with "
+                  f"--nproc-per-node {args.tp}); splitting the rest with context parallelism is not possible: "
+                  f"{CP_TP_REFUSED}", file=sys.stderr, flush=True)
+        return 2
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     cuda = torch.cuda.is_available()
     if cuda:
@@ -158,13 +199,14 @@ def run(args, rank: int, world: int, device) -> int:
     import torch.distributed as dist
     from diffusers import ContextParallelConfig
 
-    import fastcache_rt
     from fastcache_rt import models
 
     models.check_prompt(args.prompt)
+    kw = {**models.SAMPLE_DEFAULTS, "num_inference_steps": args.steps, "output_type": "pt"}
+    if args.tp is not None:
+        return run_tensor_parallel(args, rank, world, device, kw)
     pipe = models.load_default(device=device)
     heads = pipe.transformer.config.num_attention_heads
-    kw = {**models.SAMPLE_DEFAULTS, "num_inference_steps": args.steps, "output_type": "pt"}
     reference = None
     if args.reference:  # before enable_parallelism: the plain single-process result
         reference = pipe(prompt=args.prompt, generator=torch.Generator("cpu").manual_seed(args.seed), **kw).images
@@ -183,6 +225,47 @@ def run(args, rank: int, world: int, device) -> int:
     if rank == 0:
         print(f"context parallelism: {args.mode}, {world} rank(s), backend {dist.get_backend()}, device "
               f"{device.type}; model {type(pipe.transformer).__name__} ({heads} heads), {args.steps} steps", flush=True)
+    return generate_and_cache(args, rank, world, device, pipe, kw, reference, "context-parallel")
+
+
+def run_tensor_parallel(args, rank: int, world: int, device, kw) -> int:
+    """The shipped pipeline with its transformer loaded sharded over the ranks (``TensorParallelConfig``)."""
+    import torch
+    import torch.distributed as dist
+    from diffusers import FluxPipeline, FluxTransformer2DModel, TensorParallelConfig
+
+    from fastcache_rt import models
+
+    reference = None
+    if args.reference:  # the plain single-process result, from an unsharded copy of the pipeline
+        plain = models.load_default(device=device)
+        reference = plain(prompt=args.prompt, generator=torch.Generator("cpu").manual_seed(args.seed), **kw).images
+        del plain
+    try:
+        transformer = FluxTransformer2DModel.from_pretrained(
+            models.DEFAULT_PATH, subfolder="transformer", local_files_only=True,
+            parallel_config=TensorParallelConfig(tp_degree=args.tp))
+    except ValueError as e:  # e.g. a degree that does not divide the heads: the same on every rank
+        if rank == 0:
+            print(f"--tp {args.tp}: diffusers refuses to shard the transformer: {e}", file=sys.stderr, flush=True)
+        return 2
+    pipe = FluxPipeline.from_pretrained(models.DEFAULT_PATH, transformer=transformer, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe = pipe.to(device)
+    if rank == 0:
+        print(f"tensor parallelism: {world} rank(s), backend {dist.get_backend()}, device {device.type}; model "
+              f"{type(transformer).__name__} ({transformer.config.num_attention_heads} heads), {args.steps} steps",
+              flush=True)
+    return generate_and_cache(args, rank, world, device, pipe, kw, reference, "tensor-parallel")
+
+
+def generate_and_cache(args, rank, world, device, pipe, kw, reference, layout: str) -> int:
+    """The uncached generation (against ``reference`` where given), then, with ``--method``, the cached one; every
+    rank's figures and whether their decisions agree. ``layout``: "context-parallel" or "tensor-parallel"."""
+    import torch
+    import torch.distributed as dist
+
+    import fastcache_rt
 
     def generate():
         best, image = float("inf"), None
@@ -201,7 +284,7 @@ def run(args, rank: int, world: int, device) -> int:
     del generate_warmup
     base, t_base = generate()
     ref = "" if reference is None else \
-        f"; max |context-parallel - single-process| pixel difference {float((base - reference).abs().max()):.2e}"
+        f"; max |{layout} - single-process| pixel difference {float((base - reference).abs().max()):.2e}"
     _say(rank, world, f"uncached: {t_base:.2f} s{ref}")
     if args.out and rank == 0:
         _save(base, f"{args.out}_uncached.png")
@@ -215,14 +298,15 @@ def run(args, rank: int, world: int, device) -> int:
     if args.count:
         _say(rank, world, communication(pipe, args, kw, computed))
     _say(rank, world, f"{args.method}: computed {len(computed)}/{args.steps} steps {computed}; "
-                      f"cache {st['cache_bytes'] / 1024:.1f} KiB; {t_cached:.2f} s")
+                      f"cache {st['cache_bytes'] / 1024:.1f} KiB; {t_cached:.2f} s; context_parallel "
+                      f"{st['context_parallel']}, tensor_parallel {st.get('tensor_parallel')}")
     logs = [None] * world
     dist.all_gather_object(logs, st["per_stream_computed"])
     agree = all(log == logs[0] for log in logs)
     diff = float((img.float() - base.float()).abs().max())
     if rank == 0:
         print(f"decisions identical on every rank: {agree}", flush=True)
-        print(f"speedup against the uncached context-parallel run: {t_base / t_cached:.2f}x "
+        print(f"speedup against the uncached {layout} run: {t_base / t_cached:.2f}x "
               f"({t_base:.2f} s -> {t_cached:.2f} s); max |cached - uncached| pixel difference {diff:.4f}", flush=True)
         if args.out:
             _save(img, f"{args.out}_cached.png")

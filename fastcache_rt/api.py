@@ -12,11 +12,11 @@ import torch
 
 from ._targets import split as _split
 from ._targets import unwrap as _unwrap
-from .controller import Controller, Setup
+from .controller import Controller, Setup, cached_span
 from .families import family_for
 from .hooks import COPY_NOTE, PICKLE_NOTE, install, sync_parallel, uninstall
 from .policy import Policy, resolve_policy
-from .policy.gates import GATES, first_blocks
+from .policy.gates import GATES
 
 logger = logging.getLogger("fastcache_rt")
 _ATTR = "_fastcache_rt"
@@ -193,12 +193,8 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
         from .parallel import resolve_group
 
         resolve_group(None, group)  # TypeError / ValueError before anything is touched
-    for name, m in models.items():
-        sizes = [len(getattr(m, b.attr)) for b in fams[name].lists]
-        k = first_blocks(pol.gate)
-        if k > sizes[0] or k >= sum(sizes):
-            raise ValueError(f"blocks: the {type(pol.gate).__name__} probe runs the first blocks of the first list "
-                             f"and must leave blocks to skip ({' + '.join(map(str, sizes))} blocks), got {k}")
+    for name, m in models.items():  # ValueError where the policy's blocks leave none to skip
+        cached_span([len(getattr(m, b.attr)) for b in fams[name].lists], pols[name])
     if getattr(target, _ATTR, None) is not None:  # enabled again: the new policy replaces the old
         getattr(target, _ATTR).disable()
     sched = getattr(pipe, "scheduler", None) if pipe is not None else None

@@ -2,9 +2,11 @@
 declaration does the model); the ops know tensors and nothing of either.
 
 A model call goes: ``begin_call`` (the transformer's hook: which branch) -> ``segment`` for each block list (or
-each block of a list the model runs block by block): the first one picks the stream, probes and decides, and every
-segment runs its blocks or hands its inputs on through ``branch`` (the one point where eager and compiled differ: a
-host ``if`` or ``torch.cond``); the last records the value its forecaster keeps -> ``end_call``.
+each block of a list the model runs block by block): the first one picks the stream; the blocks before the cached
+span run (``compute_first``, FBCache's probe blocks), then the probe and the decision; every segment runs its blocks
+of the span or hands its inputs on through ``branch`` (the one point where eager and compiled differ: a host ``if``
+or ``torch.cond``); the span's end records the value its forecaster keeps, and the blocks after it run
+(``compute_last``) -> ``end_call``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from .generation import Generations
 from .module_hooks import HeldHooks
 from .parallel import Shard
 from .policy import Policy
-from .policy.gates import first_blocks
 from .policy.gates import probes as gate_probes
 from .policy.spec import StreamSpec, masked
 from .stream import Step, StreamState
@@ -45,7 +46,7 @@ class Setup(typing.NamedTuple):
 class Call:
     """What one model call carries from its first block to its end."""
 
-    __slots__ = ("branch", "kwargs", "off", "st", "step", "compute", "base", "grid")
+    __slots__ = ("base", "branch", "compute", "grid", "kwargs", "off", "st", "step")
 
     def __init__(self, branch, kwargs, off):
         self.branch, self.kwargs, self.off = branch, kwargs, off
@@ -70,6 +71,18 @@ def branch(compute, full, skip, operands: tuple):
     return torch.cond(compute, dense(full), dense(skip), operands)
 
 
+def cached_span(sizes: list[int], policy: Policy) -> tuple[int, int]:
+    """The blocks a skipped step skips, [first, end) counted over the block lists of ``sizes`` in execution order:
+    the policy's blocks run before and after it on every step (``Policy.blocks``); ValueError where it leaves none."""
+    before, after = policy.blocks()
+    total = sum(sizes)
+    if before + after >= total:
+        raise ValueError(f"blocks: {before} block(s) before the cached span (compute_first, or the gate's probe "
+                         f"blocks) and {after} after it (compute_last) leave none of the model's "
+                         f"{' + '.join(map(str, sizes))} blocks to skip")
+    return before, total - after
+
+
 class Controller:
     """The cached steps of one transformer. What belongs to the pipeline (its scheduler announcing generations and
     steps) is told by the API through ``new_generation`` / ``step_done`` / ``follow_steps`` and the host callbacks
@@ -86,6 +99,7 @@ class Controller:
         self.group = group  # the context-parallel process group given to enable (else diffusers' own)
         self.shard: Shard | None = None  # this rank's place in it, when the tokens are split over ranks
         self.lists = [list(getattr(model, b.attr)) for b in family.lists]
+        self.offsets = [sum(len(b) for b in self.lists[:i]) for i in range(len(self.lists))]
         norm1 = getattr(self.lists[0][0], "norm1", None)
         for m in [model, *(b for blocks in self.lists for b in blocks), *([norm1] if norm1 is not None else [])]:
             signature(type(m))  # read here, not while torch.compile traces a call (it cannot trace inspect)
@@ -110,7 +124,8 @@ class Controller:
         """The policy of the generations from now on (a pipeline sharing this transformer brings its own)."""
         self.policy = policy
         self.probes = gate_probes(policy.gate)
-        self.probe_blocks = first_blocks(policy.gate)
+        self.span = cached_span([len(b) for b in self.lists], policy)
+        self.tail = self.span[1] < self.offsets[-1] + len(self.lists[-1])  # blocks run after the span
         # streams are told apart by token grid where a part of the policy works on the grid (FreqCa's DCT)
         self.grid_keyed = any(getattr(part, "uses_grid", False) for part in (policy.gate, policy.forecaster))
         self.gens.clear()
@@ -285,14 +300,17 @@ class Controller:
 
     def segment(self, call: Call, li: int, start: int, stop: int, original, kw: dict):
         """Blocks [start, stop) of list ``li``: the whole list (taken over by its first block), or one block of a
-        list the model's loop runs block by block (``Blocks.per_block``)."""
+        list the model's loop runs block by block (``Blocks.per_block``). Of them, those before the cached span
+        (``compute_first``, FBCache's probe blocks) and after it (``compute_last``) run on every step; those in it
+        run or hand on."""
         spec = self.family.lists[li]
         hidden = kw[spec.hidden]
         enc = kw.get(spec.encoder) if spec.encoder else None
-        last = li == len(self.lists) - 1 and stop == len(self.lists[li])
+        off = self.offsets[li]  # the list's first block, counted over every list
+        first, end = self.span  # the cached span [first, end), counted over every list
         own = start  # the block whose hook called this (``original`` is its forward)
         t0 = self._clock()
-        if li == 0 and start == 0:  # 1. the stream (and, for FBCache, the tokens its probe compares against)
+        if li == 0 and start == 0:  # 1. the stream (and the tokens the site's residual is taken against)
             call.base = self._image_part(call, spec, hidden)
             st = call.st = self._stream(call, call.base)
             call.step = Step(st.index if not torch.compiler.is_compiling() else None, st.step)
@@ -300,54 +318,111 @@ class Controller:
             if "modulated" in self.probes:  # the family's probe reads the first block's input
                 probe = call.step.probes["modulated"] = self.family.probe_of(self.lists[0][0], kw, hidden)
                 call.step.replicated = self.family.probe_replicated(probe, hidden)
-            if self.probe_blocks and not spec.per_block:  # the first blocks always run (model time)
-                self._tick(t0)
-                hidden, enc = self._run(li, original, own, kw, hidden, enc, 0, self.probe_blocks)
-                start = self.probe_blocks
-                t0 = self._clock()
-        if call.compute is None:
-            if li == 0 and start < self.probe_blocks:  # FBCache's probe blocks of a block-by-block list: they run
-                self._tick(t0)
-                return self.hooks.run(li, start, original, kw)
-            # 2. the probe and the decision, at the first block after the probe blocks (the next list's first
-            # block where they are the whole first list)
-            if self.probe_blocks:
+        if off + start < first:  # 2. blocks before the span: they run (model time)
+            n = min(stop, first - off)
+            self._tick(t0)
+            hidden, enc = self._run(li, original, own, kw, hidden, enc, start, n)
+            start = n
+            t0 = self._clock()
+        if call.compute is None and off + start == first:
+            # 3. the probe and the decision, where the blocks before the span end
+            if first:
                 img = self._image_part(call, spec, hidden)
-                call.step.probes["first_blocks"] = img - call.base
-                if self.policy.gate.probe == "first_blocks":  # a skipped step skips only the blocks after them
-                    call.base = img
+                if "first_blocks" in self.probes:
+                    call.step.probes["first_blocks"] = img - call.base
+                if self.policy.gate.probe == "first_blocks" or self.policy.compute_first:
+                    call.base = img  # the site's residual is the span's: a skipped step skips only the span
             call.step.probe = call.step.probes.get(self.policy.gate.probe)
             call.compute = self._decide(call.st, call.step)
         compute, site = call.compute, self.policy.site
+        mid = min(stop, end - off)  # the span's blocks of this segment: [start, mid)
+        if start < mid:
+            ends = off + mid == end  # the span ends here: a skipped step gets the forecast
+            txt = self._text_in(call, li, start, spec, hidden, enc)  # (blocks after the span: see _text_in)
 
-        # 3. the branch: run the blocks, or hand on the inputs (the last block of all: the forecast)
-        def full(h, *e):
-            self._tick(t0)
-            out = self._run(li, original, own, kw, h, e[0] if e else None, start, stop)
-            if not e:
-                return out[:1]
-            # a last block that returns no text tokens (SD3's context_pre_only): hand the input's on
-            return out if out[1] is not None else (out[0], e[0])
+            # 4. the branch: run the blocks, or hand on the inputs (the span's last block: the forecast)
+            def full(h, *e):
+                self._tick(t0)
+                out = self._run(li, original, own, kw, h, e[0] if e else None, start, mid)
+                if not e:
+                    return out[:1]
+                # a last block that returns no text tokens (SD3's context_pre_only): hand the input's on
+                return out if out[1] is not None else (out[0], e[0])
 
-        def skip(h, *e):
-            if last and site != "output":
-                h = spec.rejoin(h, self._forecast(call))
-            return (h, *e)
+            def skip(h, *e):
+                if ends and site != "output":
+                    h = spec.rejoin(h, self._forecast(call))
+                if txt is not None:  # the text tokens as these blocks would have made them
+                    h, e = self._text_skip(call, li, start, spec, h, e)
+                return (h, *e)
 
-        if not isinstance(compute, bool):
-            trace_outside_cond(self.lists[li][start:stop])
-        out = branch(compute, full, skip, (hidden,) if enc is None else (hidden, enc))
-        t1 = self._clock()
-        h = out[0]
-        e = out[1] if len(out) > 1 else None
+            if not isinstance(compute, bool):
+                trace_outside_cond(self.lists[li][start:mid])
+            out = branch(compute, full, skip, (hidden,) if enc is None else (hidden, enc))
+            t1 = self._clock()
+            hidden = out[0]
+            enc = out[1] if len(out) > 1 else None
 
-        # 4. after the last block: record the site value (the "output" site records in end_call)
-        if last and site != "output":
-            img = spec.image(h, call.base.shape[-2])
-            value = None if compute is False else img - call.base if site == "residual" else img
-            self._finish(call, value, lambda: img - call.base)
-        self._tick(t1)
-        return spec.pack(h, e)
+            # 5. at the span's end: record the site value (the "output" site records in end_call)
+            if txt is not None:
+                self._text_record(call, li, start, spec, hidden, enc, txt)
+            if ends and site != "output":
+                img = spec.image(hidden, call.base.shape[-2])
+                value = None if compute is False else img - call.base if site == "residual" else img
+                self._finish(call, value, lambda: img - call.base)
+            self._tick(t1)
+            start = mid
+        if start < stop:  # 6. blocks after the span: they run
+            hidden, enc = self._run(li, original, own, kw, hidden, enc, start, stop)
+        return spec.pack(hidden, enc)
+
+    # The text tokens through a cached span with blocks after it (``compute_last``): those blocks attend to them, so
+    # a skipped step gives them the text tokens the span's blocks would have made. Each of the span's segments (a
+    # list's part of it, or one block of a block-by-block list) keeps the residual its blocks added to the text
+    # tokens on the last computed step, and adds it on a skipped one: where the model hands the text tokens from
+    # list to list (FLUX) the residuals add up over the span, as DBCache's one residual does; where it gives a list
+    # or a block text tokens of its own (Z-Image's refined captions, HiDream's per-block states) each applies to
+    # its own.
+    def _text_part(self, call: Call, spec, hidden, enc):
+        """The text tokens at this point: the list's own text argument, or the part of ``hidden`` the model
+        joined in (None where the blocks neither take nor change any)."""
+        if spec.encoder is not None and "encoder" in spec.returns:
+            return enc
+        if spec.joined is not None:
+            n = call.base.shape[-2]
+            if hidden.shape[-2] > n:
+                return hidden[..., :-n, :] if spec.joined == "text_first" else hidden[..., n:, :]
+        return None
+
+    def _text_in(self, call: Call, li: int, start: int, spec, hidden, enc):
+        """The text tokens entering a segment of the span (None: no blocks after the span, or no text tokens), with
+        the buffer of its residual allocated (before the branch that reads it)."""
+        if not self.tail:
+            return None
+        txt = self._text_part(call, spec, hidden, enc)
+        if txt is not None:
+            buf = call.st.text.get((li, start))
+            if buf is None or buf.shape != txt.shape:
+                call.st.text[(li, start)] = torch.zeros_like(txt)
+        return txt
+
+    def _text_record(self, call: Call, li: int, start: int, spec, hidden, enc, txt_in) -> None:
+        txt = self._text_part(call, spec, hidden, enc)
+        if txt is None or txt.shape != txt_in.shape:
+            return
+        buf = call.st.text[(li, start)]
+        if call.compute is True:
+            buf.copy_(txt - txt_in)
+        elif call.compute is not False:
+            buf.copy_(torch.where(call.compute, txt - txt_in, buf))
+
+    def _text_skip(self, call: Call, li: int, start: int, spec, h, e):
+        txt = self._text_part(call, spec, h, e[0] if e else None)
+        txt = txt + call.st.text[(li, start)]
+        if spec.encoder is not None and "encoder" in spec.returns:
+            return h, (txt, *e[1:])
+        img = spec.image(h, call.base.shape[-2])
+        return (torch.cat([txt, img], dim=-2) if spec.joined == "text_first" else torch.cat([img, txt], dim=-2)), e
 
     # ----------------------------------------------------------------------------------------------------------
     def _stream(self, call: Call, hidden: torch.Tensor) -> StreamState:
@@ -464,11 +539,15 @@ class Controller:
 
     # ----------------------------------------------------------------------------------------------------------
     def stats(self) -> dict:
+        from .parallel import tensor_parallel_layout
+
         return {
             "policy": self.policy.name,
             "policy_spec": repr(self.policy),
             "family": self.family.name,
             # this rank and the number of ranks the tokens are split over (context parallelism), else None
             "context_parallel": None if self.shard is None else {"rank": self.shard.rank, "size": self.shard.size},
+            # this rank and the number of ranks the weights are split over (diffusers' tensor parallelism), else None
+            "tensor_parallel": tensor_parallel_layout(self.model),
             **self.gens.stats(),
         }

@@ -16,13 +16,23 @@ of a policy needs:
   (``Shard.tokens_to_channels`` / ``channels_to_tokens``, one all-to-all each way), which is exact.
 
 The collectives are torch's functional collectives, so ``torch.compile(fullgraph=True)`` traces them into the graph.
+
+Tensor parallelism (``Model.from_pretrained(dir, parallel_config=TensorParallelConfig(tp_degree=N))``) needs none of
+this: it shards the weights of the ``Linear`` layers the model's ``_tp_plan`` names, and their row-wise halves
+all-reduce their outputs, so every block receives and passes on the whole hidden states, identical on every rank
+(plain tensors, not DTensors). Each rank's gate then decides from the same numbers as every other rank and its
+forecaster holds the whole hidden states (the single-process cache size). ``tensor_parallel_layout`` reports it.
+Eager only for now: compiled, the skipped blocks' all-reduces put the TP process group (a torchbind object) among
+the arguments of fastcache_rt's ``torch.cond``, which refuses it. Context and tensor parallelism composed on one
+mesh (diffusers' public API refuses it; its pieces compose) is a ``ParallelConfig`` holding both: the tokens' group
+is the context-parallel one, and the TP peers of a rank hold the same token shard, so they reduce and decide alike.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["Shard", "resolve_group"]
+__all__ = ["Shard", "resolve_group", "tensor_parallel_layout"]
 
 
 def _funcol():
@@ -101,3 +111,15 @@ def resolve_group(model, group=None):
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group: expected a torch.distributed ProcessGroup or DeviceMesh, got {type(group).__name__}")
     return group if dist.get_world_size(group) > 1 else None
+
+
+def tensor_parallel_layout(model) -> dict | None:
+    """``{"rank", "size"}``: this rank's place on the tensor-parallel mesh diffusers set up on ``model``
+    (``model._parallel_config.tensor_parallel_config``, a load with ``TensorParallelConfig``; its mesh is 1-D, as
+    torch's parallel styles need; on another, ``rank`` is the global rank); None without tensor parallelism or on a
+    mesh of one rank. Host work: the mesh's own bookkeeping, no device reads."""
+    cfg = getattr(getattr(model, "_parallel_config", None), "tensor_parallel_config", None)
+    mesh = getattr(cfg, "_mesh", None)
+    if mesh is None or mesh.size() <= 1:
+        return None
+    return {"rank": mesh.get_local_rank() if mesh.ndim == 1 else mesh.get_rank(), "size": mesh.size()}

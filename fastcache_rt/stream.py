@@ -65,6 +65,10 @@ class StreamState:
         self.host_log: list[bool | None] = []  # eager mode's record of decisions
         self.compiled = False  # any step of this generation ran under torch.compile
         self.last_use = 0
+        # the text tokens' residual over each segment of the cached span, where blocks run after it
+        # (``Policy.compute_last``), by (list, first block): allocated by the controller at the first call that needs
+        # it (a generation's first step overwrites it)
+        self.text: dict = {}
 
     def reset(self) -> None:
         """A new generation (host side; the buffers stay allocated)."""
@@ -133,7 +137,7 @@ class StreamState:
     def cache_bytes(self) -> int:
         seen, total = set(), 0
         for t in self.fc.tensors() + self.gate.tensors() + [self.step, self.last_full, self.has_cache, self.log,
-                                                            self.events, self.live]:
+                                                            self.events, self.live, *self.text.values()]:
             if t is not None and id(t) not in seen:
                 seen.add(id(t))
                 total += t.numel() * t.element_size()

@@ -94,29 +94,44 @@ class Result:
 
 
 class _Probe:
-    """Counts, per pipeline call, the transformer calls in which the last block's attention really ran (the
-    configuration's NFE, whatever library skipped the rest), and walks cache memory at the last step."""
+    """Counts, per transformer call of a pipeline call, how many of its blocks really ran (a block's first linear
+    layer, whatever library skipped the rest): the configuration's NFE in full-step equivalents (a call that runs
+    k of L blocks costs k / L, as DBCache's first and last blocks do on a cached step), and which calls ran every
+    block (computed steps)."""
 
     def __init__(self, pipe):
         tr = pipe.transformer
-        blocks = list(getattr(tr, "single_transformer_blocks", [])) or list(getattr(tr, "transformer_blocks", []))
+        blocks = list(getattr(tr, "transformer_blocks", [])) + list(getattr(tr, "single_transformer_blocks", []))
         if not blocks:
             raise BenchError("model: the transformer has no transformer blocks to watch (not a FLUX transformer?)")
-        last = blocks[-1]
-        inner = getattr(getattr(last, "attn", None), "to_q", None)
-        if inner is None:
-            inner = next((m for m in last.modules() if isinstance(m, torch.nn.Linear)), None)
-        if inner is None:
-            raise BenchError("model: the last transformer block has no linear layer to watch")
-        self.calls: list[bool] = []
-        self._handles = [tr.register_forward_pre_hook(self._pre), inner.register_forward_hook(self._ran)]
+        watched = []
+        for block in blocks:
+            inner = getattr(getattr(block, "attn", None), "to_q", None)
+            if inner is None:
+                inner = next((m for m in block.modules() if isinstance(m, torch.nn.Linear)), None)
+            if inner is None:
+                raise BenchError("model: a transformer block has no linear layer to watch")
+            watched.append(inner)
+        self.blocks = len(watched)
+        self.calls: list[int] = []  # blocks run in each transformer call
+        self._handles = [tr.register_forward_pre_hook(self._pre)]
+        self._handles += [m.register_forward_hook(self._ran) for m in watched]
 
     def _pre(self, module, args):
-        self.calls.append(False)
+        self.calls.append(0)
 
     def _ran(self, module, args, out):
         if self.calls:
-            self.calls[-1] = True
+            self.calls[-1] += 1
+
+    def flags(self) -> list[bool]:
+        """Per call: every block ran."""
+        return [n >= self.blocks for n in self.calls]
+
+    def nfe(self) -> float:
+        """Full-step equivalents of the calls so far (an integer where every call ran all blocks or none)."""
+        v = sum(self.calls) / self.blocks
+        return int(v) if v == int(v) else round(v, 4)
 
     def remove(self):
         for h in self._handles:
@@ -166,7 +181,8 @@ class Harness:
         return kwargs
 
     def call(self, walk: bool = False) -> tuple[torch.Tensor, float, list[bool]]:
-        """One pipeline call on the whole batch: (final packed latents, seconds, per-step computed flags)."""
+        """One pipeline call on the whole batch: (final packed latents, seconds, per-call computed flags); the
+        call's NFE in full-step equivalents is ``self.probe.nfe()`` after it."""
         gens = [torch.Generator(device="cpu").manual_seed(int(s)) for _, s in self.s.batch]
         self.probe.calls = []
         self._walk, self._walked, self._walk_seconds = walk, None, 0.0
@@ -177,7 +193,7 @@ class Harness:
         seconds = time.perf_counter() - t0 - self._walk_seconds
         self._walk = False
         lat = out.images if hasattr(out, "images") else out[0]
-        return lat.detach().clone(), seconds, list(self.probe.calls)
+        return lat.detach().clone(), seconds, self.probe.flags()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -266,7 +282,8 @@ class Harness:
             prev_cfg = c
             times[idx] = sec
             if is_first:
-                first[c.key] = dict(latents=lat, flags=flags, walked=self._walked or {}, stats=info)
+                first[c.key] = dict(latents=lat, flags=flags, nfe=self.probe.nfe(), walked=self._walked or {},
+                                    stats=info)
             else:
                 repeat_ok[c.key] = repeat_ok.get(c.key, True) and torch.equal(lat, first[c.key]["latents"])
             bar.update()
@@ -300,7 +317,7 @@ class Harness:
         for c in configs:
             f = first[c.key]
             flags = f["flags"]
-            nfe = sum(flags)
+            nfe = f["nfe"]  # full-step equivalents (partial-block caching runs some blocks on a cached step)
             img = self.decode(f["latents"])
             images[c.key] = img
             latents[c.key] = f["latents"]

@@ -91,8 +91,12 @@ def ours(preset: str, overrides: dict, *, default=False, tags=()) -> Config:
         fastcache_rt.disable(pipe)
 
     k = first_blocks(gate)
+    m = overrides.get("compute_last", 0)
+    note = f"first block{'s' if k > 1 else ''} run{'' if k > 1 else 's'} every step" if k else ""
+    if m:
+        note += f"{', and ' if note else ''}the last {m} block{'s' if m > 1 else ''}"
     return Config(preset, OURS, _label(overrides), enable, disable, default=default, tags=tuple(tags), needs=needs,
-                  note=f"first block{'s' if k > 1 else ''} run{'' if k > 1 else 's'} every step" if k else "",
+                  note=note,
                   settings={k_: v for k_, v in overrides.items() if isinstance(v, (int, float, str, bool))})
 
 
@@ -389,8 +393,8 @@ def _restore_instance_attrs(saved: dict) -> None:
     tr._modules.update(saved["children"])
 
 
-def cache_dit_dbcache(threshold: float, calibrator=None, default=False) -> Config:
-    """DBCache F1B0 at ``threshold``; ``calibrator``: None / False (plain reuse), True / "taylorseer" (cache-dit's
+def cache_dit_dbcache(threshold: float, calibrator=None, default=False, last: int = 0) -> Config:
+    """DBCache F1B<last> at ``threshold``; ``calibrator``: None / False (plain reuse), True / "taylorseer" (cache-dit's
     TaylorSeer, order 1) or "spectrum" (fastcache_rt's Spectrum forecaster as a cache-dit calibrator)."""
     calibrator = {False: None, True: "taylorseer"}.get(calibrator, calibrator)
     if calibrator not in (None, "taylorseer", "spectrum"):
@@ -403,7 +407,7 @@ def cache_dit_dbcache(threshold: float, calibrator=None, default=False) -> Confi
 
         # true CFG: FluxPipeline calls the transformer twice a step (cond, then uncond); cache-dit keeps one cache
         # per branch and counts steps right only when told (its auto setting assumes FLUX runs one call a step)
-        cfg = DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
+        cfg = DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=last, residual_diff_threshold=threshold,
                             num_inference_steps=ctx.steps,
                             enable_separate_cfg=True if ctx.calls_per_step > 1 else None)
         cal = None
@@ -429,7 +433,9 @@ def cache_dit_dbcache(threshold: float, calibrator=None, default=False) -> Confi
         # its "first" block from that order and fails. Put back exactly what was there.
         _restore_instance_attrs(saved)
 
-    name, knobs, note = "DBCache F1B0", "", "first block runs every step"
+    name, knobs, note = f"DBCache F1B{last}", "", "first block runs every step"
+    if last:
+        note += f", and the last {last} block{'s' if last > 1 else ''}"
     if calibrator == "taylorseer":
         name, knobs = name + " + TaylorSeer", " order=1"
     elif calibrator == "spectrum":
@@ -444,6 +450,7 @@ def cache_dit_dbcache(threshold: float, calibrator=None, default=False) -> Confi
 def cache_dit_configs(quick: bool) -> list[Config]:
     th = (0.1, 0.2) if quick else (0.1, 0.2, 0.3)
     out = [cache_dit_dbcache(t, None, default=t == 0.1) for t in th]
+    out += [cache_dit_dbcache(t, None, last=1) for t in th[:1 if quick else None]]
     out += [cache_dit_dbcache(t, "taylorseer", default=t == 0.1) for t in th]
     out += [cache_dit_dbcache(t, "spectrum", default=t == 0.1) for t in th]
     return out

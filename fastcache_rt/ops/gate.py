@@ -115,6 +115,21 @@ def gate_params(
         >>> ops.gate_params(0.1, 4)                      # tau 0.1, 4 steps, TADS / CEB off, last step forced
         tensor([0.1000, 4.0000, 1.0000, 1.0000,    inf, 1.0000])
     """
+    if torch.compiler.is_compiling():
+        # made inside a compiled call (a stream's first step): the values were checked where the gate was made, and
+        # a gate's float can be symbolic here (a transformer shared by pipelines whose gates have other thresholds)
+        s_min, s_max = tads
+    else:
+        _check_gate_params(tau, num_steps, tads, max_cached)
+        s_min, s_max = (float(v) for v in tads)
+    return torch.tensor(
+        [tau, num_steps, s_min, s_max, max_cached, 1.0 if force_last else 0.0],
+        dtype=torch.float32,
+        device=device,
+    )
+
+
+def _check_gate_params(tau, num_steps, tads, max_cached) -> None:
     if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not math.isfinite(tau) or tau <= 0:
         raise ValueError(f"tau: must be a finite number > 0, got {tau!r}")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
@@ -131,11 +146,6 @@ def gate_params(
         raise ValueError(f"max_cached: must be a number >= 1 (or inf), got {max_cached!r}")
     if math.isnan(max_cached) or max_cached < 1:
         raise ValueError(f"max_cached: must be >= 1 (or inf), got {max_cached!r}")
-    return torch.tensor(
-        [float(tau), float(num_steps), s_min, s_max, float(max_cached), 1.0 if force_last else 0.0],
-        dtype=torch.float32,
-        device=device,
-    )
 
 
 def _check_gate_args(state, params, coeffs, gammas, nb, device):

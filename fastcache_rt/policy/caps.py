@@ -1,6 +1,6 @@
 """Caps: limits on caching that hold whatever the gate and the forecaster (what cache-dit users set on any cache).
 
-    Caps(max_cached_steps=20, max_consecutive=3, mask="fast", refresh=8)
+    Caps(max_cached_steps=20, max_consecutive=3, mask="fast", refresh=8, warmup=4)
 
 - ``max_cached_steps``: at most this many cached steps per generation (per stream: each CFG branch, each shape);
   once reached, every further step computes.
@@ -11,6 +11,7 @@
   naming both lengths when the generation is announced (on the host, before any call, compiled or not); a preset
   fits any step count.
 - ``refresh``: every ``refresh``-th step computes, counted from step 0 (steps 0, k, 2k, ...).
+- ``warmup``: the first ``warmup`` steps compute (cache-dit's ``max_warmup_steps``).
 
 Caps only add computed steps: a step any cap forces is ORed into the gate's decision, at the one place that
 decision is made (``CappedState.decide``), so the forecaster's record, the gate's own update (``after``,
@@ -42,7 +43,7 @@ MASK_PRESETS: dict[str, tuple[float, float]] = {
     "ultra": (0.15, 0.25),
 }
 
-CAP_FIELDS = ("max_cached_steps", "max_consecutive", "mask", "refresh")
+CAP_FIELDS = ("max_cached_steps", "max_consecutive", "mask", "refresh", "warmup")
 
 
 def steps_mask(num_steps: int, preset: str) -> tuple[bool, ...]:
@@ -129,6 +130,7 @@ class Caps:
     max_consecutive: int | None = None
     mask: tuple[bool, ...] | str | None = None
     refresh: int | None = None
+    warmup: int | None = None
 
     def __post_init__(self):
         check(self, "max_cached_steps", self.max_cached_steps is None or
@@ -139,6 +141,8 @@ class Caps:
               "None or an int >= 0 (cached steps in a row)")
         check(self, "refresh", self.refresh is None or (is_int(self.refresh) and self.refresh >= 1),
               "None or an int >= 1 (every refresh-th step computes, from step 0)")
+        check(self, "warmup", self.warmup is None or (is_int(self.warmup) and self.warmup >= 0),
+              "None or an int >= 0 (the first steps that compute)")
         mask = _mask_value(self.mask)
         check(self, "mask", mask is not _BAD,
               f"None, a preset name ({', '.join(MASK_PRESETS)}), a string of 0s and 1s, or a non-empty sequence of "
@@ -151,7 +155,7 @@ class Caps:
         return any(getattr(self, f) is not None for f in CAP_FIELDS)
 
     def schedule(self, num_steps: int) -> list[bool]:
-        """The steps the caps force before the run (mask and refresh) of a generation of ``num_steps`` steps;
+        """The steps the caps force before the run (mask, refresh and warm-up) of a generation of ``num_steps`` steps;
         ValueError naming both lengths when the mask has another length."""
         out = [False] * num_steps
         mask = self.mask
@@ -165,6 +169,8 @@ class Caps:
             out = list(mask)
         if self.refresh is not None:
             out = [o or s % self.refresh == 0 for s, o in enumerate(out)]
+        if self.warmup is not None:
+            out = [o or s < self.warmup for s, o in enumerate(out)]
         return out
 
     def to_dict(self) -> dict:
@@ -207,7 +213,7 @@ class CappedState:
 
     def __init__(self, inner, caps: Caps, num_steps: int, device):
         self.inner, self.caps, self.num_steps = inner, caps, num_steps
-        self.static = caps.schedule(num_steps)  # mask | refresh (ValueError on a mask of another length)
+        self.static = caps.schedule(num_steps)  # mask | refresh | warm-up (ValueError on a mask of another length)
         self.max_run, self.max_total = caps.max_consecutive, caps.max_cached_steps
         self.probe = getattr(inner, "probe", None)
         self.uses_step = bool(getattr(inner, "uses_step", False))

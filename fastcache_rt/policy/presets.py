@@ -4,8 +4,10 @@ published defaults (see README: Methods); any gate combines with any forecaster.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
+from ._validate import check, is_int
 from .caps import CAP_FIELDS, Caps
 from .forecasters import FORECASTERS, Chebyshev, FreqCa, Reuse, Taylor
 from .gates import (
@@ -18,10 +20,12 @@ from .gates import (
     SpectralCacheGate,
     SpectrumSchedule,
     TeaCacheGate,
+    first_blocks,
     probes,
 )
 
 SITES = ("residual", "hidden", "output")
+BLOCK_FIELDS = ("compute_first", "compute_last")
 
 
 @dataclass(frozen=True)
@@ -31,17 +35,25 @@ class Policy:
     the model's output (after its output head, which a skipped step then skips too; the smallest tensor: on FLUX 64
     channels instead of 3072). Either way one tensor per stream: the cache does not grow with depth. ``caps``
     (``Caps``): limits that hold whatever the gate (at most so many cached steps, in all or in a row, a computation
-    mask, a refresh every k steps); they only add computed steps."""
+    mask, a refresh every k steps); they only add computed steps. ``compute_first`` / ``compute_last``: blocks
+    that run on every step before / after the cached span (cache-dit's DBCache ``Fn_compute_blocks`` /
+    ``Bn_compute_blocks``), counted over the family's block lists in execution order; a skipped step skips only the
+    span between them, whose residual of the text tokens is cached too where blocks run after it. A gate that
+    probes the first blocks (FBCache's ``blocks``) runs at least that many: the larger of the two counts."""
 
     gate: object
     forecaster: object = Reuse()
     site: str = "residual"
     name: str = "custom"
     caps: Caps = Caps()
+    compute_first: int = 0
+    compute_last: int = 0
 
     def __post_init__(self):
         if self.caps is None:
             object.__setattr__(self, "caps", Caps())
+        for f in BLOCK_FIELDS:
+            check(self, f, is_int(getattr(self, f)) and getattr(self, f) >= 0, "an int >= 0 (blocks)")
         if not isinstance(self.caps, Caps):
             raise ValueError(f"Policy.caps: must be a fastcache_rt.policy.Caps (e.g. Caps(max_consecutive=3)), "
                              f"got {self.caps!r}")
@@ -57,11 +69,19 @@ class Policy:
         if "first_blocks" in probes(self.gate) and self.site != "residual":
             raise ValueError(f"Policy.site: the {type(self.gate).__name__} gate runs the first blocks every step; use "
                              f"site='residual'")
+        if self.compute_last and self.site == "output":
+            raise ValueError("Policy.site: 'output' caches the model's output, after every block; with compute_last "
+                             "blocks running after the cached span use site='residual' or 'hidden'")
 
-    def __repr__(self) -> str:  # the caps only where any is set (a policy without caps reads as before them)
+    def __repr__(self) -> str:  # caps and block counts only where set (a policy without them reads as before them)
         caps = f", caps={self.caps!r}" if self.caps.active else ""
+        blocks = "".join(f", {f}={getattr(self, f)}" for f in BLOCK_FIELDS if getattr(self, f))
         return (f"Policy(gate={self.gate!r}, forecaster={self.forecaster!r}, site={self.site!r}, "
-                f"name={self.name!r}{caps})")
+                f"name={self.name!r}{caps}{blocks})")
+
+    def blocks(self) -> tuple[int, int]:
+        """(blocks run before the cached span, blocks run after it) on every step."""
+        return max(first_blocks(self.gate), self.compute_first), self.compute_last
 
     def check_ready(self) -> None:
         """What can only be checked once the policy is about to run (e.g. MagCache's calibrated ratios)."""
@@ -71,9 +91,10 @@ class Policy:
 
     def with_overrides(self, **overrides) -> "Policy":
         """Change fields by name: a gate field, a forecaster field, a cap (``max_cached_steps``,
-        ``max_consecutive``, ``mask``, ``refresh``: a name that is a field of the gate or the forecaster goes there
-        first), or gate=/forecaster=/site=/caps=."""
+        ``max_consecutive``, ``mask``, ``refresh``, ``warmup``: a name that is a field of the gate or the forecaster
+        goes there first), or gate=/forecaster=/site=/caps=/compute_first=/compute_last=."""
         gate, fc, site, caps = self.gate, self.forecaster, self.site, self.caps
+        blocks = {f: overrides.pop(f, getattr(self, f)) for f in BLOCK_FIELDS}
         if "gate" in overrides:
             gate = overrides.pop("gate")
         if "forecaster" in overrides:
@@ -83,7 +104,7 @@ class Policy:
         if "caps" in overrides:
             caps = overrides.pop("caps")
         # a swapped part is checked here, before its fields are read: the error names the field
-        Policy(gate=gate, forecaster=fc, site=site, name=self.name, caps=caps)
+        Policy(gate=gate, forecaster=fc, site=site, name=self.name, caps=caps, **blocks)
         caps = caps if caps is not None else Caps()
         g_fields = {f.name for f in dataclasses.fields(gate)}
         f_fields = {f.name for f in dataclasses.fields(fc)}
@@ -107,7 +128,7 @@ class Policy:
             fc = dataclasses.replace(fc, **f_new)
         if c_new:
             caps = dataclasses.replace(caps, **c_new)
-        return Policy(gate=gate, forecaster=fc, site=site, name=self.name, caps=caps)
+        return Policy(gate=gate, forecaster=fc, site=site, name=self.name, caps=caps, **blocks)
 
 
 PRESETS: dict[str, Policy] = {
@@ -122,6 +143,10 @@ PRESETS: dict[str, Policy] = {
     # blend 0.5: the authors' run scripts (hanjq17/Spectrum scripts/run_mp_image.sh, w=0.5); the code default is 1.0
     "spectrum": Policy(SpectrumSchedule(), Chebyshev(blend=0.5), "hidden", "spectrum"),
     "adaptive": Policy(ErrorControl(), Taylor(order=1), "hidden", "adaptive"),
+    # cache-dit's DBCache: FBCache's gate over the first n blocks' residual (threshold 0.08, 8 warm-up steps: its
+    # DBCacheConfig defaults), the last m blocks run on every step too; "dbcache" is F1B0, "dbcache-f<n>b<m>" any
+    # other (cache-dit's own default is F8B0: "dbcache-f8b0")
+    "dbcache": Policy(FBCacheGate(threshold=0.08, blocks=1), Reuse(), "residual", "dbcache", Caps(warmup=8)),
 }
 
 
@@ -165,6 +190,10 @@ SWEEPS: dict[str, Sweep] = {
                         dict(alpha=0.75, site="output"), dict(alpha=3.0, site="output")], dict(alpha=0.75)),
     # error-controlled caching: the tolerance of the forecast's relative error (larger: faster); on the shipped model
     # at 50 steps tol 0.1 computes about 32 steps, 0.3 about 17, 0.5 about 15, 2.0 about 11
+    # DBCache F1B0 and F1B1 (the last block runs on every step too), beside cache-dit's at the same thresholds
+    "dbcache": _sweep([dict(threshold=0.1), dict(threshold=0.1, compute_last=1)],
+                      [dict(threshold=t, compute_last=b) for b in (0, 1) for t in (0.1, 0.2, 0.3)],
+                      dict(threshold=0.1)),
     "adaptive": _sweep([dict(tol=t) for t in (0.1, 0.3, 0.5)],
                        [dict(tol=t) for t in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2, 2.0)], dict(tol=0.3)),
 }
@@ -172,7 +201,8 @@ SWEEPS: dict[str, Sweep] = {
 
 # ---------------------------------------------------------------------------------------------------------------
 # policy files: {"format": "fastcache_rt.policy", "version": 1, "name", "site", "gate": {"type", fields},
-# "forecaster": {"type", fields}, "caps": {set caps} (only where any is set; optional), ...}: what
+# "forecaster": {"type", fields}, "caps": {set caps} (only where any is set; optional), "compute_first" /
+# "compute_last" (only where not 0; optional)}: what
 # ``fastcache-rt tune`` writes and ``enable(pipe, "file.json")`` reads
 # ---------------------------------------------------------------------------------------------------------------
 POLICY_FORMAT = "fastcache_rt.policy"
@@ -193,6 +223,9 @@ def policy_to_dict(policy: Policy) -> dict:
            "gate": _part(policy.gate, GATES), "forecaster": _part(policy.forecaster, FORECASTERS)}
     if policy.caps.active:
         out["caps"] = policy.caps.to_dict()
+    for f in BLOCK_FIELDS:
+        if getattr(policy, f):
+            out[f] = getattr(policy, f)
     return out
 
 
@@ -223,7 +256,8 @@ def policy_from_dict(data: dict, source: str = "policy") -> Policy:
     if data.get("caps") is not None:
         caps = Caps.from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in data["caps"].items()}
                               if isinstance(data["caps"], dict) else data["caps"], source)
-    return Policy(parts[0], parts[1], data.get("site", "residual"), str(data.get("name", "custom")), caps)
+    return Policy(parts[0], parts[1], data.get("site", "residual"), str(data.get("name", "custom")), caps,
+                  **{f: data.get(f, 0) for f in BLOCK_FIELDS})
 
 
 def save_policy(policy: Policy, path) -> None:
@@ -253,18 +287,32 @@ def _is_policy_file(policy: str) -> bool:
     return policy.strip().lower().endswith(".json") or os.path.isfile(policy)
 
 
+_DBCACHE = re.compile(r"dbcache-f(\d+)b(\d+)")
+
+
+def dbcache(first: int, last: int) -> Policy:
+    """The "dbcache" preset computing the first ``first`` and the last ``last`` blocks on every step (cache-dit's
+    DBCache F<first>B<last>; the probe is the first blocks' residual, so ``first`` >= 1)."""
+    base = PRESETS["dbcache"]
+    pol = base.with_overrides(blocks=first, compute_last=last)
+    return dataclasses.replace(pol, name=f"dbcache-f{first}b{last}") if (first, last) != (1, 0) else pol
+
+
 def resolve_policy(policy: str | Policy, **overrides) -> Policy:
-    """A preset name, a policy file (``.json``, written by ``fastcache-rt tune`` or ``save_policy``) or a Policy,
-    with ``overrides`` applied."""
+    """A preset name (also "dbcache-f<n>b<m>"), a policy file (``.json``, written by ``fastcache-rt tune`` or
+    ``save_policy``) or a Policy, with ``overrides`` applied."""
+    key = policy.strip().lower() if isinstance(policy, str) else None
     if isinstance(policy, Policy):
         base = policy
-    elif isinstance(policy, str) and policy.strip().lower() in PRESETS:
-        base = PRESETS[policy.strip().lower()]
+    elif key in PRESETS:
+        base = PRESETS[key]
+    elif key is not None and _DBCACHE.fullmatch(key):
+        base = dbcache(*map(int, _DBCACHE.fullmatch(key).groups()))
     elif isinstance(policy, str) and _is_policy_file(policy):
         base = load_policy(policy)
     elif isinstance(policy, str):
-        raise ValueError(f"policy: unknown preset {policy!r}; choose one of {', '.join(PRESETS)}, a policy .json file "
-                         f"or pass a Policy")
+        raise ValueError(f"policy: unknown preset {policy!r}; choose one of {', '.join(PRESETS)} (or "
+                         f"dbcache-f<n>b<m>), a policy .json file or pass a Policy")
     else:
         raise TypeError(f"policy: expected a preset name or a Policy, got {type(policy).__name__}")
     return base.with_overrides(**overrides) if overrides else base

@@ -26,6 +26,7 @@ TINY_OVERRIDES: dict[str, dict] = {
     "teacache": {"threshold": 0.3},
     "spectralcache": {"threshold": 0.3},
     "fbcache": {"threshold": 0.5},
+    "dbcache": {"threshold": 0.5, "warmup": 1},  # (cache-dit's 8 warm-up steps would compute every step here)
     "adaptive": {"tol": 2.0, "warmup": 2},
 }
 

@@ -153,9 +153,11 @@ def test_dbcache_with_the_spectrum_calibrator_on_the_shipped_model(pipe, monkeyp
         h.close()
     ours, row = res.rows[1], res.rows[2]
     # (a) steps skipped, the forecast used on them, the output finite and near the uncached one
-    assert 2 <= STEPS - ours["nfe"] <= STEPS - 4, ours["computed"]
+    cached = STEPS - len(ours["computed"])
+    assert 2 <= cached <= STEPS - 4, ours["computed"]
+    assert ours["nfe"] == pytest.approx(len(ours["computed"]) + cached / 8)  # (the first of the 8 blocks runs on a cached step)
     assert calls["cals"] == {C.SpectrumCalibrator}
-    assert calls["approximate"] >= 2 * (STEPS - ours["nfe"])  # image and text streams on every skipped step
+    assert calls["approximate"] >= 2 * cached  # image and text streams on every skipped step
     lat = res.latents[ours["key"]]
     assert torch.isfinite(lat).all()
     assert 0 < ours["rel_l2"] < 0.1 and ours["psnr"] > 25, (ours["rel_l2"], ours["psnr"])
@@ -189,3 +191,46 @@ def test_version_guard(monkeypatch):
 def test_importing_fastcache_rt_does_not_import_cache_dit():
     code = "import sys, fastcache_rt, fastcache_rt.integrations; assert 'cache_dit' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("last", [0, 1])
+def test_dbcache_presets_decide_as_cache_dit_on_the_shipped_model(pipe, last):
+    """fastcache_rt's "dbcache" preset (F1B0) and "dbcache-f1b1" against cache-dit's DBCache at the same settings:
+    the same computed steps, the same full-step equivalents (a cached step runs 1 + last of the 8 blocks) and the
+    same images to float rounding (cache-dit caches the middle blocks' residual of the image and text tokens, as
+    fastcache_rt does)."""
+    steps = 20
+    configs = [M.ours("dbcache", dict(threshold=0.25, warmup=4, compute_last=last)),
+               M.cache_dit_dbcache(0.25, None, last=last)]
+    configs[1].enable = _with_warmup(configs[1].enable, 4)
+    h = Harness(pipe, Settings(prompts=PROMPTS, seeds=[0], steps=steps, height=32, width=32, rounds=1,
+                               uncached_every=1, call_kwargs=dict(guidance_scale=1.0, max_sequence_length=8)),
+                progress=False)
+    try:
+        res = h.run(configs)
+    finally:
+        h.close()
+    ours, peer = res.rows[1], res.rows[2]
+    cached = steps - len(ours["computed"])
+    assert 3 <= cached <= steps - 6, ours["computed"]
+    assert ours["computed"] == peer["computed"]
+    assert ours["nfe"] == peer["nfe"] == pytest.approx(len(ours["computed"]) + cached * (1 + last) / 8)
+    torch.testing.assert_close(res.latents[ours["key"]], res.latents[peer["key"]], rtol=1e-4, atol=1e-4)
+
+
+def _with_warmup(enable, warmup):
+    """A cache-dit config's ``enable`` with ``max_warmup_steps`` set (the bench's rows use cache-dit's 8)."""
+    def run(pipe, ctx):
+        real = cache_dit.DBCacheConfig
+
+        def config(**kw):
+            return real(**{**kw, "max_warmup_steps": warmup})
+
+        cache_dit.DBCacheConfig = config
+        try:
+            enable(pipe, ctx)
+        finally:
+            cache_dit.DBCacheConfig = real
+
+    return run

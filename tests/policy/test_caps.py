@@ -38,7 +38,7 @@ OVERRIDES = {"magcache": {"ratios": (1.0,) + (0.97,) * (S - 1)}, "freqca": {"int
              "taylorseer": {"interval": 3}, "fora": {"interval": 4}, "spectrum": {"alpha": 3.0},
              "teacache": {"threshold": 0.3, "coeffs": (1.0, 0.0)},
              "spectralcache": {"threshold": 0.3, "coeffs": (1.0, 0.0), "max_cached": 5},
-             "fbcache": {"threshold": 0.5}, "adaptive": {"tol": 2.0, "warmup": 2}}
+             "fbcache": {"threshold": 0.5}, "dbcache": {"threshold": 0.5, "warmup": None}, "adaptive": {"tol": 2.0, "warmup": 2}}
 MASK = (True, False, False, True, False, False, False, True, False, False, True, False)
 
 
@@ -97,6 +97,19 @@ def test_mask_presets_fit_every_step_count_and_match_the_docstring():
         assert "".join("1" if b else "0" for b in steps_mask(int(n), name)) == bits and bits.count("1") == int(count)
     with pytest.raises(ValueError, match="unknown preset"):
         steps_mask(8, "turbo")
+
+
+def test_warmup_cap():
+    assert Caps(warmup=3).schedule(5) == [True, True, True, False, False] and Caps(warmup=0).active
+    assert Caps(warmup=9).schedule(4) == [True] * 4 and repr(Caps(warmup=2)) == "Caps(warmup=2)"
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=r"Caps\.warmup: must be"):
+            resolve_policy("teacache", warmup=bad)
+    assert resolve_policy("teacache", warmup=4).caps == Caps(warmup=4)
+    sp = resolve_policy("spectrum", warmup=4)  # Spectrum's schedule has a warm-up of its own: it takes it
+    assert sp.gate.warmup == 4 and not sp.caps.active
+    pol = resolve_policy("dbcache")
+    assert pol.caps == Caps(warmup=8) and policy_from_dict(policy_to_dict(pol)) == pol
 
 
 def test_overrides_route_caps_and_gate_fields_first():
@@ -201,10 +214,10 @@ def test_host_and_device_caps_decide_alike_and_hold():
     for trial in range(60):
         n = int(torch.randint(1, 30, (1,), generator=g))
         decisions = (torch.rand(n, generator=g) < 0.3).tolist()  # a gate that caches a lot
-        pick = torch.randint(0, 4, (4,), generator=g).tolist()
+        pick = torch.randint(0, 4, (5,), generator=g).tolist()
         caps = Caps(max_cached_steps=pick[0] * 3 if pick[0] else None, max_consecutive=pick[1] or None,
                     mask=(None, "fast", "ultra", tuple((torch.rand(n, generator=g) < 0.2).tolist()))[pick[2]],
-                    refresh=pick[3] * 2 or None)
+                    refresh=pick[3] * 2 or None, warmup=pick[4] * 2 or None)
         start = trial % 3 if n > 3 else 0
         host = _run_capped(decisions, caps, False, start)
         dev = _run_capped(decisions, caps, True, start)

@@ -242,7 +242,7 @@ def test_a_disabled_pipeline_runs_uncached_while_the_other_stays_cached(refs, ca
 
 # Compiled: the presets in groups of two or three, each pipeline of a group caching with its own preset and step
 # count, so that a group's generation configurations (each compiled once) cover its presets. A group has at most one
-# signal gate (two with different thresholds fail: pinned below), first in its group (it creates the shared
+# signal gate (two with different thresholds: the extra group below), first in its group (it creates the shared
 # controller; TeaCache with the family's polynomial; the other order is tested eager above).
 # Compiled keeps FLUX x COMPILED_PRESET_NAMES (every gate state class, probe, forecaster): sharing is host code alike
 # for SD3 (eager above; its compiled CFG-batched step: test_copies, test_nonfinite_pipeline); other presets: same path.
@@ -250,15 +250,10 @@ GROUPS = [["teacache", "freqca"], ["fbcache", "adaptive", "spectrum"]]
 assert sorted(p for group in GROUPS for p in group) == COMPILED_PRESET_NAMES
 assert all(sum(step_path(p)[0] == "SignalState" for p in group) <= 1 for group in GROUPS)
 
-TWO_SIGNAL_GATES = pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported, reason=(
-    "known defect: pipelines sharing a compiled transformer whose signal gates (TeaCache, SpectralCache, FBCache) "
-    "have different thresholds: the second pipeline's first compiled call fails fullgraph tracing where its gate "
-    "state is made (ops.gate_params: math.isfinite(threshold), 'torch.* op returned non-Tensor'); equal thresholds "
-    "compile"))
-
 
 @pytest.mark.parametrize("case", ["flux"])
-@pytest.mark.parametrize("group", [*GROUPS, pytest.param(["teacache", "fbcache"], marks=TWO_SIGNAL_GATES)],
+# (two signal gates with different thresholds: the second one's float threshold is symbolic where its state is made)
+@pytest.mark.parametrize("group", [*GROUPS, ["teacache", "fbcache"]],
                          ids="+".join)
 def test_every_preset_on_a_shared_compiled_transformer(refs, case, group):
     """The shared transformer compiled (fullgraph) after every pipeline enabled caching (pipeline k: the group's
