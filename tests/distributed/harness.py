@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-__all__ = ["RankError", "RankTimeout", "cpu_device_count_fix", "cpu_ring_attention_fix", "free_port", "run_ranks", "run_script"]
+__all__ = ["RankError", "RankTimeout", "Runs", "cpu_device_count_fix", "cpu_ring_attention_fix", "free_port", "run_ranks",
+           "run_script"]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -287,3 +288,28 @@ def run_script(script: str | os.PathLike, nproc: int, args: list[str] = (), *, t
             out, err = proc.communicate()
         raise RankTimeout(f"{' '.join(cmd)} timed out after {timeout:.0f}s\n--- stdout:\n{out}\n--- stderr:\n{err}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+class Runs:
+    """``run_ranks`` results kept per (worker, world size, kwargs), so that the tests of one test file share a launch;
+    a failed launch is kept too and raised again for every test that asks for it. ``timeouts``: (run, collective)
+    seconds, and ``compiled_timeouts`` those of a launch that compiles (each rank traces and compiles on its own
+    before its first collective, and ranks sharing busy cores can finish that seconds apart)."""
+
+    def __init__(self, timeouts: tuple[float, float], compiled_timeouts: tuple[float, float]):
+        self.timeouts, self.compiled_timeouts = timeouts, compiled_timeouts
+        self._done: dict = {}
+
+    def __call__(self, worker, world_size: int, compiled: bool = False, **kwargs):
+        key = (worker.__name__, world_size, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+        if key not in self._done:
+            run, collective = self.compiled_timeouts if compiled else self.timeouts
+            try:
+                self._done[key] = run_ranks(worker, world_size, kwargs=kwargs, timeout=run,
+                                            collective_timeout=collective)
+            except RankError as e:
+                self._done[key] = e
+        res = self._done[key]
+        if isinstance(res, Exception):
+            raise res
+        return res

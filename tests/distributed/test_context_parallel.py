@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed import workers
-from tests.distributed.harness import REPO, RankError, RankTimeout, run_ranks, run_script
+from tests.distributed.harness import REPO, RankError, RankTimeout, Runs, run_ranks, run_script
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -57,25 +57,11 @@ def _cid(mode, n):
 # ---------------------------------------------------------------------------------------------------------------
 # runs, each done once per session (several tests read one run)
 # ---------------------------------------------------------------------------------------------------------------
-_RUNS: dict = {}
+_RUNS = Runs((RUN_TIMEOUT, COLLECTIVE_TIMEOUT), (COMPILED_RUN_TIMEOUT, COMPILED_COLLECTIVE_TIMEOUT))
 
 
 def _run(worker, world_size: int, **kwargs):
-    key = (worker.__name__, world_size, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
-    if key not in _RUNS:
-        # torch.compile: each rank traces and compiles on its own before its first collective, and ranks sharing
-        # busy cores can finish that seconds apart; the bounds stay finite
-        compiled = kwargs.get("compile_backend") is not None
-        try:
-            _RUNS[key] = run_ranks(worker, world_size, kwargs=kwargs,
-                                   timeout=COMPILED_RUN_TIMEOUT if compiled else RUN_TIMEOUT,
-                                   collective_timeout=COMPILED_COLLECTIVE_TIMEOUT if compiled else COLLECTIVE_TIMEOUT)
-        except RankError as e:
-            _RUNS[key] = e
-    res = _RUNS[key]
-    if isinstance(res, Exception):
-        raise res
-    return res
+    return _RUNS(worker, world_size, compiled=kwargs.get("compile_backend") is not None, **kwargs)
 
 
 _SINGLE: dict = {}

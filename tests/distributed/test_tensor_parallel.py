@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed import workers_tp as W
-from tests.distributed.harness import REPO, RankError, run_ranks, run_script
+from tests.distributed.harness import REPO, Runs, run_script
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with the gloo backend")
@@ -66,22 +66,7 @@ def _path(family: str) -> str:
     return _SAVED[family]
 
 
-_RUNS: dict = {}
-
-
-def _run(worker, world_size: int, compiled: bool = False, **kwargs):
-    key = (worker.__name__, world_size, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
-    if key not in _RUNS:
-        try:
-            _RUNS[key] = run_ranks(worker, world_size, kwargs=kwargs,
-                                   timeout=COMPILED_RUN_TIMEOUT if compiled else RUN_TIMEOUT,
-                                   collective_timeout=COMPILED_COLLECTIVE_TIMEOUT if compiled else COLLECTIVE_TIMEOUT)
-        except RankError as e:
-            _RUNS[key] = e
-    res = _RUNS[key]
-    if isinstance(res, Exception):
-        raise res
-    return res
+_run = Runs((RUN_TIMEOUT, COLLECTIVE_TIMEOUT), (COMPILED_RUN_TIMEOUT, COMPILED_COLLECTIVE_TIMEOUT))
 
 
 def _tp(family: str, n: int):
