@@ -170,8 +170,10 @@ def enable(target, policy: str | Policy = "spectrum", *, num_steps: int | None =
             a name that is a field of the gate or the forecaster goes there first): ``max_cached_steps=`` (cached
             steps per generation and stream), ``max_consecutive=`` (cached steps in a row), ``mask=`` (1 = the
             step computes, 0 = the gate decides; or a preset "slow" / "medium" / "fast" / "ultra" for any step
-            count), ``refresh=k`` (steps 0, k, 2k, ... compute), or ``caps=Caps(...)``. ``stats()`` lists per
-            stream the steps the caps made compute (``forced``).
+            count), ``refresh=k`` (steps 0, k, 2k, ... compute), ``warmup=k`` (the first k steps compute), or
+            ``caps=Caps(...)``. ``stats()`` lists per stream the steps the caps made compute (``forced``).
+            ``compute_first=n`` / ``compute_last=m``: blocks that run on every step before / after the cached span
+            (DBCache's Fn / Bn; the presets "dbcache" and "dbcache-f<n>b<m>").
 
     Returns a ``Handle``; ``fastcache_rt.disable(target)`` restores the original forward exactly.
     """

@@ -175,8 +175,10 @@ def test_every_gate_and_forecaster_with_a_span_on_both_ends(name, preset, site):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["flux", "flux2", "chroma", "qwenimage"])  # (HiDream's MoE does not compile)
-@pytest.mark.parametrize("preset", ["fbcache", "spectrum"])
+# two lists (FLUX), a joined text-first list after the span's end (FLUX.2), block-by-block lists (Chroma; HiDream's
+# MoE does not compile), one list (Qwen-Image); a signal gate and a schedule with a forecaster
+@pytest.mark.parametrize("name,preset", [("flux", "fbcache"), ("flux2", "spectrum"), ("chroma", "fbcache"),
+                                         ("qwenimage", "spectrum")])
 def test_compiled_decides_as_eager(name, preset):
     m = _get(name)
     kw = dict(tiny_overrides(STEPS).get(preset, {}))
