@@ -383,23 +383,12 @@ class Controller:
     # list to list (FLUX) the residuals add up over the span, as DBCache's one residual does; where it gives a list
     # or a block text tokens of its own (Z-Image's refined captions, HiDream's per-block states) each applies to
     # its own.
-    def _text_part(self, call: Call, spec, hidden, enc):
-        """The text tokens at this point: the list's own text argument, or the part of ``hidden`` the model
-        joined in (None where the blocks neither take nor change any)."""
-        if spec.encoder is not None and "encoder" in spec.returns:
-            return enc
-        if spec.joined is not None:
-            n = call.base.shape[-2]
-            if hidden.shape[-2] > n:
-                return hidden[..., :-n, :] if spec.joined == "text_first" else hidden[..., n:, :]
-        return None
-
     def _text_in(self, call: Call, li: int, start: int, spec, hidden, enc):
         """The text tokens entering a segment of the span (None: no blocks after the span, or no text tokens), with
         the buffer of its residual allocated (before the branch that reads it)."""
         if not self.tail:
             return None
-        txt = self._text_part(call, spec, hidden, enc)
+        txt = spec.text(hidden, enc, call.base.shape[-2])
         if txt is not None:
             buf = call.st.text.get((li, start))
             if buf is None or buf.shape != txt.shape:
@@ -407,7 +396,7 @@ class Controller:
         return txt
 
     def _text_record(self, call: Call, li: int, start: int, spec, hidden, enc, txt_in) -> None:
-        txt = self._text_part(call, spec, hidden, enc)
+        txt = spec.text(hidden, enc, call.base.shape[-2])
         if txt is None or txt.shape != txt_in.shape:
             return
         buf = call.st.text[(li, start)]
@@ -417,12 +406,11 @@ class Controller:
             buf.copy_(torch.where(call.compute, txt - txt_in, buf))
 
     def _text_skip(self, call: Call, li: int, start: int, spec, h, e):
-        txt = self._text_part(call, spec, h, e[0] if e else None)
-        txt = txt + call.st.text[(li, start)]
-        if spec.encoder is not None and "encoder" in spec.returns:
+        n = call.base.shape[-2]
+        txt = spec.text(h, e[0] if e else None, n) + call.st.text[(li, start)]
+        if spec.encoder is not None and "encoder" in spec.returns:  # the list's text argument
             return h, (txt, *e[1:])
-        img = spec.image(h, call.base.shape[-2])
-        return (torch.cat([txt, img], dim=-2) if spec.joined == "text_first" else torch.cat([img, txt], dim=-2)), e
+        return spec.join(txt, spec.image(h, n)), e
 
     # ----------------------------------------------------------------------------------------------------------
     def _stream(self, call: Call, hidden: torch.Tensor) -> StreamState:

@@ -54,16 +54,27 @@ class Blocks:
             return h
         return h[..., -n:, :] if self.joined == "text_first" else h[..., :n, :]
 
-    def rejoin(self, h_in, img):
-        """``h_in`` with its image tokens replaced by ``img`` (the text tokens the model joined in kept)."""
+    def text(self, h, enc, n: int):
+        """The text tokens the blocks take and change: the text argument ``enc`` where they return it, else the part
+        of ``h`` the model joined to its ``n`` image tokens; None where there is neither."""
+        if self.encoder is not None and "encoder" in self.returns:
+            return enc
+        if self.joined is None or h.shape[-2] <= n:
+            return None
+        return h[..., :-n, :] if self.joined == "text_first" else h[..., n:, :]
+
+    def join(self, txt, img):
+        """Text and image tokens in the order the model joined them."""
         import torch
 
+        return torch.cat([txt, img] if self.joined == "text_first" else [img, txt], dim=-2)
+
+    def rejoin(self, h_in, img):
+        """``h_in`` with its image tokens replaced by ``img`` (the text tokens the model joined in kept)."""
         n = img.shape[-2]
         if self.joined is None or h_in.shape[-2] == n:
             return img
-        if self.joined == "text_first":
-            return torch.cat([h_in[..., :-n, :], img], dim=-2)
-        return torch.cat([img, h_in[..., n:, :]], dim=-2)
+        return self.join(h_in[..., :-n, :] if self.joined == "text_first" else h_in[..., n:, :], img)
 
 
 _SIGNATURES: dict[type, list[str]] = {}
