@@ -1,4 +1,27 @@
-"""GPU kernel benchmark of every device op, one command, one JSON:
+"""GPU benchmarks. One command on a GPU (under 8 minutes on one H100), one JSON and one Markdown summary:
+
+    python benchmarks/bench_gpu.py --all --out DIR                   # DIR/bench_gpu.json and DIR/bench_gpu.md
+    python benchmarks/bench_gpu.py --all --smoke --out DIR           # here / CI: the same four parts on the CPU
+
+``--all`` runs four parts (benchmarks/gpu_all.py), each recorded with its command, status (ok / empty / skipped /
+failed, with the reason) and wall time; the exit code is 1 when a part failed:
+
+1. the GPU test subset, ``python -m pytest -m gpu -q`` in a subprocess (counts from its --junitxml; exit code 5,
+   nothing marked gpu, is status "empty"); ``--smoke``: ``-m "gpu and not slow" --collect-only`` (what the subset
+   holds, not whether it passes: run here its tests would take minutes in the Triton interpreter);
+2. the op benchmark below (FLUX and video sizes; ``--smoke`` its smoke mode);
+3. per step of a generation, CUDA kernel launches (``torch.profiler`` kernel events of each transformer call) and
+   device-to-host reads for uncached, fbcache, teacache, spectrum and taylorseer, and benchmarks/bench_step_ops.py
+   (ops and host reads per skipped step of every preset; ``--smoke`` its smoke mode, launches n/a on a CPU);
+4. one generation of the shipped model (``fastcache_rt.load_default()``, spectrum) uncached eager, cached eager,
+   cached under ``torch.compile(fullgraph=True)`` (inductor) and cached with ``backend="cudagraphs"``: wall time
+   after a warm-up generation, NFE (``fastcache_rt.stats``), PSNR / max abs difference against the uncached image;
+   ``--smoke``: 8 steps, one thread, aot_eager instead of inductor (inductor's CPU warm-up took 31-68 s on 2 shared
+   cores, over the ~60 s smoke budget; ``--smoke-compiler inductor`` to run it), cudagraphs skipped (needs a CUDA
+   device). A smoke run's Markdown says at its top that nothing in it is
+   a GPU measurement.
+
+The op benchmark alone (part 2), one JSON:
 
     python benchmarks/bench_gpu.py --out gpu.json                    # on a GPU: FLUX and video sizes
     python benchmarks/bench_gpu.py --out gpu.json --sizes flux       # FLUX size only
@@ -73,6 +96,9 @@ SIZES = {
 ORDER = 2
 DEGREE = 4
 LAM = 0.1
+DEFAULT_OUT = "bench_gpu.json"
+DEFAULT_ALL_OUT = "bench_gpu_all"
+ALL_JSON, ALL_MD = "bench_gpu.json", "bench_gpu.md"
 
 _INTERPRETER_LOCK = threading.Lock()
 torch = None  # imported in main(), after TRITON_INTERPRET is set for --smoke
@@ -81,8 +107,19 @@ ops = None
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="bench_gpu.json", help="JSON to write (default bench_gpu.json)")
+    ap.add_argument("--out", default=None,
+                    help=f"JSON to write (default {DEFAULT_OUT}); with --all the directory of {ALL_JSON} and "
+                         f"{ALL_MD} (default {DEFAULT_ALL_OUT})")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU tensors, Triton interpreter; nothing claimed")
+    ap.add_argument("--all", action="store_true",
+                    help="the four parts (GPU tests, this op benchmark, step-level launches and host reads, a cached "
+                         "generation eager and compiled) into one JSON and one Markdown summary in --out DIR")
+    ap.add_argument("--gpu-tests-timeout", type=float, default=None,
+                    help="--all: seconds for the pytest subprocess of part 1 (default 300; --smoke 180)")
+    ap.add_argument("--smoke-compiler", choices=("aot_eager", "inductor"), default="aot_eager",
+                    help="--all --smoke: backend of part 4's 'inductor' variant (default aot_eager: inductor's warm-up "
+                         "took 31-68 s on 2 shared cores, over the ~60 s smoke budget; on a GPU it is always "
+                         "inductor)")
     ap.add_argument("--sizes", default="flux,video", help="comma list of " + ", ".join(SIZES))
     ap.add_argument("--ops", default=",".join(OPS), help="comma list of ops")
     ap.add_argument("--backends", default=None,
@@ -672,10 +709,10 @@ def _flag(x):
     return "-" if x is None else ("yes" if x else "NO")
 
 
-def main(argv=None) -> int:
+def _setup(smoke: bool) -> None:
+    """Import torch and fastcache_rt.ops into this module's globals (after ``TRITON_INTERPRET=1`` for --smoke)."""
     global torch, ops
-    args = parse_args(argv)
-    if args.smoke:
+    if smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before torch / triton / fastcache_rt's triton backend are imported
     for p in (str(ROOT), str(HERE)):
         if p not in sys.path:
@@ -687,10 +724,39 @@ def main(argv=None) -> int:
 
     ops = _ops
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    _setup(args.smoke)
+    if args.all:  # the four parts (benchmarks/gpu_all.py), this op benchmark being part 2
+        import types
+
+        import gpu_all
+
+        bench = types.SimpleNamespace(run_op_benchmark=run_op_benchmark, parse_args=parse_args, machine=_machine,
+                                      versions=_versions, commit=_commit, default_all_out=DEFAULT_ALL_OUT,
+                                      all_json=ALL_JSON, all_md=ALL_MD)
+        return gpu_all.run_all(bench, args, argv)
+    code, doc = run_op_benchmark(args, argv)
+    if doc is None:
+        return code
+    out = Path(args.out or DEFAULT_OUT)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1, default=str))
+    print(f"wrote {out} ({len(doc['rows'])} rows, mode {doc['mode']}{', nothing claimed' if doc['smoke'] else ''}; "
+          f"bitwise {_flag(doc['summary']['bitwise_identical'])}, concurrent "
+          f"{_flag(doc['summary']['concurrent_equal'])}, capture {_flag(doc['summary']['capture_ok'])})")
+    return code
+
+
+def run_op_benchmark(args, argv=None, command=None):
+    """The op benchmark (every op x backend x size; ``main``'s work without --all): returns (exit code, the JSON
+    document, or None when the arguments are bad). ``_setup`` must have run. ``command``: what the document
+    records as its command line (default: this process's)."""
     smoke = bool(args.smoke)
     if not smoke and not torch.cuda.is_available():
         print("bench_gpu: no CUDA device; run with --smoke for the CPU smoke mode", file=sys.stderr)
-        return 2
+        return 2, None
     device = torch.device("cuda" if not smoke else "cpu")
     dtype = getattr(torch, args.dtype)
     default_backends = "triton,cpu,reference" if smoke else "triton,cuda"
@@ -700,11 +766,11 @@ def main(argv=None) -> int:
     for s in sizes:
         if s not in SIZES:
             print(f"bench_gpu: unknown size {s!r} (choose from {', '.join(SIZES)})", file=sys.stderr)
-            return 2
+            return 2, None
     for o in op_names:
         if o not in OPS:
             print(f"bench_gpu: unknown op {o!r} (choose from {', '.join(OPS)})", file=sys.stderr)
-            return 2
+            return 2, None
     info = ops.backends()
     t_start = time.perf_counter()
     rows = []
@@ -760,7 +826,7 @@ def main(argv=None) -> int:
         "claims": ("none: smoke mode runs tiny CPU tensors (Triton in its interpreter); its timings are not GPU "
                    "timings and no number here is a speed") if smoke else
         "GPU timings by CUDA-graph replay on the machine below",
-        "command": [Path(sys.argv[0]).name] + list(sys.argv[1:] if argv is None else argv),
+        "command": command or [Path(sys.argv[0]).name] + list(sys.argv[1:] if argv is None else argv),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git": _commit(),
         "versions": _versions(),
@@ -786,13 +852,7 @@ def main(argv=None) -> int:
         "capture_ok": (None if smoke else all((r.get("capture") or {}).get("capture_ok") for r in ran)),
         "errors": {f"{r['size']}/{r['op']}/{r['backend']}": r["errors"] for r in ran if r.get("errors")},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1, default=str))
-    print(f"wrote {out} ({len(rows)} rows, mode {doc['mode']}{', nothing claimed' if smoke else ''}; "
-          f"bitwise {_flag(doc['summary']['bitwise_identical'])}, concurrent "
-          f"{_flag(doc['summary']['concurrent_equal'])}, capture {_flag(doc['summary']['capture_ok'])})")
-    return 0
+    return 0, doc
 
 
 if __name__ == "__main__":

@@ -420,9 +420,19 @@ def band_l1_fwd_kernel(
 # launchers
 # ----------------------------------------------------------------------------------------------------------------
 
+# the tensors whose bytes are the op's traffic (kernels/aot.py checks the width of their loads), and the bytes one
+# program has in flight at a time (constexprs, bytes per element): UNROLL rows of both inputs
+STREAMED = {"band_l1_fwd_kernel": ("p_cur", "p_prev")}
+IN_FLIGHT = {"band_l1_fwd_kernel": lambda c, e: 2 * c["UNROLL"] * c["BLOCK_D"] * e}
+
 BLOCK_D = 256  # == _reference.BAND_BLOCK_D
 CHUNK_R = 64  # == _reference.BAND_CHUNK_R
-UNROLL = 8  # rows in flight per step on a GPU (1 under the interpreter: its cost is per op, not per byte)
+UNROLL = 8  # rows in flight per step (the interpreter runs the same code: its cost is per op, not per byte)
+# One warp per program: BLOCK_D channels over 32 threads, 8 each, one or two 16-byte loads per row and input. With
+# more warps ptxas caps the registers lower and spills (sm_80: 72 at 2 warps, 56 at 4) and half-precision loads
+# narrow to 8 bytes. The partition, hence the bits, does not depend on it.
+NUM_WARPS = 1
+
 
 # Scratch per (device, stream): [int32 ticket counter, float64 partials]. Launches on one stream are ordered, so
 # they may share it; launches on different streams (two requests served concurrently, a CFG pair on two streams)
@@ -470,7 +480,15 @@ def _scratch(device: torch.device, numel: int) -> tuple[torch.Tensor, torch.Tens
         return entry[0], entry[1]
 
 
+def _channels_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its channels are contiguous; else a contiguous copy. A channel stride other than 1 would
+    compile to one 2- or 4-byte load per channel (the 16-byte loads need unit stride): the copy costs one more read
+    and one write of the input, so such an op moves about twice its bytes, in two launches."""
+    return t if t.shape[2] <= 1 or t.stride(2) == 1 else t.contiguous()
+
+
 def _launch_band(cur, prev, bounds, per_sample, out, gate) -> None:
+    cur, prev = _channels_contiguous(cur), _channels_contiguous(prev)
     B, R, D = cur.shape
     nb = bounds.shape[0] - 1
     device = cur.device
@@ -533,9 +551,9 @@ def _launch_band(cur, prev, bounds, per_sample, out, gate) -> None:
         HAS_GAMMAS=has_gammas,
         BLOCK_D=BLOCK_D,
         CHUNK_R=CHUNK_R,
-        UNROLL=UNROLL if device.type == "cuda" else 1,
+        UNROLL=UNROLL,
         BLOCK_P=256,
-        num_warps=2,
+        num_warps=NUM_WARPS,
         **launch_options(),
     )
 

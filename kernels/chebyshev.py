@@ -17,7 +17,7 @@ import triton.language as tl
 
 from . import band_l1 as _band_l1
 from .error_sums import BLOCK_P, error_finish, error_grid, error_partial
-from .launch import cdiv, launch_options, next_pow2, num_sms
+from .launch import cdiv, launch_options, next_pow2, persistent_programs
 
 NEG_INF = tl.constexpr(float("-inf"))
 
@@ -314,7 +314,7 @@ def chebyshev_forecast_fwd_kernel(
         p_taus, o_jb, n_valid, degree, b_z, i_last, i_prev, b_k, b_has_prev, blend, HAS_BLEND, BLOCK_M
     )
 
-    n_blocks = tl.cdiv(N, BLOCK_N)
+    n_blocks = tl.cdiv(tl.cast(N, tl.int64), BLOCK_N)  # int64: N + BLOCK_N - 1 may pass 2^31 - 1
     for i_blk in range(i_p, n_blocks, n_p):
         o_n = tl.cast(i_blk, tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)  # [BLOCK_N]
         m_n = o_n < N
@@ -391,6 +391,14 @@ def history_update_fwd_kernel(
         error_finish(p_ws, p_counter, p_error, B, C, BLOCK_P)
 
 
+# the tensors whose bytes are the op's traffic (kernels/aot.py checks the width of their loads), and the bytes one
+# program has in flight at a time (constexprs, bytes per element): a [BLOCK_J, BLOCK_N] history tile; the value's
+# BLOCK_N columns (and one history row at a time with the error sums)
+STREAMED = {"chebyshev_forecast_fwd_kernel": ("p_hist",), "history_update_fwd_kernel": ("p_hist", "p_value")}
+IN_FLIGHT = {"chebyshev_forecast_fwd_kernel": lambda c, e: c["BLOCK_J"] * c["BLOCK_N"] * e,
+             "history_update_fwd_kernel": lambda c, e: (2 if c["ERROR"] else 1) * c["BLOCK_N"] * e}
+
+
 def _fit_blocks(degree: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_JF): the padded system size and rows per Gram chunk ([BLOCK_JF, BLOCK_M, BLOCK_M] <= 1024)."""
     BLOCK_M = next_pow2(degree + 1)
@@ -410,6 +418,9 @@ def _scalars(taus: torch.Tensor, tau_query, count, n: int) -> tuple:
         q_ptr,
         c_ptr,
     )
+
+
+WEIGHTS_NUM_WARPS = 8  # the [BLOCK_JF, BLOCK_M, BLOCK_M] Gram blocks over 256 threads: no spills at degree 16
 
 
 def chebyshev_weights(
@@ -442,9 +453,17 @@ def chebyshev_weights(
         BLOCK_M=BLOCK_M,
         BLOCK_JF=BLOCK_JF,
         BLOCK_J=64,
-        num_warps=4,
+        num_warps=WEIGHTS_NUM_WARPS,
         **launch_options(),
     )
+
+
+# [16, 1024] history tiles over 8 warps: 16-byte loads, 32 KiB (half precision) in flight per program. ptxas left to
+# itself caps some variants at 128 registers (to fit two programs per SM) and spills; allowed 255 it spills in none
+# (sm_80 / sm_90: 137-248 registers, one program per SM, which the grid follows: ``persistent_programs``).
+FORECAST_BLOCK_N = 1024
+FORECAST_NUM_WARPS = 8
+FORECAST_MAXNREG = 255
 
 
 def chebyshev_forecast(
@@ -463,39 +482,26 @@ def chebyshev_forecast(
     if N == 0:
         return
     BLOCK_M, BLOCK_JF = _fit_blocks(degree)
-    BLOCK_N = 512
-    # Persistent grid, one wave: the float64 fit keeps ~115-128 registers live, so 2 programs of 8 warps fit on an
-    # SM; each streams [16, 512] tiles (16 KiB in fp16 in flight). Under the interpreter: 2 programs (a strided loop
-    # all the same, with fewer redundant fits).
-    max_programs = 2 * num_sms(history.device) if history.device.type == "cuda" else 2
-    grid = (max(1, min(cdiv(N, BLOCK_N), max_programs)),)
+    BLOCK_N = FORECAST_BLOCK_N
     p_q, p_c, q_val, c_val, q_ptr, c_ptr = _scalars(taus, tau_query, count, n)
-    chebyshev_forecast_fwd_kernel[grid](
-        history,
-        taus,
-        p_q,
-        p_c,
-        out,
-        n,
-        N,
-        history.stride(0),
-        history.stride(1),
-        out.stride(0),
-        degree,
-        _f64_bits(lam),
-        _f64_bits(blend),
-        q_val,
-        c_val,
-        QUERY_PTR=q_ptr,
-        COUNT_PTR=c_ptr,
-        HAS_BLEND=float(blend) != 1.0,
-        BLOCK_M=BLOCK_M,
-        BLOCK_JF=BLOCK_JF,
-        BLOCK_J=16,
-        BLOCK_N=BLOCK_N,
-        num_warps=8,
-        **launch_options(),
-    )
+    args = (history, taus, p_q, p_c, out, n, N, history.stride(0), history.stride(1), out.stride(0), degree,
+            _f64_bits(lam), _f64_bits(blend), q_val, c_val)
+    meta = dict(QUERY_PTR=q_ptr, COUNT_PTR=c_ptr, HAS_BLEND=float(blend) != 1.0, BLOCK_M=BLOCK_M, BLOCK_JF=BLOCK_JF,
+                BLOCK_J=16, BLOCK_N=BLOCK_N, num_warps=FORECAST_NUM_WARPS, maxnreg=FORECAST_MAXNREG,
+                **launch_options())
+    # Persistent grid, one wave: every program fits the system itself (float64, in registers), then streams
+    # [16, BLOCK_N] tiles of the history. As many programs as the compiled kernel lets reside at once on the device,
+    # never more than there are column blocks.
+    key = (history.dtype, out.dtype, q_ptr, c_ptr, meta["HAS_BLEND"], BLOCK_M, N % 16 == 0, _aligned(history, out))
+    programs = persistent_programs(chebyshev_forecast_fwd_kernel, key, history.device, cdiv(N, BLOCK_N), args, meta)
+    chebyshev_forecast_fwd_kernel[(programs,)](*args, **meta)
+
+
+def _aligned(*tensors: torch.Tensor) -> tuple:
+    """What of the tensors' addresses and strides Triton specializes on (16-byte divisibility): the same key, the
+    same compiled kernel."""
+    return tuple((t.data_ptr() % 16 == 0, *(s % 16 == 0 for s in t.stride()), *(s == 1 for s in t.stride()))
+                 for t in tensors)
 
 
 HISTORY_BLOCK_N = 1024

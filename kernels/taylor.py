@@ -163,6 +163,13 @@ def taylor_update_fwd_kernel(
 # launchers
 # ----------------------------------------------------------------------------------------------------------------
 
+# the tensors whose bytes are the op's traffic (kernels/aot.py checks the width of their loads), and the bytes one
+# program has in flight at a time (constexprs, bytes per element): one row of BLOCK_N (the order loop is not
+# unrolled); the update reads the feature and an old row
+STREAMED = {"weighted_rows_fwd_kernel": ("p_diffs",), "taylor_update_fwd_kernel": ("p_diffs", "p_feature")}
+IN_FLIGHT = {"weighted_rows_fwd_kernel": lambda c, e: c["BLOCK_N"] * e,
+             "taylor_update_fwd_kernel": lambda c, e: 2 * c["BLOCK_N"] * e}
+
 # 1024 columns x 4 warps: 8 contiguous elements per thread per row (16-byte fp16 loads), one row in flight per
 # program, enough programs (N / 1024) to fill any GPU for feature-sized N.
 BLOCK_N = 1024

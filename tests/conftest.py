@@ -71,14 +71,18 @@ def fast_backend(request):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The developer loop (``-m "not slow"``) runs the Triton kernels in the CPU interpreter on float32 only: there,
+    """``gpu``: the cases of the backend matrices (``fast_backend``) that run on a GPU when one is present (the
+    CUDA backend, Triton compiled): ``python -m pytest -m gpu`` is the GPU subset.
+
+    The developer loop (``-m "not slow"``) runs the Triton kernels in the CPU interpreter on float32 only: there,
     the float16 / bfloat16 cases of the backend-vs-reference matrices (``fast_backend`` x ``dtype``) are marked slow
-    (1-5 s each). The full suite runs them all; with a GPU nothing is marked (the kernels run compiled)."""
-    if torch.cuda.is_available():
-        return
+    (1-5 s each). The full suite runs them all; with a GPU nothing is marked slow (the kernels run compiled)."""
+    gpu = torch.cuda.is_available()
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if params.get("fast_backend") == "triton" and params.get("dtype", torch.float32) != torch.float32:
+        if params.get("fast_backend") in ("triton", "cuda"):
+            item.add_marker(pytest.mark.gpu)
+        if not gpu and params.get("fast_backend") == "triton" and params.get("dtype", torch.float32) != torch.float32:
             item.add_marker(pytest.mark.slow)
 
 

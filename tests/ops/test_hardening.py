@@ -110,8 +110,7 @@ def test_triton_band_sums_are_the_gpu_order_bitwise(monkeypatch, shape, dtype, b
     _triton()
     from fastcache_rt.kernels import launch as kpkg
 
-    kpkg._sm_count.cache_clear()
-    monkeypatch.setattr(kpkg, "_sm_count", lambda device_type, index: sms)
+    monkeypatch.setattr(kpkg, "num_sms", lambda device: sms)  # what a launcher would size a grid from
     cur, prev = _inputs(shape, dtype, layout, seed=sms, poison_values=layout == "contiguous")
     for per_sample in (False, True):
         got = ops.band_l1(cur, prev, bounds, per_sample=per_sample, backend="triton")
@@ -121,6 +120,27 @@ def test_triton_band_sums_are_the_gpu_order_bitwise(monkeypatch, shape, dtype, b
     params = ops.gate_params(0.5, 10, tads=(0.5, 1.5), max_cached=3)
     _, _, sums = ops.gate_step(cur, prev, state, params, bounds=bounds, backend="triton")
     assert _same_bits(sums, _gpu_order(cur, prev, bounds, False))
+
+
+@pytest.mark.parametrize("degree,blend", [(4, 1.0), (16, 0.5)])
+def test_triton_chebyshev_forecast_bits_do_not_depend_on_the_persistent_grid(monkeypatch, degree, blend):
+    """The forecast's grid is sized from the compiled kernel's registers and the GPU's SMs
+    (``launch.persistent_programs``); every column is still one program's work, so the bits are the same for any
+    number of programs."""
+    _triton()
+    from fastcache_rt.kernels import chebyshev as kcheb
+
+    g = torch.Generator().manual_seed(degree)
+    hist = torch.randn(7, 5 * kcheb.FORECAST_BLOCK_N + 37, generator=g).to(torch.bfloat16)
+    taus = torch.linspace(-1, 0.6, 7)
+    outs = []
+    for programs in (1, 2, 3, 6):
+        monkeypatch.setattr(kcheb, "persistent_programs", lambda *a, _p=programs, **k: _p)
+        out = torch.empty(hist.shape[1], dtype=hist.dtype)
+        kcheb.chebyshev_forecast(hist, taus, torch.tensor(0.8), torch.tensor(6), degree, 0.1, blend, out)
+        outs.append(out)
+    assert torch.isfinite(outs[0].float()).all()
+    assert all(torch.equal(o.view(torch.int16), outs[0].view(torch.int16)) for o in outs[1:])
 
 
 def test_triton_gate_decision_equals_reference_on_gpu_order_sums():
