@@ -7,7 +7,7 @@
 failed, with the reason) and wall time; the exit code is 1 when a part failed:
 
 1. the GPU test subset, ``python -m pytest -m gpu -q`` in a subprocess (counts from its --junitxml; exit code 5,
-   nothing marked gpu, is status "empty"); ``--smoke``: ``-m "gpu and not slow" --collect-only`` (what the subset
+   no test selected, is status "empty"); ``--smoke``: ``-m "gpu and not slow" --collect-only`` (what the subset
    holds, not whether it passes: run here its tests would take minutes in the Triton interpreter);
 2. the op benchmark below (FLUX and video sizes; ``--smoke`` its smoke mode);
 3. per step of a generation, CUDA kernel launches (``torch.profiler`` kernel events of each transformer call) and

@@ -164,8 +164,8 @@ def gpu_tests(smoke: bool, timeout: float, tmp: Path) -> dict:
     if proc.returncode == 0:
         status, reason = "ok", None
     elif proc.returncode == 5:
-        status, reason = "empty", ("pytest exit code 5: no test selected by the marker expression (no test is "
-                                   "marked gpu yet: tests/conftest.py is to mark the cuda / triton backend cases)")
+        status, reason = "empty", ("pytest exit code 5: no test selected by the marker expression (tests/conftest.py "
+                                   "marks the cases of the cuda / triton backend matrices gpu)")
     else:
         status = "failed"
         reason = f"pytest exit code {proc.returncode}" + (

@@ -374,13 +374,14 @@ def analyse(launch: Launch, target: Target) -> dict:
     return row
 
 
-def run(archs=(80, 90), sizes=("flux", "video"), dtypes=DTYPES, degrees=DEGREES, progress=None) -> list[dict]:
+def run(archs=(80, 90), sizes=("flux", "video"), dtypes=DTYPES, degrees=DEGREES, blends=(1.0, 0.5),
+        progress=None) -> list[dict]:
     """Every case of every size compiled for every architecture: one dict per (arch, size, case)."""
     rows = []
     for arch in archs:
         target = TARGETS[arch]
         for size in sizes:
-            for label, call in cases(size, dtypes, degrees, device="meta"):
+            for label, call in cases(size, dtypes, degrees, device="meta", blends=blends):
                 with compile_only(arch) as launches:
                     call()
                 if len(launches) != 1:
@@ -413,6 +414,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", nargs="+", default=["flux", "video"], choices=list(SIZES))
     ap.add_argument("--dtypes", nargs="+", default=[dtype_name(d) for d in DTYPES])
     ap.add_argument("--degrees", type=int, nargs="+", default=list(DEGREES), help="Chebyshev degrees")
+    ap.add_argument("--blends", type=float, nargs="+", default=[1.0, 0.5], help="Chebyshev blends")
     ap.add_argument("--json", help="write every row to this file")
     ap.add_argument("--markdown", help="write the occupancy table of the streaming kernels to this file")
     args = ap.parse_args(argv)
@@ -424,7 +426,7 @@ def main(argv=None) -> int:
               f"{r['spill_stores']:3d}/{r['spill_loads']:<3d} warps {r['num_warps']:2d} grid {r['programs']:7d} "
               f"resident/SM {r['resident_per_sm']:2d} streamed loads {loads} B", flush=True)
 
-    rows = run(args.arch, args.sizes, dtypes, tuple(args.degrees), progress=show)
+    rows = run(args.arch, args.sizes, dtypes, tuple(args.degrees), tuple(args.blends), progress=show)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"triton": triton.__version__,

@@ -31,7 +31,8 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def cases(size: str, dtypes=DTYPES, degrees=DEGREES, device="meta") -> list[tuple[str, Callable[[], None]]]:
+def cases(size: str, dtypes=DTYPES, degrees=DEGREES, device="meta", blends=(1.0, 0.5)) -> list[
+        tuple[str, Callable[[], None]]]:
     """(label, call) of every launcher as the ops call it (``fastcache_rt.ops`` -> ``ops._triton`` -> these
     launchers), with tensors of the size's shapes: every constexpr variant the runtime uses. ``meta`` tensors
     (``aot.py``: compile only) are empty; on a real device they hold zeros, bands split at D / 2, a count of 0."""
@@ -69,7 +70,7 @@ def cases(size: str, dtypes=DTYPES, degrees=DEGREES, device="meta") -> list[tupl
             s, s, b, False, _meta((1, 1, 2)))))
         hist, flat, taus = _meta((n_hist, N), dt), _meta((N,), dt), _meta((n_hist,))
         for degree in degrees:
-            for blend in (1.0, 0.5):  # 0.5: the spectrum preset's
+            for blend in blends:  # 1.0: no blend (Chebyshev's default); 0.5: the spectrum preset's
                 out.append((f"chebyshev_forecast {name} degree={degree} blend={blend}",
                             lambda h=hist, t=taus, d=degree, bl=blend, f=flat: _chebyshev.chebyshev_forecast(
                                 h, t, scalar_f, scalar_i, d, 0.1, bl, f)))

@@ -28,19 +28,15 @@ def _optional():
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu") / "smoke.json"
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    doc = json.loads(out.read_text())
-    doc["_seconds"] = time.perf_counter() - t0
-    doc["_stdout"] = proc.stdout
-    return doc
+def smoke(all_smoke):
+    """The op benchmark's smoke document: part 2 of the ``--all --smoke`` run below (``run_op_benchmark``, the
+    function ``--smoke`` alone runs too), so the suite runs the benchmark's smoke mode once."""
+    part = all_smoke["doc"]["parts"]["kernels"]
+    assert part["status"] == "ok", part.get("reason")
+    return part["result"]
 
 
-@pytest.mark.slow  # the module's smoke fixture runs benchmarks/bench_gpu.py --smoke (~40 s)
+@pytest.mark.slow  # the smoke fixture is part 2 of benchmarks/bench_gpu.py --all --smoke (~1.5 min)
 def test_smoke_header(smoke):
     assert smoke["mode"] == "smoke" and smoke["smoke"] is True
     assert smoke["claims"].startswith("none")
@@ -87,12 +83,6 @@ def test_smoke_every_row(smoke):
             assert r["matches_reference"] is True, (key, r.get("reference_error"))
     s = smoke["summary"]
     assert s["bitwise_identical"] and s["concurrent_equal"] and s["capture_ok"] is None and not s["errors"]
-
-
-@pytest.mark.slow
-def test_smoke_needs_no_gpu_claim(smoke):
-    assert "nothing claimed" in smoke["_stdout"]
-    print(f"bench_gpu --smoke took {smoke['_seconds']:.0f} s")
 
 
 def test_gpu_mode_refuses_without_gpu(tmp_path, capsys):
@@ -165,10 +155,8 @@ def test_all_smoke_gpu_tests_part(all_smoke):
     r = p["result"]
     assert "-m 'gpu and not slow'" in p["command"] and "--collect-only" in p["command"]
     assert r["mode"].startswith("collect-only")
-    if p["status"] == "empty":  # nothing marked gpu yet: pytest's "no tests collected"
-        assert r["exit_code"] == 5 and "exit code 5" in p["reason"] and r["collected"] == 0
-    else:
-        assert p["status"] == "ok" and r["exit_code"] == 0 and r["collected"] > 0
+    # tests/conftest.py marks the cuda / triton cases of the backend matrices: the subset is not empty
+    assert p["status"] == "ok" and r["exit_code"] == 0 and r["collected"] > 100, (p["status"], r)
 
 
 @pytest.mark.slow
