@@ -85,7 +85,8 @@ def test_smoke_every_row(smoke):
     assert s["bitwise_identical"] and s["concurrent_equal"] and s["capture_ok"] is None and not s["errors"]
 
 
-def test_gpu_mode_refuses_without_gpu(tmp_path, capsys):
+@pytest.mark.parametrize("argv,out", [(["--sizes", "flux"], "x.json"), (["--all"], "d")])
+def test_gpu_mode_refuses_without_gpu(tmp_path, capsys, argv, out):
     import importlib.util
 
     import torch
@@ -95,9 +96,9 @@ def test_gpu_mode_refuses_without_gpu(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main(["--out", str(tmp_path / "x.json"), "--sizes", "flux"]) == 2
+    assert mod.main([*argv, "--out", str(tmp_path / out)]) == 2
     assert "--smoke" in capsys.readouterr().err
-    assert not (tmp_path / "x.json").exists()
+    assert not (tmp_path / out).exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,18 +252,3 @@ def test_pytest_summary_and_junit_parsing(tmp_path):
     j = g.parse_junit(xml)
     assert (j["tests"], j["passed"], j["failed"], j["errors"], j["skipped"]) == (5, 2, 1, 1, 1)
     assert j["failed_tests"] == ["tests.a::t_bad", "tests.b::t_err"]
-
-
-def test_all_refuses_without_gpu(tmp_path, capsys):
-    import importlib.util
-
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
-    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main(["--all", "--out", str(tmp_path / "d")]) == 2
-    assert "--smoke" in capsys.readouterr().err
-    assert not (tmp_path / "d").exists()
