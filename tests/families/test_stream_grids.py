@@ -39,13 +39,24 @@ def _inputs(name):
     return kw, t
 
 
-# Compiled keeps COMPILED_PRESETS on both families (every gate state class, probe and forecaster, FreqCa's grid-bound
-# DCT among them); the other presets' compiled step path is one of theirs (fastcache_rt/testing/presets.py).
+# Compiled keeps every one of COMPILED_PRESETS (every gate state class, probe and forecaster; the other presets'
+# compiled step path is one of theirs: fastcache_rt/testing/presets.py): FreqCa, whose DCT is bound to the grid, on
+# both families, each other one on one family, alternating (the grid's stream selection is the same host code).
+FAMILIES = ("sd3", "wan")
+
+
+def _compiled_on(name: str, preset: str) -> bool:
+    if preset not in COMPILED_PRESETS:
+        return False
+    others = [p for p in COMPILED_PRESETS if p != "freqca"]
+    return preset == "freqca" or FAMILIES[others.index(preset) % len(FAMILIES)] == name
+
+
 def _params():
     presets = [p for p in sorted(fastcache_rt.PRESETS) if p != "none"]
     return [pytest.param(name, preset, compiled, id=f"{name}-{preset}-{'compiled' if compiled else 'eager'}")
-            for name in ("sd3", "wan") for preset in presets for compiled in (False, True)
-            if not compiled or preset in COMPILED_PRESETS]
+            for name in FAMILIES for preset in presets for compiled in (False, True)
+            if not compiled or _compiled_on(name, preset)]
 
 
 @pytest.mark.parametrize(("name", "preset", "compiled"), _params())
