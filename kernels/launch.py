@@ -21,7 +21,7 @@ import threading
 
 import torch
 
-__all__ = ["cdiv", "interpreted", "launch_options", "next_pow2", "num_sms", "persistent_programs", "resident"]
+__all__ = ["cdiv", "interpreted", "launch_options", "next_pow2", "persistent_programs", "resident"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -55,16 +55,9 @@ def _properties(index: int) -> tuple[int, int, int, int]:
     Triton's driver (the same query Triton itself makes)."""
     drv = _driver()
     props = drv.utils.get_device_properties(index)
+    arch = drv.get_current_target().arch  # an int on NVIDIA; a name ("gfx942") on AMD: the default limits then
     return (props["multiprocessor_count"], props["max_num_regs"], props["max_shared_mem"],
-            int(drv.get_current_target().arch))
-
-
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (a host-side property query, cached); 1 under the interpreter, where
-    programs run one after another (a few per op still exercise the multi-program paths)."""
-    if interpreted(device):
-        return 1
-    return _properties(_device_index(device))[0]
+            arch if isinstance(arch, int) else 0)
 
 
 # threads and blocks an SM holds, by compute capability (CUDA C++ Programming Guide, "Compute capabilities")
