@@ -90,7 +90,7 @@ TARGETS = {
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def ptxas_report(ptx: str, arch: int, fp_fusion: bool) -> dict:
+def ptxas_report(ptx: str, arch: int, fp_fusion: bool, kernel: str) -> dict:
     """``ptxas -v`` on the PTX with the flags Triton's backend uses for the cubin: registers, spills, stack."""
     tool = _nv.get_ptxas(arch).path
     with tempfile.TemporaryDirectory() as d:
@@ -102,23 +102,24 @@ def ptxas_report(ptx: str, arch: int, fp_fusion: bool) -> dict:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"ptxas failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return parse_ptxas(proc.stderr)
+    return parse_ptxas(proc.stderr, kernel)
 
 
-def parse_ptxas(log: str) -> dict:
-    """Registers, spill stores / loads and stack frame of the one kernel in a ``ptxas -v`` log."""
-
-    def grab(pattern: str) -> int:
-        m = re.search(pattern, log)
-        if m is None:
-            raise ValueError(f"ptxas -v printed no {pattern!r}:\n{log}")
-        return int(m.group(1))
-
+def parse_ptxas(log: str, kernel: str) -> dict:
+    """Registers and stack frame of ``kernel`` in a ``ptxas -v`` log, and the spill stores / loads of every function
+    in it (the kernel and the ``.func`` helpers ptxas compiled beside it, such as the float64 trig slow path)."""
+    regs = re.search(rf"entry function '{re.escape(kernel)}'[^\n]*\n(?:.*\n)*?.*?Used (\d+) registers", log)
+    props = re.findall(r"Function properties for (\S+)\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                       r"(\d+) bytes spill loads", log)
+    own = [p for p in props if p[0] == kernel]
+    if regs is None or not own:
+        raise ValueError(f"ptxas -v printed no report of {kernel}:\n{log}")
     return {
-        "registers": grab(r"Used (\d+) registers"),
-        "spill_stores": grab(r"(\d+) bytes spill stores"),
-        "spill_loads": grab(r"(\d+) bytes spill loads"),
-        "stack": grab(r"(\d+) bytes stack frame"),
+        "registers": int(regs.group(1)),
+        "spill_stores": sum(int(p[2]) for p in props),
+        "spill_loads": sum(int(p[3]) for p in props),
+        "stack": int(own[0][1]),
+        "functions": len(props),
     }
 
 
@@ -306,9 +307,10 @@ def compile_only(arch: int) -> Iterator[list[Launch]]:
         cubin = bytes(kernel.asm["cubin"])
         if cubin not in drv.reports:
             try:
-                drv.reports[cubin] = parse_ptxas(log.getvalue())
+                drv.reports[cubin] = parse_ptxas(log.getvalue(), kernel.name)
             except ValueError:  # from Triton's cache: no ptxas ran; run it with Triton's flags
-                drv.reports[cubin] = ptxas_report(kernel.asm["ptx"], arch, kernel.metadata.enable_fp_fusion)
+                drv.reports[cubin] = ptxas_report(kernel.asm["ptx"], arch, kernel.metadata.enable_fp_fusion,
+                                                  kernel.name)
         if not warmup:
             sig = kernel.src.signature
             # pointer arguments by name, the others blank: an address derives from exactly one pointer
